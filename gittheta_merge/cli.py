@@ -1,0 +1,177 @@
+"""The `git-theta` command line (so `git theta …` works as a git subcommand)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from gittheta_merge import __version__
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.gitutil import Repo
+
+
+class ThetaGroup(click.Group):
+    """Turns ThetaError into a one-line message and exit code 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ThetaError as exc:
+            click.echo(f"git-theta: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ThetaGroup)
+@click.version_option(__version__, prog_name="git-theta")
+def main() -> None:
+    """Version model checkpoints in git as per-tensor objects, and merge them."""
+
+
+@main.command()
+@click.option("--scope", type=click.Choice(["repo", "user", "global"]), default="repo", show_default=True,
+              help="repo: this repository's .git/config; user: ~/.gitconfig; global: the system config.")
+def install(scope: str) -> None:
+    """Configure git's theta filter (run once per clone, or once per machine with --scope user)."""
+    from gittheta_merge import tracking
+
+    for key, value in tracking.install(scope):
+        click.echo(f"set {key} = {value}")
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True)
+def track(targets: tuple[str, ...]) -> None:
+    """Track checkpoint files, globs ('*.safetensors') or Hugging Face model directories."""
+    from gittheta_merge import tracking
+
+    added = tracking.track(list(targets))
+    for line in added:
+        click.echo(f"tracking: {line}")
+    if not added:
+        click.echo("already tracked; nothing changed")
+    repo = Repo.discover()
+    files = tracking.expand(repo, list(targets), Path.cwd())
+    raw = tracking.committed_raw(repo, files) if files else []
+    if raw:
+        click.echo("these files are committed as raw bytes; store them per tensor with:\n"
+                   f"  git add --renormalize {' '.join(raw)}")
+    click.echo("remember to commit .gitattributes")
+
+
+@main.command("ls")
+@click.argument("paths", nargs=-1)
+@click.option("--rev", default=":", show_default=True, help="commit to read (':' = the index)")
+def ls_cmd(paths: tuple[str, ...], rev: str) -> None:
+    """List the tensors of tracked checkpoints: name, dtype, shape, size, object."""
+    from gittheta_merge import inspect_cmds
+
+    repo = Repo.discover()
+    rel = [_repo_relative(repo, p) for p in paths] or None
+    files = inspect_cmds.tracked_files(repo, rev, rel)
+    if not files:
+        raise ThetaError(f"no tracked checkpoint {' '.join(paths) if paths else ''} at {rev} (is it `git add`ed?)")
+    for path, meta in files.items():
+        click.echo("\n".join(inspect_cmds.ls_lines(meta, path)))
+
+
+@main.command("diff")
+@click.argument("revs", nargs=-1)
+@click.option("--no-stats", is_flag=True, help="metadata only: do not read changed tensors")
+def diff_cmd(revs: tuple[str, ...], no_stats: bool) -> None:
+    """Tensor-level diff: git theta diff [OLD [NEW]] [-- PATHS]. Defaults: HEAD vs the index."""
+    from gittheta_merge import inspect_cmds
+
+    args = list(revs)
+    paths: list[str] = []
+    if "--" in sys.argv:
+        after = sys.argv[sys.argv.index("--") + 1:]
+        paths = after
+        args = [a for a in args if a not in after]
+    old = args[0] if args else "HEAD"
+    new = args[1] if len(args) > 1 else inspect_cmds.INDEX
+    repo = Repo.discover()
+    rel = [_repo_relative(repo, p) for p in paths] or None
+    lines = inspect_cmds.diff(repo, old, new, rel, stats=not no_stats)
+    click.echo("\n".join(lines) if lines else "no tensor changes")
+
+
+@main.command()
+def fsck() -> None:
+    """Verify every stored object by its hash and that every referenced object exists."""
+    from gittheta_merge import maintenance
+
+    report = maintenance.fsck(Repo.discover())
+    for oid in report.corrupt:
+        click.echo(f"corrupt: {oid} (delete it and fetch it again from a remote)")
+    for oid, where in report.missing.items():
+        click.echo(f"missing: {oid} needed by {where}")
+    click.echo(f"checked {report.checked} objects: {len(report.corrupt)} corrupt, {len(report.missing)} missing")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--prune", default="1.hour", show_default=True,
+              help="keep unreferenced objects younger than this (N.second|minute|hour|day, or 'now')")
+@click.option("--dry-run", is_flag=True, help="only report what would be removed")
+def gc(prune: str, dry_run: bool) -> None:
+    """Delete objects no commit, reflog or index entry refers to."""
+    from gittheta_merge import maintenance
+    from gittheta_merge.inspect_cmds import human_bytes
+
+    report = maintenance.gc(Repo.discover(), grace_seconds=_parse_age(prune), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {report.removed} objects ({human_bytes(report.removed_bytes)}), kept {report.kept}"
+               + (f", spared {report.spared_recent} recent" if report.spared_recent else ""))
+
+
+def _parse_age(text: str) -> float:
+    if text == "now":
+        return 0.0
+    units = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+    try:
+        number, unit = text.split(".", 1)
+        return float(number) * units[unit.rstrip("s")]
+    except (ValueError, KeyError):
+        raise ThetaError(f"--prune {text!r}: use e.g. 30.minute, 2.hour, 1.day or now") from None
+
+
+def _repo_relative(repo: Repo, path: str) -> str:
+    absolute = (Path.cwd() / path).resolve()
+    try:
+        return absolute.relative_to(repo.root.resolve()).as_posix()
+    except ValueError:
+        raise ThetaError(f"{path} is outside the repository") from None
+
+
+@main.command("filter-process", hidden=True)
+def filter_process() -> None:
+    """git's long-running filter (filter.theta.process)."""
+    from gittheta_merge.filter import serve
+
+    serve(sys.stdin.buffer, sys.stdout.buffer)
+
+
+@main.command(hidden=True)
+@click.argument("path")
+def clean(path: str) -> None:
+    """Single-shot clean filter: checkpoint on stdin → metadata on stdout."""
+    from gittheta_merge.filter import single_shot
+
+    sys.exit(single_shot("clean", path))
+
+
+@main.command(hidden=True)
+@click.argument("path")
+def smudge(path: str) -> None:
+    """Single-shot smudge filter: metadata on stdin → checkpoint on stdout."""
+    from gittheta_merge.filter import single_shot
+
+    sys.exit(single_shot("smudge", path))
+
+
+if __name__ == "__main__":
+    main(prog_name=os.path.basename(sys.argv[0]))

@@ -1,0 +1,201 @@
+"""git's clean/smudge filter: the long-running process (filter.theta.process) and single-shot commands.
+
+One Python process serves a whole `git add`/`git checkout` (torch's import alone costs seconds, so one
+process per file would be slow). clean: checkpoint bytes → objects + metadata. smudge: metadata +
+objects → checkpoint bytes. Content that is already metadata is passed through on clean, and content
+that is not metadata (a raw file committed before tracking, a git-lfs pointer) is passed through on
+smudge, so the filter never destroys data it does not understand.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import traceback
+from pathlib import Path
+from typing import BinaryIO
+
+from gittheta_merge import formats
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.formats.base import Context
+from gittheta_merge.formats.streams import PrefixedStream, read_head
+from gittheta_merge.gitutil import Repo
+from gittheta_merge.metadata import Metadata, is_metadata
+from gittheta_merge.pktline import PktReader, PktWriter
+from gittheta_merge.progress import Progress
+from gittheta_merge.store import MissingObject, ObjectStore
+
+DEFAULT_BLOCK_BYTES = 64 << 20
+PROGRESS_MIN_BYTES = 32 << 20
+
+
+class Filter:
+    """clean and smudge for one repository."""
+
+    def __init__(self, repo: Repo) -> None:
+        self.repo = repo
+        self.store = ObjectStore.for_repo(repo)
+        self.max_block_bytes = repo.config_int("theta.blockBytes", DEFAULT_BLOCK_BYTES)
+        self.scratch = repo.common_dir / "theta" / "tmp"
+
+    def context(self, path: str, label: str, total_bytes: int | None = None,
+                total_tensors: int | None = None) -> tuple[Context, Progress]:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        bar = Progress(f"git-theta {label} {path}", total_tensors, total_bytes)
+        ctx = Context(path, self.store, self.max_block_bytes, str(self.scratch), bar.update)
+        return ctx, bar
+
+    def clean(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
+        head = read_head(stream, 64)
+        if not head:
+            raise ThetaError(f"{path}: file is empty: not a checkpoint")
+        if is_metadata(head):
+            data = head + stream.read()
+            Metadata.from_bytes(data, path)  # validate before accepting it
+            out.write(data)
+            return
+        fmt = formats.detect(path, head)
+        ctx, bar = self.context(path, "clean")
+        try:
+            meta = fmt.clean(PrefixedStream(head, stream), ctx)
+        finally:
+            bar.close()
+        out.write(meta.to_bytes())
+
+    def parse_for_smudge(self, path: str, data: bytes) -> Metadata:
+        meta = Metadata.from_bytes(data, path)
+        missing = [t.name for t in meta.tensors if any(not self.store.has(o) for o in t.oids)]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise MissingObject(
+                f"{path}: {len(missing)} tensor(s) have no local object: {shown}. "
+                "Fetch them (git theta pull-objects, or git lfs fetch) from a remote that has them"
+            )
+        return meta
+
+    def smudge_meta(self, path: str, meta: Metadata, out: BinaryIO) -> None:
+        fmt = formats.by_name(meta.format)
+        ctx, bar = self.context(path, "smudge", meta.total_bytes, len(meta.tensors))
+        try:
+            fmt.smudge(meta, out, ctx)
+        finally:
+            bar.close()
+
+    def smudge(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
+        head = read_head(stream, 64)
+        if not is_metadata(head):
+            out.write(head)
+            while chunk := stream.read(8 << 20):
+                out.write(chunk)
+            return
+        meta = self.parse_for_smudge(path, head + stream.read())
+        self.smudge_meta(path, meta, out)
+
+
+def _report(exc: BaseException) -> None:
+    if isinstance(exc, ThetaError):
+        sys.stderr.write(f"git-theta: error: {exc}\n")
+    else:
+        sys.stderr.write("git-theta: internal error (please report):\n" + traceback.format_exc())
+    sys.stderr.flush()
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
+    """Speak git's long-running filter protocol (version 2) until git closes the pipe."""
+    reader, writer = PktReader(stdin), PktWriter(stdout)
+    hello = reader.read_text_list()
+    if hello[:1] != ["git-filter-client"] or "version=2" not in hello:
+        raise ThetaError(f"unexpected filter handshake from git: {hello}")
+    writer.text("git-filter-server")
+    writer.text("version=2")
+    writer.flush()
+    caps = reader.read_text_list()
+    for cap in ("clean", "smudge"):
+        if f"capability={cap}" in caps:
+            writer.text(f"capability={cap}")
+    writer.flush()
+    filt = Filter(repo or Repo.discover())
+
+    while True:
+        try:
+            headers = reader.read_text_list()
+        except EOFError:
+            return
+        fields = dict(h.split("=", 1) for h in headers if "=" in h)
+        command, path = fields.get("command"), fields.get("pathname", "<unknown>")
+        content = reader.content_stream()
+        if command == "clean":
+            _serve_clean(filt, path, content, writer)
+        elif command == "smudge":
+            _serve_smudge(filt, path, content, writer)
+        else:
+            content.drain()
+            writer.text("status=error")
+            writer.flush()
+
+
+def _serve_clean(filt: Filter, path: str, content: object, writer: PktWriter) -> None:
+    out = io.BytesIO()
+    try:
+        filt.clean(path, content, out)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - every failure must become status=error, not a hang
+        content.drain()  # type: ignore[attr-defined]
+        _report(exc)
+        writer.text("status=error")
+        writer.flush()
+        return
+    content.drain()  # type: ignore[attr-defined]
+    writer.text("status=success")
+    writer.flush()
+    writer.content_sink().write(out.getvalue())
+    writer.flush()
+    writer.flush()  # empty list: status unchanged
+
+
+def _serve_smudge(filt: Filter, path: str, content: object, writer: PktWriter) -> None:
+    try:
+        head = read_head(content, 64)  # type: ignore[arg-type]
+        if is_metadata(head):
+            meta: Metadata | None = filt.parse_for_smudge(path, head + content.read())  # type: ignore[attr-defined]
+            rest = b""
+        else:
+            meta, rest = None, head + content.read()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001
+        content.drain()  # type: ignore[attr-defined]
+        _report(exc)
+        writer.text("status=error")
+        writer.flush()
+        return
+    content.drain()  # type: ignore[attr-defined]
+    writer.text("status=success")
+    writer.flush()
+    sink = writer.content_sink()
+    try:
+        if meta is None:
+            sink.write(rest)  # not ours: pass through untouched
+        else:
+            filt.smudge_meta(path, meta, sink)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - abort: git discards the partial content
+        writer.flush()
+        _report(exc)
+        writer.text("status=error")
+        writer.flush()
+        return
+    writer.flush()
+    writer.flush()
+
+
+def single_shot(command: str, path: str) -> int:
+    """`git-theta clean|smudge PATH` for tools that do not speak the process protocol."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    filt = Filter(Repo.discover(Path.cwd()))
+    try:
+        if command == "clean":
+            filt.clean(path, stdin, stdout)
+        else:
+            filt.smudge(path, stdin, stdout)
+    except ThetaError as exc:
+        _report(exc)
+        return 1
+    stdout.flush()
+    return 0

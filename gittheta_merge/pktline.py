@@ -1,0 +1,146 @@
+"""git's pkt-line framing, used by the long-running filter protocol (gitprotocol-common(5)).
+
+Each packet is a 4-hex-digit length (including those 4 bytes) followed by the payload; "0000" is a
+flush packet that ends a list or a content stream. Content is streamed so that neither side ever holds
+a whole checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO
+
+MAX_PAYLOAD = 65516  # 65520 - 4, the largest payload git accepts
+
+
+class ProtocolError(Exception):
+    """git sent something that does not follow the filter protocol."""
+
+
+class PktReader:
+    """Reads pkt-lines from git."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def read_packet(self) -> bytes | None:
+        """One packet's payload, or None for a flush packet. EOFError when git closed the pipe."""
+        head = self._stream.read(4)
+        if not head:
+            raise EOFError
+        if len(head) != 4:
+            raise ProtocolError("truncated pkt-line header")
+        size = int(head, 16)
+        if size == 0:
+            return None
+        if size < 4:
+            raise ProtocolError(f"invalid pkt-line length {size}")
+        payload = self._stream.read(size - 4)
+        if len(payload) != size - 4:
+            raise ProtocolError("truncated pkt-line payload")
+        return payload
+
+    def read_text_list(self) -> list[str]:
+        """Text packets up to the next flush, newline stripped."""
+        out: list[str] = []
+        while True:
+            pkt = self.read_packet()
+            if pkt is None:
+                return out
+            out.append(pkt.decode().rstrip("\n"))
+
+    def content_stream(self) -> ContentStream:
+        """A file-like view of content packets up to the next flush."""
+        return ContentStream(self)
+
+
+class ContentStream:
+    """A read-only binary stream over content packets, ending at the flush packet.
+
+    `drain()` must be called before the next command is read so the protocol stays in sync even when
+    a format stopped reading early (e.g. on an error).
+    """
+
+    def __init__(self, reader: PktReader) -> None:
+        self._reader = reader
+        self._buf = b""
+        self._pos = 0
+        self._done = False
+
+    def _fill(self) -> bool:
+        if self._done:
+            return False
+        pkt = self._reader.read_packet()
+        if pkt is None:
+            self._done = True
+            return False
+        self._buf = pkt
+        self._pos = 0
+        return True
+
+    def readinto(self, target: memoryview | bytearray) -> int:
+        view = memoryview(target).cast("B")
+        filled = 0
+        while filled < len(view):
+            if self._pos >= len(self._buf) and not self._fill():
+                break
+            n = min(len(view) - filled, len(self._buf) - self._pos)
+            view[filled : filled + n] = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            filled += n
+        return filled
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            chunks = []
+            while True:
+                part = self.read(1 << 20)
+                if not part:
+                    return b"".join(chunks)
+                chunks.append(part)
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
+    def drain(self) -> None:
+        while self._fill():
+            pass
+
+
+class PktWriter:
+    """Writes pkt-lines to git."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def packet(self, payload: bytes) -> None:
+        self._stream.write(b"%04x" % (len(payload) + 4))
+        self._stream.write(payload)
+
+    def text(self, line: str) -> None:
+        self.packet(line.encode() + b"\n")
+
+    def flush(self) -> None:
+        self._stream.write(b"0000")
+        self._stream.flush()
+
+    def content_sink(self) -> ContentSink:
+        return ContentSink(self)
+
+
+class ContentSink:
+    """A writable binary stream that frames everything written into content packets."""
+
+    def __init__(self, writer: PktWriter) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), MAX_PAYLOAD):
+            self._writer.packet(view[start : start + MAX_PAYLOAD])
+        return len(view)
+
+
+def iter_chunks(data: bytes, size: int = MAX_PAYLOAD) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]

@@ -1,0 +1,232 @@
+"""The content-addressed object store: one object per tensor (or per row block of a large tensor).
+
+Objects live where git-lfs keeps its local objects (`<git-common-dir>/lfs/objects/ab/cd/<oid>`, oid =
+sha256 of the stored bytes), so `git lfs push --object-id` can transport them unchanged, while local
+use needs no git-lfs at all. An object's bytes are the tensor's raw little-endian bytes (see
+docs/object-format.md for why not tensorstore/zarr): the oid is then the exact content hash of the
+tensor, and a row range is one seek away.
+
+Writes go to a temp file in `lfs/tmp` and are renamed into place, so a killed `git add` leaves either a
+complete object or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from gittheta_merge.errors import ThetaError
+
+_OID_RE = re.compile(r"^[0-9a-f]{64}$")
+READ_CHUNK = 8 << 20
+
+
+def check_oid(oid: object, where: str = "") -> str:
+    """An oid from untrusted metadata: exactly 64 lowercase hex digits, so it can't escape the store."""
+    if not isinstance(oid, str) or not _OID_RE.match(oid):
+        raise ThetaError(f"{where}invalid object id {oid!r} (expected 64 hex digits)")
+    return oid
+
+
+class CorruptObject(ThetaError):
+    """An object whose bytes no longer hash to its name."""
+
+
+class MissingObject(ThetaError):
+    """An object referenced by metadata that the local store does not have."""
+
+
+class ObjectStore:
+    """Content-addressed storage under a git-lfs style directory."""
+
+    def __init__(self, lfs_dir: Path, *, fsync: bool = False) -> None:
+        self.lfs_dir = Path(lfs_dir)
+        self.objects_dir = self.lfs_dir / "objects"
+        self.tmp_dir = self.lfs_dir / "tmp"
+        self.fsync = fsync
+
+    @classmethod
+    def for_repo(cls, repo: object) -> ObjectStore:
+        from gittheta_merge.gitutil import Repo
+
+        assert isinstance(repo, Repo)
+        return cls(repo.common_dir / "lfs", fsync=repo.config_bool("theta.fsync", False))
+
+    # -- paths ------------------------------------------------------------------------------------
+    def path(self, oid: str) -> Path:
+        check_oid(oid)
+        return self.objects_dir / oid[:2] / oid[2:4] / oid
+
+    def has(self, oid: str) -> bool:
+        return self.path(oid).is_file()
+
+    def size(self, oid: str) -> int:
+        return self.path(oid).stat().st_size
+
+    def _touch(self, oid: str) -> bool:
+        """True if the object exists; refreshes its mtime so gc's grace period protects reuse."""
+        try:
+            os.utime(self.path(oid))
+            return True
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            return True
+
+    def iter_oids(self) -> Iterator[str]:
+        if not self.objects_dir.is_dir():
+            return
+        for first in sorted(self.objects_dir.iterdir()):
+            if not first.is_dir():
+                continue
+            for second in sorted(first.iterdir()):
+                if not second.is_dir():
+                    continue
+                for obj in sorted(second.iterdir()):
+                    if _OID_RE.match(obj.name):
+                        yield obj.name
+
+    # -- writing ----------------------------------------------------------------------------------
+    def put(self, data: bytes | bytearray | memoryview) -> tuple[str, bool]:
+        """Store bytes; returns (oid, newly_written). Existing objects are not rewritten."""
+        oid = hashlib.sha256(data).hexdigest()
+        if self._touch(oid):
+            return oid, False
+        self._write_atomic(oid, [memoryview(data)])
+        return oid, True
+
+    def put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
+        """Store exactly `size` bytes read from a stream, in bounded memory (temp file + rename)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="theta-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                remaining = size
+                buf = bytearray(min(READ_CHUNK, max(size, 1)))
+                while remaining:
+                    view = memoryview(buf)[: min(len(buf), remaining)]
+                    n = source.readinto(view)  # type: ignore[attr-defined]
+                    if not n:
+                        raise ThetaError(f"stream ended {remaining} bytes early")
+                    digest.update(view[:n])
+                    out.write(view[:n])
+                    remaining -= n
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            oid = digest.hexdigest()
+            if self._touch(oid):
+                os.unlink(tmp)
+                return oid, False
+            final = self.path(oid)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, final)
+            return oid, True
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def _write_atomic(self, oid: str, parts: list[memoryview]) -> None:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        final = self.path(oid)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="theta-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for part in parts:
+                    out.write(part)
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    # -- reading ----------------------------------------------------------------------------------
+    def open(self, oid: str, expected_size: int | None = None, what: str = "") -> BinaryIO:
+        """Open an object for reading; checks it exists and has the size the metadata implies."""
+        path = self.path(oid)
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            raise MissingObject(
+                f"{what}object {oid[:12]}… is missing from {self.objects_dir} "
+                "(fetch it from the remote, or check out a commit whose objects you have)"
+            ) from None
+        if expected_size is not None:
+            actual = os.fstat(handle.fileno()).st_size
+            if actual != expected_size:
+                handle.close()
+                raise CorruptObject(
+                    f"{what}object {oid[:12]}… has {actual} bytes but the metadata implies "
+                    f"{expected_size}; run `git theta fsck`"
+                )
+        return handle
+
+    def iter_verified(self, oid: str, size: int, what: str = "",
+                      chunk: int = READ_CHUNK) -> Iterator[memoryview]:
+        """Yield an object's bytes in pieces; raise CorruptObject at the end if the hash is wrong."""
+        digest = hashlib.sha256()
+        buf = bytearray(min(chunk, max(size, 1)))
+        with self.open(oid, size, what) as handle:
+            remaining = size
+            while remaining:
+                view = memoryview(buf)[: min(len(buf), remaining)]
+                n = handle.readinto(view)
+                if not n:
+                    raise CorruptObject(f"{what}object {oid[:12]}… is truncated")
+                digest.update(view[:n])
+                yield view[:n]
+                remaining -= n
+        if digest.hexdigest() != oid:
+            raise CorruptObject(
+                f"{what}object {oid[:12]}… is corrupt (its sha256 does not match); "
+                "run `git theta fsck`, then restore it from a remote"
+            )
+
+    def read(self, oid: str, size: int, what: str = "", offset: int = 0,
+             length: int | None = None, verify: bool = True) -> bytes:
+        """Read an object (or a byte range of it). A full read is verified against the oid."""
+        if offset == 0 and (length is None or length == size) and verify:
+            return b"".join(bytes(p) for p in self.iter_verified(oid, size, what))
+        with self.open(oid, size, what) as handle:
+            handle.seek(offset)
+            return handle.read(size - offset if length is None else length)
+
+    def verify(self, oid: str) -> bool:
+        digest = hashlib.sha256()
+        with open(self.path(oid), "rb") as handle:
+            while True:
+                chunk = handle.read(READ_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+        return digest.hexdigest() == oid
+
+    def delete(self, oid: str) -> None:
+        path = self.path(oid)
+        path.unlink(missing_ok=True)
+
+    def clean_tmp(self, older_than_s: float = 3600) -> int:
+        """Remove temp files left by killed processes."""
+        if not self.tmp_dir.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.name.startswith("theta-") and entry.stat().st_mtime < cutoff:
+                entry.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,49 @@
+"""Reading tensors (or row ranges of them) from the object store as torch tensors.
+
+This is the bridge between storage and computation used by `git theta diff` and the merge engine:
+one block at a time, any dtype (bf16 and fp8 included), verified against its oid.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from gittheta_merge import dtypes
+from gittheta_merge.metadata import TensorEntry
+from gittheta_merge.store import ObjectStore
+
+
+def _to_tensor(buf: bytearray | bytes, dtype: str, shape: list[int]) -> Any:
+    import torch
+
+    torch_dtype = dtypes.to_torch(dtype)
+    if not buf:
+        return torch.empty(shape, dtype=torch_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer on a bytearray we own
+        flat = torch.frombuffer(bytearray(buf) if isinstance(buf, bytes) else buf, dtype=torch.uint8)
+    return flat.view(torch_dtype).reshape(shape)
+
+
+def iter_blocks(store: ObjectStore, entry: TensorEntry, what: str = "") -> Iterator[tuple[int, Any]]:
+    """(first row, tensor of that row block) for each stored block of a tensor."""
+    row = 0
+    for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
+        data = bytearray(size)
+        offset = 0
+        for piece in store.iter_verified(oid, size, what or f"tensor {entry.name!r}: "):
+            data[offset : offset + len(piece)] = piece
+            offset += len(piece)
+        shape = [rows, *entry.shape[1:]] if entry.shape else []
+        yield row, _to_tensor(data, entry.dtype, shape)
+        row += rows
+
+
+def load_tensor(store: ObjectStore, entry: TensorEntry, what: str = "") -> Any:
+    """A whole tensor (only for callers that really need all of it at once)."""
+    import torch
+
+    parts = [block for _, block in iter_blocks(store, entry, what)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
