@@ -10,6 +10,7 @@ smudge, so the filter never destroys data it does not understand.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -92,6 +93,16 @@ class Filter:
         self.smudge_meta(path, meta, out)
 
 
+def _log_peak_rss() -> None:
+    """Benchmarks set GIT_THETA_RSS_LOG to learn this process's own peak RSS (git's is separate)."""
+    target = os.environ.get("GIT_THETA_RSS_LOG")
+    if target:
+        import resource
+
+        with open(target, "a") as log:
+            log.write(f"{os.getpid()} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n")
+
+
 def _report(exc: BaseException) -> None:
     if isinstance(exc, ThetaError):
         sys.stderr.write(f"git-theta: error: {exc}\n")
@@ -120,6 +131,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
         try:
             headers = reader.read_text_list()
         except EOFError:
+            _log_peak_rss()
             return
         fields = dict(h.split("=", 1) for h in headers if "=" in h)
         command, path = fields.get("command"), fields.get("pathname", "<unknown>")
