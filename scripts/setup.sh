@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One-command setup for a fresh machine: torch (CPU build) first, then this package with its dev extras.
+# Installing torch==2.13.0 first matters: with no torch installed, a plain `torch` requirement pulls a
+# multi-GB CUDA build; pyproject pins a range that 2.13.0 satisfies, so nothing more is fetched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"
+git-theta --version
