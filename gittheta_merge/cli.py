@@ -39,6 +39,13 @@ def install(scope: str) -> None:
 
     for key, value in tracking.install(scope):
         click.echo(f"set {key} = {value}")
+    try:
+        repo = Repo.discover()
+    except ThetaError:
+        return
+    restored = tracking.materialise(repo) if tracking.is_installed(repo) else []
+    if restored:
+        click.echo(f"checked out {len(restored)} tracked file(s) that were still metadata text")
 
 
 @main.command()
@@ -145,6 +152,36 @@ def _repo_relative(repo: Repo, path: str) -> str:
         return absolute.relative_to(repo.root.resolve()).as_posix()
     except ValueError:
         raise ThetaError(f"{path} is outside the repository") from None
+
+
+@main.command("pull-objects")
+@click.argument("revs", nargs=-1)
+@click.option("--remote", default=None, help="remote to fetch from (default: the branch's remote or origin)")
+def pull_objects(revs: tuple[str, ...], remote: str | None) -> None:
+    """Download the tensor objects the given commits need (default HEAD), for offline work."""
+    from gittheta_merge import inspect_cmds, transfer
+
+    repo = Repo.discover()
+    needs: dict[str, transfer.Needed] = {}
+    for rev in revs or ("HEAD",):
+        for path, meta in inspect_cmds.tracked_files(repo, rev).items():
+            for t in meta.tensors:
+                for (oid, _), size in zip(t.blocks, t.block_sizes()):
+                    needs.setdefault(oid, transfer.Needed(oid, size, f"{path}: tensor {t.name!r} at {rev}"))
+            for oid, size in meta.iter_extra_objects():
+                needs.setdefault(oid, transfer.Needed(oid, size, f"{path} at {rev}"))
+    count = transfer.fetch_objects(repo, list(needs.values()), remote)
+    click.echo(f"fetched {count} object(s); {len(needs)} needed by {', '.join(revs or ('HEAD',))} are now local")
+
+
+@main.command("pre-push", hidden=True)
+@click.argument("remote")
+@click.argument("url", required=False, default="")
+def pre_push_cmd(remote: str, url: str) -> None:
+    """The pre-push hook (hooks/pre-push): upload objects, then chain to git-lfs."""
+    from gittheta_merge import transfer
+
+    sys.exit(transfer.pre_push(Repo.discover(), remote, url, sys.stdin.buffer.read()))
 
 
 @main.command("filter-process", hidden=True)

@@ -38,6 +38,7 @@ class Filter:
         self.store = ObjectStore.for_repo(repo)
         self.max_block_bytes = repo.config_int("theta.blockBytes", DEFAULT_BLOCK_BYTES)
         self.scratch = repo.common_dir / "theta" / "tmp"
+        self.auto_fetch = repo.config_bool("theta.autoFetch", True) and bool(repo.git("remote").strip())
 
     def context(self, path: str, label: str, total_bytes: int | None = None,
                 total_tensors: int | None = None) -> tuple[Context, Progress]:
@@ -63,16 +64,29 @@ class Filter:
             bar.close()
         out.write(meta.to_bytes())
 
-    def parse_for_smudge(self, path: str, data: bytes) -> Metadata:
+    def parse_for_smudge(self, path: str, data: bytes, commit: str = "") -> Metadata:
         meta = Metadata.from_bytes(data, path)
-        missing = [t.name for t in meta.tensors if any(not self.store.has(o) for o in t.oids)]
+        context = f" (commit {commit})" if commit else ""
+        if self.auto_fetch and self._missing(meta):
+            from gittheta_merge import transfer
+
+            needs = [transfer.Needed(oid, size, f"{path}: tensor {t.name!r}")
+                     for t in meta.tensors for (oid, _), size in zip(t.blocks, t.block_sizes())]
+            needs += [transfer.Needed(oid, size, path) for oid, size in meta.iter_extra_objects()]
+            transfer.fetch_objects(self.repo, needs, context=context)
+        missing = self._missing(meta)
         if missing:
             shown = ", ".join(repr(n) for n in missing[:5]) + (" …" if len(missing) > 5 else "")
             raise MissingObject(
-                f"{path}: {len(missing)} tensor(s) have no local object: {shown}. "
+                f"{path}{context}: {len(missing)} tensor(s) have no local object: {shown}. "
                 "Fetch them (git theta pull-objects, or git lfs fetch) from a remote that has them"
             )
         return meta
+
+    def _missing(self, meta: Metadata) -> list[str]:
+        names = [t.name for t in meta.tensors if any(not self.store.has(o) for o in t.oids)]
+        names += [f"<{oid[:12]}…>" for oid, _ in meta.iter_extra_objects() if not self.store.has(oid)]
+        return names
 
     def smudge_meta(self, path: str, meta: Metadata, out: BinaryIO) -> None:
         fmt = formats.by_name(meta.format)
@@ -126,6 +140,12 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
             writer.text(f"capability={cap}")
     writer.flush()
     filt = Filter(repo or Repo.discover())
+    try:
+        from gittheta_merge.tracking import install_hooks
+
+        install_hooks(filt.repo)  # a fresh clone with a user-scope install gets the pre-push hook too
+    except (ThetaError, OSError) as exc:
+        sys.stderr.write(f"git-theta: warning: could not install the pre-push hook: {exc}\n")
 
     while True:
         try:
@@ -139,7 +159,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
         if command == "clean":
             _serve_clean(filt, path, content, writer)
         elif command == "smudge":
-            _serve_smudge(filt, path, content, writer)
+            _serve_smudge(filt, path, content, writer, fields.get("treeish") or fields.get("ref", ""))
         else:
             content.drain()
             writer.text("status=error")
@@ -164,11 +184,12 @@ def _serve_clean(filt: Filter, path: str, content: object, writer: PktWriter) ->
     writer.flush()  # empty list: status unchanged
 
 
-def _serve_smudge(filt: Filter, path: str, content: object, writer: PktWriter) -> None:
+def _serve_smudge(filt: Filter, path: str, content: object, writer: PktWriter, commit: str) -> None:
     try:
         head = read_head(content, 64)  # type: ignore[arg-type]
         if is_metadata(head):
-            meta: Metadata | None = filt.parse_for_smudge(path, head + content.read())  # type: ignore[attr-defined]
+            data = head + content.read()  # type: ignore[attr-defined]
+            meta: Metadata | None = filt.parse_for_smudge(path, data, commit)
             rest = b""
         else:
             meta, rest = None, head + content.read()  # type: ignore[attr-defined]

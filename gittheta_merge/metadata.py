@@ -134,6 +134,12 @@ class Metadata:
         yield from _oids_in(self.file)
         yield from _oids_in(self.extra)
 
+    def iter_extra_objects(self) -> Iterator[tuple[str, int]]:
+        """(oid, size) of objects referenced outside the tensor list: a `…oid` key with a sibling
+        `…size` key (e.g. a stored safetensors header; later, statistic blobs)."""
+        yield from _sized_oids_in(self.file)
+        yield from _sized_oids_in(self.extra)
+
     def to_bytes(self) -> bytes:
         def dump(value: Any) -> str:
             return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
@@ -194,6 +200,20 @@ def _oids_in(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _oids_in(item)
+
+
+def _sized_oids_in(value: Any) -> Iterator[tuple[str, int]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key.endswith("oid") and isinstance(item, str):
+                size = value.get(key[:-3] + "size")
+                if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+                    yield check_oid(item), size
+            else:
+                yield from _sized_oids_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _sized_oids_in(item)
 
 
 def plan_row_blocks(dtype: str, shape: list[int], max_block_bytes: int) -> list[int]:

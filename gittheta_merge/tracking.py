@@ -9,8 +9,20 @@ import sys
 from pathlib import Path
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo, run_git
+from gittheta_merge.gitutil import Repo, iter_index_blobs, run_git
 
+# the same text as hooks/pre-push (a test keeps them equal); embedded so wheels carry it
+PRE_PUSH_HOOK = """#!/bin/sh
+# gittheta-merge pre-push hook: uploads the tensor objects referenced by the commits being pushed,
+# then chains to git-lfs's own pre-push (and to any hook that was here before, saved as
+# pre-push.local), so plain git-lfs files and tracked models push side by side.
+command -v git-theta >/dev/null 2>&1 || {
+  echo >&2 "This repository stores models with gittheta-merge, but 'git-theta' is not on your path."
+  echo >&2 "Install it (pip install gittheta-merge) or remove .git/hooks/pre-push."
+  exit 2
+}
+exec git-theta pre-push "$@"
+"""
 SCOPES = {"repo": "--local", "user": "--global", "global": "--system"}
 ATTRS = "filter=theta diff=theta merge=theta -text"
 HF_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -41,7 +53,70 @@ def install(scope: str = "repo", cwd: str | None = None) -> list[tuple[str, str]
     ]
     for key, value in settings:
         run_git("config", SCOPES[scope], key, value, cwd=cwd)
+    try:
+        repo: Repo | None = Repo.discover(cwd)
+    except ThetaError:
+        repo = None  # user/global scope outside a repository: hooks are installed per clone, lazily
+    if repo is not None:
+        install_hooks(repo)
     return settings
+
+
+def hooks_dir(repo: Repo) -> Path:
+    path = Path(repo.git("rev-parse", "--git-path", "hooks").decode().strip())
+    return path if path.is_absolute() else repo.root / path
+
+
+def install_hooks(repo: Repo) -> Path:
+    """Install the pre-push hook, chaining to whatever was there (git-lfs's hook, or a custom one).
+
+    git-lfs's own hook is replaced because ours runs `git lfs pre-push` itself; any other hook is kept
+    as `pre-push.local` and run by ours. Called by `install` and, lazily, by the filter process so a
+    fresh clone with a user-scope install gets it too.
+    """
+    directory = hooks_dir(repo)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "pre-push"
+    if target.exists():
+        text = target.read_text(errors="replace")
+        if "git-theta pre-push" in text:
+            return target
+        commands = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        is_lfs_hook = any("git lfs pre-push" in c for c in commands) and len(commands) <= 3
+        if not is_lfs_hook:
+            saved = directory / "pre-push.local"
+            if saved.exists():
+                raise ThetaError(f"{target} exists and {saved} too; merge them by hand, then rerun")
+            os.replace(target, saved)
+    tmp = directory / "pre-push.theta-tmp"
+    tmp.write_text(PRE_PUSH_HOOK)
+    tmp.chmod(0o755)
+    os.replace(tmp, target)
+    return target
+
+
+def materialise(repo: Repo) -> list[str]:
+    """Check out again tracked files that are still plain metadata text (cloned before install)."""
+    from gittheta_merge.metadata import is_metadata
+
+    files = [p for _, p in iter_index_blobs(repo)]
+    attrs = repo.check_attr("filter", files)
+    stale = []
+    for path in files:
+        if attrs.get(path) != "theta":
+            continue
+        full = repo.root / path
+        try:
+            with open(full, "rb") as handle:
+                if is_metadata(handle.read(64)):
+                    stale.append(path)
+        except OSError:
+            continue
+    if stale:
+        for path in stale:
+            (repo.root / path).unlink()
+        repo.git("checkout", "--", *stale)
+    return stale
 
 
 def is_installed(repo: Repo) -> bool:

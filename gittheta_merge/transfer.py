@@ -1,0 +1,192 @@
+"""Moving objects to and from remotes, with git-lfs as the transport.
+
+git-lfs is what the Hugging Face Hub, GitHub and GitLab speak, and our objects already sit in its
+local layout, so we reuse it in batches instead of reimplementing its protocols:
+- upload: `git lfs push --object-id <remote> <oid>…` (a few hundred oids per process);
+- download: we write a throwaway tree of git-lfs pointer files naming the missing oids and run
+  `git lfs fetch <remote> <that commit>` once, which downloads them in one batch.
+What to push is derived from the commits being pushed (the metadata files git can reach from them),
+never from a local side-record, so it works after `git merge`, in fresh clones, for force-pushes and
+several refs at once. Every object received is re-hashed before use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.gitutil import Repo
+from gittheta_merge.maintenance import iter_referencing_blobs
+from gittheta_merge.store import CorruptObject, ObjectStore
+
+ZERO = "0" * 40
+PUSH_BATCH = 400
+LFS_MISSING = (
+    "git-lfs is not installed, and tensor objects travel over git-lfs. Install it "
+    "(Debian/Ubuntu: apt-get install git-lfs; macOS: brew install git-lfs; others: https://git-lfs.com), "
+    "then retry. Local work does not need it"
+)
+
+
+def has_git_lfs() -> bool:
+    return shutil.which("git-lfs") is not None
+
+
+def require_git_lfs() -> None:
+    if not has_git_lfs():
+        raise ThetaError(LFS_MISSING)
+
+
+def default_remote(repo: Repo) -> str:
+    """lfs.remote / theta.remote, the current branch's remote, or the only/`origin` remote."""
+    for key in ("theta.remote", "lfs.remote"):
+        value = repo.config_get(key)
+        if value:
+            return value
+    branch = repo.git("symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip()
+    if branch:
+        value = repo.config_get(f"branch.{branch}.remote")
+        if value:
+            return value
+    remotes = repo.git("remote").decode().split()
+    if "origin" in remotes:
+        return "origin"
+    if len(remotes) == 1:
+        return remotes[0]
+    raise ThetaError("no remote to fetch tensor objects from: add one (git remote add origin URL) "
+                     "or set git config theta.remote NAME")
+
+
+@dataclass
+class Needed:
+    """An object some metadata file needs, and where (for error messages)."""
+
+    oid: str
+    size: int
+    where: str
+
+
+def needed_objects(repo: Repo, rev_args: list[str]) -> dict[str, Needed]:
+    """Objects referenced by the metadata files reachable through `git rev-list <rev_args>`."""
+    out: dict[str, Needed] = {}
+    for ref in iter_referencing_blobs(repo, rev_args):
+        if ref.meta is None:
+            continue
+        for tensor in ref.meta.tensors:
+            for (oid, _), size in zip(tensor.blocks, tensor.block_sizes()):
+                out.setdefault(oid, Needed(oid, size, f"{ref.path}: tensor {tensor.name!r}"))
+        for oid, size in ref.meta.iter_extra_objects():
+            out.setdefault(oid, Needed(oid, size, ref.path))
+    return out
+
+
+def _exists(repo: Repo, sha: str) -> bool:
+    return subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=repo.root,
+                          capture_output=True).returncode == 0
+
+
+def objects_to_push(repo: Repo, remote: str, updates: list[tuple[str, str, str, str]]) -> dict[str, Needed]:
+    """Objects referenced by commits being pushed that the remote's known refs do not already reach."""
+    include = [local for _, local, _, _ in updates if local != ZERO]
+    if not include:
+        return {}
+    exclude = [remote_sha for _, _, _, remote_sha in updates if remote_sha != ZERO and _exists(repo, remote_sha)]
+    args = [*include, "--not", *exclude]
+    if not remote.startswith(("/", ".")) and "://" not in remote and ":" not in remote:
+        args.append(f"--remotes={remote}")
+    return needed_objects(repo, args)
+
+
+def push_objects(repo: Repo, remote: str, oids: list[str]) -> int:
+    """Upload objects with git-lfs in batches; returns how many were offered."""
+    if not oids:
+        return 0
+    require_git_lfs()
+    store = ObjectStore.for_repo(repo)
+    missing = [o for o in oids if not store.has(o)]
+    if missing:
+        raise ThetaError(
+            f"cannot push: {len(missing)} tensor object(s) referenced by the pushed commits are not in the "
+            f"local store (e.g. {missing[0][:12]}…); run `git theta pull-objects` first, or `git theta fsck`"
+        )
+    for start in range(0, len(oids), PUSH_BATCH):
+        batch = oids[start : start + PUSH_BATCH]
+        proc = subprocess.run(["git", "lfs", "push", "--object-id", remote, *batch], cwd=repo.root,
+                              stdout=sys.stderr, stderr=sys.stderr)
+        if proc.returncode != 0:
+            raise ThetaError(f"git lfs push to {remote} failed (exit {proc.returncode}); see the messages above")
+    return len(oids)
+
+
+def fetch_objects(repo: Repo, wanted: list[Needed], remote: str | None = None, context: str = "") -> int:
+    """Download missing objects in one git-lfs batch and verify each by hash; returns how many."""
+    store = ObjectStore.for_repo(repo)
+    missing = [n for n in wanted if not store.has(n.oid)]
+    if not missing:
+        return 0
+    require_git_lfs()
+    remote = remote or default_remote(repo)
+    with tempfile.TemporaryDirectory(prefix="theta-fetch-") as tmp:
+        paths = []
+        for i, need in enumerate(missing):
+            path = Path(tmp) / str(i)
+            path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{need.oid}\nsize {need.size}\n")
+            paths.append(str(path))
+        blobs = repo.git("hash-object", "-w", "--stdin-paths", input="\n".join(paths).encode()).decode().split()
+    tree_input = "".join(f"100644 blob {blob}\t{i}\n" for i, blob in enumerate(blobs))
+    tree = repo.git("mktree", input=tree_input.encode()).decode().strip()
+    commit = repo.git("commit-tree", tree, "-m", "gittheta-merge object fetch").decode().strip()
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": os.environ.get("GIT_TERMINAL_PROMPT", "0")}
+    proc = subprocess.run(["git", "lfs", "fetch", remote, commit], cwd=repo.root, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    fetched = 0
+    problems: list[str] = []
+    for need in missing:
+        if not store.has(need.oid):
+            problems.append(f"missing on {remote}: {need.where} (object {need.oid[:12]}…){context}")
+            continue
+        if not store.verify(need.oid):
+            store.delete(need.oid)
+            raise CorruptObject(
+                f"object {need.oid[:12]}… received from {remote} is corrupt (sha256 mismatch): "
+                f"{need.where}{context}. The remote's copy is damaged; re-push it from a clone that has it"
+            )
+        fetched += 1
+    if problems:
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        hint = f" (git lfs: {detail[-1]})" if detail else ""
+        raise ThetaError(f"{len(problems)} object(s) could not be fetched{hint}:\n  " + "\n  ".join(problems[:10]))
+    return fetched
+
+
+def pre_push(repo: Repo, remote: str, url: str, stdin_data: bytes) -> int:
+    """The pre-push hook: upload our objects, then chain to a saved local hook and to git-lfs."""
+    updates = []
+    for line in stdin_data.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            updates.append((parts[0], parts[1], parts[2], parts[3]))
+    needed = objects_to_push(repo, remote, updates)
+    if needed:
+        target = remote if remote else url
+        sys.stderr.write(f"git-theta: uploading {len(needed)} tensor object(s) to {target}\n")
+        push_objects(repo, target, sorted(needed))
+    hooks_dir = Path(repo.git("rev-parse", "--git-path", "hooks").decode().strip())
+    if not hooks_dir.is_absolute():
+        hooks_dir = repo.root / hooks_dir
+    local = hooks_dir / "pre-push.local"
+    if local.exists() and os.access(local, os.X_OK):
+        rc = subprocess.run([str(local), remote, url], cwd=repo.root, input=stdin_data).returncode
+        if rc != 0:
+            return rc
+    if has_git_lfs():
+        rc = subprocess.run(["git", "lfs", "pre-push", remote, url], cwd=repo.root, input=stdin_data).returncode
+        if rc != 0:
+            return rc
+    return 0
