@@ -12,11 +12,32 @@ from gittheta_merge import __version__
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.gitutil import Repo
 
+_NO_HINT = {"install", "filter-process", "clean", "smudge", "pre-push", "--help", "--version"}
+
+
+def _hint_if_not_installed() -> None:
+    """A clone made before `git theta install` has metadata text where models should be: say so."""
+    try:
+        repo = Repo.discover()
+    except ThetaError:
+        return
+    attributes = repo.root / ".gitattributes"
+    if not attributes.exists() or "filter=theta" not in attributes.read_text(errors="replace"):
+        return
+    from gittheta_merge.tracking import is_installed
+
+    if not is_installed(repo):
+        click.echo("git-theta: this repository tracks models with gittheta-merge, but the theta filter is "
+                   "not configured in this clone, so models are checked out as metadata text and `git add` "
+                   "would commit raw files. Run `git theta install` (it also checks the models out).", err=True)
+
 
 class ThetaGroup(click.Group):
     """Turns ThetaError into a one-line message and exit code 1, without a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
+        if ctx.protected_args and ctx.protected_args[0] not in _NO_HINT:
+            _hint_if_not_installed()
         try:
             return super().invoke(ctx)
         except ThetaError as exc:
@@ -79,7 +100,9 @@ def ls_cmd(paths: tuple[str, ...], rev: str) -> None:
     rel = [_repo_relative(repo, p) for p in paths] or None
     files = inspect_cmds.tracked_files(repo, rev, rel)
     if not files:
-        raise ThetaError(f"no tracked checkpoint {' '.join(paths) if paths else ''} at {rev} (is it `git add`ed?)")
+        what = " ".join(paths) if paths else "files"
+        where = "the index" if rev == ":" else rev
+        raise ThetaError(f"no tracked checkpoint {what} in {where} (`git theta track` it, then `git add` it)")
     for path, meta in files.items():
         click.echo("\n".join(inspect_cmds.ls_lines(meta, path)))
 

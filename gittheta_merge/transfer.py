@@ -143,8 +143,11 @@ def fetch_objects(repo: Repo, wanted: list[Needed], remote: str | None = None, c
     tree = repo.git("mktree", input=tree_input.encode()).decode().strip()
     commit = repo.git("commit-tree", tree, "-m", "gittheta-merge object fetch").decode().strip()
     env = {**os.environ, "GIT_TERMINAL_PROMPT": os.environ.get("GIT_TERMINAL_PROMPT", "0")}
+    total = sum(n.size for n in missing)
+    sys.stderr.write(f"git-theta: downloading {len(missing)} tensor object(s), {total / 1e6:,.1f} MB "
+                     f"from {remote}\n")
     proc = subprocess.run(["git", "lfs", "fetch", remote, commit], cwd=repo.root, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=subprocess.DEVNULL, stderr=None)  # git-lfs draws its own progress bar
     fetched = 0
     problems: list[str] = []
     for need in missing:
@@ -159,8 +162,7 @@ def fetch_objects(repo: Repo, wanted: list[Needed], remote: str | None = None, c
             )
         fetched += 1
     if problems:
-        detail = proc.stderr.decode(errors="replace").strip().splitlines()
-        hint = f" (git lfs: {detail[-1]})" if detail else ""
+        hint = f" (git lfs fetch exited {proc.returncode}; see its messages above)" if proc.returncode else ""
         raise ThetaError(f"{len(problems)} object(s) could not be fetched{hint}:\n  " + "\n  ".join(problems[:10]))
     return fetched
 

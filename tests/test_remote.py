@@ -55,6 +55,8 @@ def test_push_clone_fetch_branch_and_new_branch_from_clone(tmp_path: Path, origi
     # a clone made before `git theta install`: metadata text, then install materialises the model
     copy = clone(tmp_path, remote, "copy")
     assert (copy / "model.safetensors").read_bytes().startswith(b'{"gittheta"')
+    hint = git(copy, "theta", "ls").stderr.decode()
+    assert "not configured in this clone" in hint and "git theta install" in hint
     git(copy, "theta", "install")
     assert (copy / "model.safetensors").read_bytes() == v1
     assert git(copy, "status", "--porcelain").stdout == b""
