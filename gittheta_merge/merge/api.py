@@ -1,0 +1,93 @@
+"""The Python API: merge plain safetensors checkpoints outside git, or git-theta metadata + a store.
+
+    from gittheta_merge.merge.api import merge_files
+    report = merge_files(["a.safetensors", "b.safetensors"], "merged.safetensors",
+                         base="base.safetensors", strategy="ties", params={"density": 0.2})
+
+Files are read lazily (safe_open slices), so memory stays at a few chunks whatever the model size; the
+output is written header-first and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.engine import MergeOptions, MergePlan, MergeResult, merge_models, plan_merge
+from gittheta_merge.merge.rules import Rule, parse_rule
+from gittheta_merge.merge.sinks import SafetensorsSink, StoreSink
+from gittheta_merge.merge.sources import SafetensorsSource, StoreSource
+from gittheta_merge.merge.strategies.base import StatsAccess
+from gittheta_merge.metadata import Metadata
+from gittheta_merge.store import ObjectStore
+
+PathLike = str | Path
+
+
+def load_stats(stats: dict[str, Sequence[PathLike | None]] | None, n_models: int) -> StatsAccess:
+    """Statistic files per kind ('fisher', 'gram', 'grad_gram'), one per model (None = none for it)."""
+    access = StatsAccess()
+    for kind, paths in (stats or {}).items():
+        paths = list(paths)
+        if len(paths) != n_models:
+            raise ThetaError(f"{kind} statistics: {len(paths)} files for {n_models} models "
+                             "(give one per model, in the same order)")
+        access.sources[kind] = [SafetensorsSource(p) if p else None for p in paths]
+    return access
+
+
+def _options(strategy: str, params: dict[str, Any] | None, rules: Sequence[Rule | str] | None,
+             **kwargs: Any) -> MergeOptions:
+    parsed = [r if isinstance(r, Rule) else parse_rule(r) for r in (rules or [])]
+    return MergeOptions(strategy=strategy, params=dict(params or {}), rules=parsed, **kwargs)
+
+
+def plan_files(models: Sequence[PathLike], base: PathLike | None = None, strategy: str = "average",
+               params: dict[str, Any] | None = None, rules: Sequence[Rule | str] | None = None,
+               stats: dict[str, Sequence[PathLike | None]] | None = None, **kwargs: Any) -> MergePlan:
+    """Validate a merge of files and return its plan without reading any tensor data."""
+    sources = [SafetensorsSource(p) for p in models]
+    base_src = SafetensorsSource(base) if base else None
+    options = _options(strategy, params, rules, **kwargs)
+    return plan_merge(sources, base_src, options, load_stats(stats, len(sources)))
+
+
+def merge_files(models: Sequence[PathLike], output: PathLike, base: PathLike | None = None,
+                strategy: str = "average", params: dict[str, Any] | None = None,
+                rules: Sequence[Rule | str] | None = None,
+                stats: dict[str, Sequence[PathLike | None]] | None = None,
+                report_path: PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Merge safetensors files into `output`; returns the merge report (also written to report_path).
+
+    kwargs go to MergeOptions (max_block_bytes, shortcuts, device, labels, progress). Files carry no
+    content identities, so only rules and strategies decide; every tensor present in all models is merged.
+    """
+    sources = [SafetensorsSource(p) for p in models]
+    base_src = SafetensorsSource(base) if base else None
+    options = _options(strategy, params, rules, **kwargs)
+    access = load_stats(stats, len(sources))
+    sink = SafetensorsSink(output, sources[0].file_metadata)
+    try:
+        result = merge_models(sources, base_src, sink, options, access)
+    except BaseException:
+        sink.abort()
+        raise
+    if report_path:
+        Path(report_path).write_text(json.dumps(result.report, indent=1))
+    return result.report
+
+
+def merge_metadata(models: Sequence[Metadata], base: Metadata | None, store: ObjectStore,
+                   options: MergeOptions | None = None, stats: StatsAccess | None = None,
+                   block_bytes: int = 64 << 20) -> tuple[Metadata, MergeResult]:
+    """Merge tracked checkpoints (metadata + objects in `store`); new objects go to the same store."""
+    options = options or MergeOptions()
+    labels = options.labels or []
+    sources = [StoreSource(m, store, f"{labels[i]}: " if i < len(labels) else "") for i, m in enumerate(models)]
+    base_src = StoreSource(base, store, "base: ") if base is not None else None
+    sink = StoreSink(store, block_bytes)
+    result = merge_models(sources, base_src, sink, options, stats)
+    return sink.metadata(models[0]), result

@@ -1,0 +1,392 @@
+"""The streaming merge engine: plan from metadata, then merge one row chunk of one tensor at a time.
+
+Planning reads metadata only. For every name in the union of the models' (and base's) tensors it
+decides: keep a side's tensor untouched, leave it out, or merge it with a strategy; and it checks
+presence, shapes and dtypes, so a merge that cannot succeed fails before any tensor byte is read.
+Trivial cases are decided from content identities (oids) alone and never read data:
+  unchanged on every side -> base; changed on one side, or identically on several -> that change
+(`shortcuts="git"`, git's own 3-way semantics; `shortcuts="exact"` only skips tensors equal to the base
+everywhere, so a whole-model merge reproduces the paper's formula for every tensor).
+
+Execution: strategies with global statistics passes (TIES) stream the chunks they own first; then every
+tensor is produced in output order: row chunks of at most max_block_bytes (float32 working size) that
+never straddle a stored input block or an output block, the M+1 chunks upcast to float32, merged, cast
+back to the output dtype (model 0's) and appended to the output block. Peak tensor memory is therefore
+about (M + 1 + k) x max_block_bytes plus one output block, where k (~2-4) counts a strategy's
+temporaries; strategies that are not row-separable (MaTS' CG couples all rows) take whole tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gittheta_merge import dtypes
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge import strategies
+from gittheta_merge.merge.rules import Rule, first_match
+from gittheta_merge.merge.sources import TensorInfo
+from gittheta_merge.merge.strategies.base import Chunk, StatsAccess, Strategy
+
+DEFAULT_MAX_BLOCK_BYTES = 64 << 20
+
+
+class Source(Protocol):
+    def names(self) -> list[str]: ...
+    def info(self, name: str) -> TensorInfo | None: ...
+    def boundaries(self, name: str) -> list[int]: ...
+    def read_rows(self, name: str, start: int, end: int) -> Any: ...
+
+
+class Sink(Protocol):
+    def start(self, outputs: list[TensorInfo]) -> None: ...
+    def keep(self, name: str, source: Any, info: TensorInfo) -> None: ...
+    def begin(self, info: TensorInfo) -> list[int]: ...
+    def write(self, rows: Any) -> None: ...
+    def end(self) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class MergeOptions:
+    """Everything that decides a merge besides its inputs."""
+
+    strategy: str = "average"
+    params: dict[str, Any] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES
+    shortcuts: str = "git"  # git | exact
+    device: str = "cpu"
+    labels: list[str] | None = None
+    progress: bool | None = None
+
+
+@dataclass
+class TensorPlan:
+    """What happens to one output name."""
+
+    name: str
+    action: str  # keep | merge | exclude | absent
+    source: int | None = None  # keep: model index, -1 = base
+    strategy: str | None = None  # key into MergePlan.strategies
+    info: TensorInfo | None = None  # the output tensor (dtype = model 0's for merges)
+    reason: str = ""
+    zero: bool = False  # merge-owned but unchanged everywhere: counts as zero task vectors
+
+
+@dataclass
+class MergePlan:
+    tensors: list[TensorPlan]
+    strategies: dict[str, Strategy]
+    n_models: int
+    max_block_bytes: int
+
+    @property
+    def outputs(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action in {"keep", "merge"} and t.info is not None]
+
+    def merged_bytes(self) -> int:
+        return sum(dtypes.nbytes(t.info.dtype, list(t.info.shape)) for t in self.tensors
+                   if t.action == "merge" and t.info is not None)
+
+    def peak_formula(self) -> str:
+        m = self.n_models
+        block = self.max_block_bytes
+        whole = [t for t in self.tensors if t.action == "merge" and t.strategy
+                 and not self.strategies[t.strategy].row_separable]
+        text = (f"peak ≈ (M+1) × max_block_bytes × ~3 (float32 chunks + temporaries) = "
+                f"({m}+1) × {block / 1e6:.1f} MB × 3 ≈ {(m + 1) * block * 3 / 1e6:.1f} MB")
+        if whole:
+            largest = max(t.info.numel * 4 for t in whole if t.info)  # type: ignore[union-attr]
+            text += f"; whole-tensor strategies: (M+1) × {largest / 1e6:.1f} MB"
+        return text
+
+    def summary_lines(self) -> list[str]:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            key = t.action if t.action != "merge" else f"merge:{t.strategy}"
+            counts[key] = counts.get(key, 0) + 1
+        lines = [f"{len(self.tensors)} tensors: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
+        lines.append(f"data to merge: {self.merged_bytes() / 1e6:.1f} MB; {self.peak_formula()}")
+        return lines
+
+
+@dataclass
+class MergeResult:
+    plan: MergePlan
+    report: dict[str, Any]
+
+
+def _same(a: TensorInfo | None, b: TensorInfo | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.same_content(b)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
+               stats: StatsAccess | None = None) -> MergePlan:
+    """Decide every tensor from metadata alone; raise ThetaError for anything that cannot merge."""
+    if len(models) < 2:
+        raise ThetaError("a merge needs at least two models")
+    if options.shortcuts not in {"git", "exact"}:
+        raise ThetaError(f"shortcuts must be 'git' or 'exact', not {options.shortcuts!r}")
+    stats = stats or StatsAccess()
+    n = len(models)
+    labels = options.labels or (["ours", "theirs"] if n == 2 else [f"model {i}" for i in range(n)])
+    instances: dict[str, Strategy] = {}
+
+    def strategy_for(name: str, params: dict[str, Any]) -> str:
+        cls = strategies.get(name)
+        key = f"{cls.name}{sorted(params.items())!r}"
+        if key not in instances:
+            instances[key] = cls(params, n)
+        return key
+
+    default_key = strategy_for(options.strategy, options.params)
+    for rule in options.rules:
+        if rule.action == "keep" and rule.keep is not None and rule.keep >= n:
+            raise ThetaError(f"merge rule {rule.pattern!r} keeps model {rule.keep}, but there are {n} models")
+        if rule.action == "merge":
+            strategy_for(rule.strategy or options.strategy, rule.params)
+
+    order: list[str] = []
+    seen: set[str] = set()
+    for src in [*models, *([base] if base else [])]:
+        for name in src.names():
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+
+    plans: list[TensorPlan] = []
+    for name in order:
+        infos = [m.info(name) for m in models]
+        binfo = base.info(name) if base else None
+        rule = first_match(options.rules, name)
+        if rule is not None and rule.action == "exclude":
+            plans.append(TensorPlan(name, "exclude", reason=f"rule {rule.pattern!r}"))
+            continue
+        if rule is not None and rule.action == "keep":
+            idx = rule.keep if rule.keep is not None else 0
+            if idx == -1 and base is None:
+                raise ThetaError(f"merge rule {rule.pattern!r} keeps the base, but there is no base model")
+            info = binfo if idx == -1 else infos[idx]
+            plans.append(TensorPlan(name, "keep" if info else "absent", idx, info=info,
+                                    reason=f"rule {rule.pattern!r} -> {rule.describe()}"))
+            continue
+        key = default_key if rule is None else strategy_for(rule.strategy or options.strategy, rule.params)
+        strat = instances[key]
+        if base is not None and all(_same(i, binfo) for i in infos):
+            plans.append(TensorPlan(name, "keep" if binfo else "absent", -1, key, binfo,
+                                    "unchanged on every side", zero=binfo is not None and binfo.is_float))
+            continue
+        if options.shortcuts == "git" and base is not None:
+            changed = [i for i, info in enumerate(infos) if not _same(info, binfo)]
+            first = infos[changed[0]]
+            if all(_same(infos[i], first) for i in changed):
+                who = ", ".join(labels[i] for i in changed)
+                what = "deleted" if first is None else "changed"
+                how = "only" if len(changed) == 1 else "identically"
+                plans.append(TensorPlan(name, "keep" if first else "absent", changed[0], key, first,
+                                        f"{what} {how} in {who}"))
+                continue
+        if base is None and all(infos[0] is not None and _same(i, infos[0]) for i in infos):
+            plans.append(TensorPlan(name, "keep", 0, key, infos[0], "identical in every model"))
+            continue
+        fix = (f"resolve it with a rule, e.g. --rule '^{_escape(name)}$=ours' (or theirs, base, exclude)")
+        missing = [labels[i] for i, info in enumerate(infos) if info is None]
+        if missing:
+            present = [labels[i] for i, info in enumerate(infos) if info is not None]
+            raise ThetaError(f"tensor {name!r}: missing in {', '.join(missing)} but changed in "
+                             f"{', '.join(present)}: cannot merge; {fix}")
+        shapes = {info.shape for info in infos if info}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{_shape_text(info.shape)} in {labels[i]}" for i, info in enumerate(infos) if info)
+            raise ThetaError(f"tensor {name!r}: shapes differ ({detail}): cannot merge; {fix}")
+        non_float = [f"{info.dtype} in {labels[i]}" for i, info in enumerate(infos) if info and not info.is_float]
+        if non_float:
+            raise ThetaError(f"tensor {name!r}: {', '.join(non_float)} is not a floating-point tensor, and it "
+                             f"differs between models: cannot average it; {fix}")
+        if strat.needs_base:
+            if binfo is None:
+                raise ThetaError(f"tensor {name!r}: strategy {strat.name} needs the base version, but the base "
+                                 f"{'is not given' if base is None else 'has no such tensor'}; "
+                                 f"use a strategy without a base (average) for it or {fix}")
+            if binfo.shape != infos[0].shape:  # type: ignore[union-attr]
+                raise ThetaError(f"tensor {name!r}: shape {_shape_text(binfo.shape)} in the base vs "
+                                 f"{_shape_text(infos[0].shape)} in the models: cannot compute task vectors; "  # type: ignore[union-attr]
+                                 f"{fix}")
+            if not binfo.is_float:
+                raise ThetaError(f"tensor {name!r}: base dtype {binfo.dtype} is not floating point; {fix}")
+        strat.check_tensor(name, list(infos[0].shape), stats)  # type: ignore[union-attr]
+        out = infos[0]
+        plans.append(TensorPlan(name, "merge", None, key, TensorInfo(name, out.dtype, out.shape, None),  # type: ignore[union-attr]
+                                "changed on several sides"))
+    return MergePlan(plans, instances, n, options.max_block_bytes)
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.escape(name).replace("'", "\\'")
+
+
+def chunk_ranges(info: TensorInfo, sources: list[Any], extra_bounds: list[int], max_block_bytes: int,
+                 whole: bool) -> list[tuple[int, int]]:
+    """Row ranges: never across a stored block of any input or an output block; ≤ max_block_bytes fp32."""
+    rows = info.rows
+    if whole or rows <= 1:
+        return [(0, rows)]
+    bounds = {0, rows, *extra_bounds}
+    for src in sources:
+        bounds.update(src.boundaries(info.name))
+    per = max(1, max_block_bytes // max(info.row_elems * 4, 1))
+    cuts = sorted(b for b in bounds if 0 <= b <= rows)
+    out: list[tuple[int, int]] = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        for start in range(lo, hi, per):
+            out.append((start, min(hi, start + per)))
+    return out
+
+
+class _Runner:
+    def __init__(self, models: list[Source], base: Source | None, plan: MergePlan, options: MergeOptions,
+                 stats: StatsAccess) -> None:
+        self.models = models
+        self.base = base
+        self.plan = plan
+        self.options = options
+        self.stats = stats
+        self.bytes_read = 0
+
+    def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
+        import torch
+
+        info = tp.info
+        assert info is not None
+        srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
+        for start, end in chunk_ranges(info, srcs, extra_bounds, self.plan.max_block_bytes,
+                                       not strat.row_separable):
+            models = [m.read_rows(tp.name, start, end) for m in self.models]
+            base = self.base.read_rows(tp.name, start, end) if strat.needs_base and self.base else None
+            self.bytes_read += sum(t.numel() for t in models) * 4 + (base.numel() * 4 if base is not None else 0)
+            if self.options.device != "cpu":
+                dev = torch.device(self.options.device)
+                models = [t.to(dev) for t in models]
+                base = base.to(dev) if base is not None else None
+            yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
+
+    def run_passes(self, strat: Strategy, owned: list[TensorPlan]) -> None:
+        for index in range(strat.n_passes):
+            strat.begin_pass(index)
+            for tp in owned:
+                if tp.zero:
+                    strat.observe_zero(index, tp.name, tp.info.numel)  # type: ignore[union-attr]
+                elif tp.action == "merge":
+                    for chunk in self.chunks(tp, strat, [], {}):
+                        strat.observe(index, chunk)
+            strat.end_pass(index)
+
+
+def merge_models(models: list[Source], base: Source | None, sink: Sink, options: MergeOptions | None = None,
+                 stats: StatsAccess | None = None, plan: MergePlan | None = None) -> MergeResult:
+    """Merge `models` (model 0 = ours/target) against `base` into `sink`; returns the plan and report."""
+    import torch
+
+    from gittheta_merge.progress import Progress
+
+    options = options or MergeOptions()
+    stats = stats or StatsAccess()
+    plan = plan or plan_merge(models, base, options, stats)
+    runner = _Runner(models, base, plan, options, stats)
+    started = time.monotonic()
+    for key, strat in plan.strategies.items():
+        if strat.n_passes and strat.pass_scope == "model":
+            owned = [t for t in plan.tensors if t.strategy == key and (t.action == "merge" or t.zero)]
+            if any(t.action == "merge" for t in owned):
+                runner.run_passes(strat, owned)
+    passes_s = time.monotonic() - started
+
+    outputs = plan.outputs
+    sink.start([t.info for t in outputs])  # type: ignore[misc]
+    bar = Progress("git-theta merge", len(outputs), plan.merged_bytes(), enabled=options.progress)
+    reports: list[dict[str, Any]] = []
+    done_bytes = 0
+    try:
+        for i, tp in enumerate(outputs):
+            assert tp.info is not None
+            t0 = time.monotonic()
+            entry: dict[str, Any] = {"name": tp.name, "action": tp.action, "reason": tp.reason}
+            if tp.action == "keep":
+                src = base if tp.source == -1 else models[tp.source or 0]
+                entry["source"] = "base" if tp.source == -1 else (options.labels or [])[tp.source or 0] \
+                    if options.labels and tp.source is not None and tp.source < len(options.labels) \
+                    else tp.source
+                sink.keep(tp.name, src, tp.info)
+            else:
+                strat = plan.strategies[tp.strategy]  # type: ignore[index]
+                entry["strategy"] = strat.name
+                if strat.n_passes and strat.pass_scope == "tensor":
+                    runner.run_passes(strat, [tp])
+                out_bounds = sink.begin(tp.info)
+                out_dtype = dtypes.to_torch(tp.info.dtype)
+                for chunk in runner.chunks(tp, strat, out_bounds, entry):
+                    result = strat.merge(chunk)
+                    if result.shape != chunk.models[0].shape:
+                        raise ThetaError(f"tensor {tp.name!r}: strategy {strat.name} returned shape "
+                                         f"{list(result.shape)} for a chunk of {list(chunk.models[0].shape)}")
+                    sink.write(result.to("cpu", torch.float32).to(out_dtype))
+                sink.end()
+                done_bytes += dtypes.nbytes(tp.info.dtype, list(tp.info.shape))
+                elements = entry.pop("elements", None)
+                if elements:
+                    if "kept" in entry:
+                        entry["kept_fraction"] = entry.pop("kept") / elements
+                    if "sign_conflicts" in entry:
+                        entry["sign_conflict_rate"] = entry.pop("sign_conflicts") / elements
+                if strat.pass_scope == "tensor":
+                    entry.update(strat.summary())
+            entry["seconds"] = round(time.monotonic() - t0, 6)
+            reports.append(entry)
+            bar.update(i + 1, done_bytes)
+        sink.finish()
+    finally:
+        bar.close()
+    for tp in plan.tensors:
+        if tp.action in {"exclude", "absent"}:
+            reports.append({"name": tp.name, "action": tp.action, "reason": tp.reason})
+    report = {
+        "n_models": len(models),
+        "labels": options.labels,
+        "strategy": options.strategy,
+        "params": {k: v for k, v in options.params.items()},
+        "rules": [r.pattern + "=" + r.describe() for r in options.rules],
+        "max_block_bytes": plan.max_block_bytes,
+        "peak_formula": plan.peak_formula(),
+        "bytes_read_fp32": runner.bytes_read,
+        "seconds": round(time.monotonic() - started, 6),
+        "statistics_passes_seconds": round(passes_s, 6),
+        "strategies": {s.name: s.summary() for s in plan.strategies.values()
+                       if s.pass_scope == "model" and s.summary()},
+        "tensors": reports,
+    }
+    return MergeResult(plan, report)
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """A short human summary of a merge report."""
+    actions: dict[str, int] = {}
+    for t in report["tensors"]:
+        key = t["action"] if t["action"] != "merge" else f"merged ({t.get('strategy')})"
+        actions[key] = actions.get(key, 0) + 1
+    lines = [f"merged {report['n_models']} models in {report['seconds']:.2f} s: "
+             + ", ".join(f"{v} {k}" for k, v in sorted(actions.items()))]
+    for name, summ in report.get("strategies", {}).items():
+        if "thresholds" in summ:
+            lines.append(f"{name}: thresholds {', '.join(f'{t:.4g}' for t in summ['thresholds'])}, "
+                         f"majority sign {summ['majority_sign']:+.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Where merged tensors go: new objects in the store (git), or a safetensors file written as we go.
+
+StoreSink cuts the output into the same row blocks `git add` would (theta.blockBytes), so a merged
+tensor that is later re-added, or merged identically elsewhere, deduplicates to the same objects; a
+kept tensor is not copied at all (its oids are reused). SafetensorsSink writes the header first (the
+plan knows every output dtype and shape), then streams each tensor's bytes in order: no output buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gittheta_merge import dtypes
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.sources import StoreSource, TensorInfo
+from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.store import ObjectStore
+
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def tensor_bytes(tensor: Any) -> bytes:
+    import torch
+
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+class StoreSink:
+    """Collects TensorEntries for merged metadata; new tensor bytes become store objects."""
+
+    def __init__(self, store: ObjectStore, block_bytes: int) -> None:
+        self.store = store
+        self.block_bytes = block_bytes
+        self.entries: list[TensorEntry] = []
+        self._info: TensorInfo | None = None
+        self._plan: list[int] = []
+        self._blocks: list[tuple[str, int]] = []
+        self._buf = bytearray()
+        self._block_size = 0
+
+    def start(self, outputs: list[TensorInfo]) -> None:
+        self.entries = []
+
+    def keep(self, name: str, source: Any, info: TensorInfo) -> None:
+        if isinstance(source, StoreSource) and source.store.objects_dir == self.store.objects_dir:
+            entry = source.entry(name)
+            self.entries.append(TensorEntry(entry.name, entry.dtype, list(entry.shape), list(entry.blocks),
+                                            dict(entry.extra)))
+            return
+        bounds = self.begin(info)
+        for lo, hi in zip(bounds, bounds[1:]):
+            self._write_bytes(source.read_raw(name, lo, hi) if hasattr(source, "read_raw")
+                              else tensor_bytes(source.read_native(name, lo, hi)))
+        self.end()
+
+    def begin(self, info: TensorInfo) -> list[int]:
+        self._info = info
+        self._plan = plan_row_blocks(info.dtype, list(info.shape), self.block_bytes)
+        self._blocks = []
+        self._buf = bytearray()
+        bounds = [0]
+        for rows in self._plan:
+            bounds.append(bounds[-1] + rows)
+        self._next_block()
+        return bounds
+
+    def _next_block(self) -> None:
+        info = self._info
+        assert info is not None
+        index = len(self._blocks)
+        rows = self._plan[index] if index < len(self._plan) else 0
+        row_bytes = dtypes.nbytes(info.dtype, [info.row_elems]) if info.shape else dtypes.nbytes(info.dtype, [])
+        self._block_size = rows * row_bytes
+
+    def _write_bytes(self, data: bytes) -> None:
+        self._buf += data
+        while self._buf and len(self._buf) >= self._block_size and len(self._blocks) < len(self._plan):
+            piece = memoryview(self._buf)[: self._block_size]
+            oid, _ = self.store.put(piece)
+            del piece
+            self._blocks.append((oid, self._plan[len(self._blocks)]))
+            self._buf = self._buf[self._block_size:]
+            if len(self._blocks) < len(self._plan):
+                self._next_block()
+
+    def write(self, rows: Any) -> None:
+        self._write_bytes(tensor_bytes(rows))
+
+    def end(self) -> None:
+        info = self._info
+        assert info is not None
+        if self._block_size == 0 and len(self._blocks) < len(self._plan):  # empty tensor
+            oid, _ = self.store.put(b"")
+            self._blocks.append((oid, self._plan[0]))
+        if len(self._blocks) != len(self._plan) or self._buf:
+            raise ThetaError(f"tensor {info.name!r}: merged output has the wrong size (internal error)")
+        self.entries.append(TensorEntry(info.name, info.dtype, list(info.shape), self._blocks))
+        self._info = None
+
+    def finish(self) -> None:
+        pass
+
+    def metadata(self, template: Metadata) -> Metadata:
+        """Merged metadata in the template's (ours') format; file facts fixed up if the names changed."""
+        file_info = dict(template.file)
+        old = [t.name for t in template.tensors]
+        new = [e.name for e in self.entries]
+        layout_old = [(t.name, t.dtype, t.shape) for t in template.tensors]
+        layout_new = [(e.name, e.dtype, e.shape) for e in self.entries]
+        if layout_old != layout_new:
+            if template.format != "safetensors" and old != new:
+                raise ThetaError(
+                    f"the merge adds or removes tensors ({sorted(set(old) ^ set(new))[:5]}), which the "
+                    f"{template.format} format's file structure cannot express; keep one side with a rule")
+            file_info.pop("header_oid", None)
+            file_info.pop("header_size", None)
+            order = file_info.get("header_order")
+            if isinstance(order, list):
+                kept = [k for k in order if k in set(new) or k == "__metadata__"]
+                file_info["header_order"] = kept + [n for n in new if n not in set(kept)]
+        return Metadata(template.format, self.entries, file_info, dict(template.extra))
+
+
+class SafetensorsSink:
+    """Streams a .safetensors file: header from the plan, then tensor bytes in order; atomic rename."""
+
+    def __init__(self, path: str | Path, file_metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.file_metadata = file_metadata
+        self._fh: Any = None
+        self._tmp = ""
+
+    def start(self, outputs: list[TensorInfo]) -> None:
+        from gittheta_merge.formats.safetensors_format import render_header
+
+        header = render_header(self.file_metadata, [(t.name, t.dtype, list(t.shape)) for t in outputs])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._fh = os.fdopen(fd, "wb")
+        self._fh.write(len(header).to_bytes(8, "little"))
+        self._fh.write(header)
+
+    def keep(self, name: str, source: Any, info: TensorInfo) -> None:
+        per = max(1, COPY_CHUNK_BYTES // max(dtypes.nbytes(info.dtype, [info.row_elems]), 1))
+        for lo in range(0, info.rows, per):
+            hi = min(info.rows, lo + per)
+            if hasattr(source, "read_raw"):
+                self._fh.write(source.read_raw(name, lo, hi))
+            else:
+                self._fh.write(tensor_bytes(source.read_native(name, lo, hi)))
+
+    def begin(self, info: TensorInfo) -> list[int]:
+        return [0, info.rows]
+
+    def write(self, rows: Any) -> None:
+        self._fh.write(tensor_bytes(rows))
+
+    def end(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        self._fh = None
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tmp and os.path.exists(self._tmp):
+            os.unlink(self._tmp)

@@ -1,0 +1,186 @@
+"""The interface a merge strategy implements, and the parameter parsing shared by all of them.
+
+A strategy sees one row chunk of one tensor at a time (`Chunk`), already upcast to float32, and
+returns the merged rows in float32; the engine reads, chunks and writes. Strategies that need global
+quantities (TIES' per-task threshold and majority sign, Fisher's global norm) declare statistics
+passes: the engine streams the same chunks through `observe` before the merge pass, so even a global
+algorithm runs in memory bounded by one chunk per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+
+
+@dataclass
+class Param:
+    """One tunable: its default, how to parse a string value, and a one-line help text."""
+
+    default: Any
+    kind: str  # float | int | bool | str | floats | choice
+    help: str = ""
+    choices: tuple[str, ...] = ()
+
+
+def parse_value(kind: str, raw: Any, where: str, choices: tuple[str, ...] = ()) -> Any:
+    """Parse a parameter given as a string (CLI, git config) or already typed (Python API)."""
+    try:
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind == "floats":
+            if raw is None:
+                return None
+            if isinstance(raw, (list, tuple)):
+                return [float(x) for x in raw]
+            if isinstance(raw, (int, float)):
+                return [float(raw)]
+            return [float(x) for x in str(raw).replace(" ", "").split(",") if x]
+        if kind == "choice":
+            if str(raw) not in choices:
+                raise ValueError(raw)
+            return str(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        expected = f"one of {', '.join(choices)}" if kind == "choice" else f"a {kind} value"
+        raise ThetaError(f"{where}: {raw!r} is not {expected}") from None
+
+
+@dataclass
+class StatsAccess:
+    """Per-model statistic blobs (Fisher diagonals, Grams) keyed by kind, read lazily by tensor name."""
+
+    sources: dict[str, list[Any]] = field(default_factory=dict)  # kind -> per-model TensorSource | None
+
+    def has_kind(self, kind: str) -> bool:
+        return any(src is not None for src in self.sources.get(kind, []))
+
+    def lookup(self, kind: str, model: int, name: str) -> tuple[Any, str] | None:
+        """(source, key) holding the statistic of tensor `name` for a model, trying `name` minus `.weight`."""
+        per_model = self.sources.get(kind, [])
+        src = per_model[model] if model < len(per_model) else None
+        if src is None:
+            return None
+        for key in (name, name[: -len(".weight")] if name.endswith(".weight") else None):
+            if key and src.info(key) is not None:
+                return src, key
+        return None
+
+    def shape(self, kind: str, model: int, name: str) -> list[int] | None:
+        found = self.lookup(kind, model, name)
+        return None if found is None else list(found[0].info(found[1]).shape)
+
+    def rows(self, kind: str, model: int, name: str, start: int, end: int) -> Any:
+        found = self.lookup(kind, model, name)
+        if found is None:
+            raise ThetaError(f"tensor {name!r}: no {kind} statistic for model {model}")
+        return found[0].read_rows(found[1], start, end)
+
+    def whole(self, kind: str, model: int, name: str) -> Any:
+        found = self.lookup(kind, model, name)
+        if found is None:
+            raise ThetaError(f"tensor {name!r}: no {kind} statistic for model {model}")
+        src, key = found
+        info = src.info(key)
+        return src.read_rows(key, 0, info.rows)
+
+
+@dataclass
+class Chunk:
+    """Rows [row_start, row_end) of one tensor in every model (float32), plus where to report."""
+
+    name: str
+    shape: list[int]  # the full tensor's shape
+    row_start: int
+    row_end: int
+    base: Any  # torch.Tensor | None
+    models: list[Any]  # list[torch.Tensor]
+    stats: StatsAccess
+    report: dict[str, Any]  # per-tensor report entry; strategies add counters with add()
+
+    def add(self, key: str, value: float) -> None:
+        self.report[key] = self.report.get(key, 0) + value
+
+    @property
+    def numel(self) -> int:
+        return self.models[0].numel()
+
+
+class Strategy:
+    """Base class: subclasses set the class attributes and implement `merge` (and passes if global)."""
+
+    name: str = ""
+    needs_base: bool = False
+    row_separable: bool = True  # False: the engine hands over the whole tensor as one chunk
+    n_passes: int = 0  # statistics passes before the merge pass
+    pass_scope: str = "model"  # "model": passes run over every tensor first; "tensor": per tensor
+    params_spec: dict[str, Param] = {}
+
+    def __init__(self, params: dict[str, Any] | None = None, n_models: int = 2) -> None:
+        self.n_models = n_models
+        self.params = self.parse_params(params or {})
+        self.validate()
+
+    @classmethod
+    def parse_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        out = {k: p.default for k, p in cls.params_spec.items()}
+        for key, raw in given.items():
+            key_norm = key.replace("-", "_")
+            if key_norm not in cls.params_spec:
+                known = ", ".join(sorted(cls.params_spec)) or "none"
+                raise ThetaError(f"strategy {cls.name}: unknown parameter {key!r} (known: {known})")
+            spec = cls.params_spec[key_norm]
+            out[key_norm] = parse_value(spec.kind, raw, f"strategy {cls.name}: {key_norm}", spec.choices)
+        return out
+
+    def validate(self) -> None:
+        """Check parameter values against n_models (e.g. one weight per model)."""
+        weights = self.params.get("weights")
+        if weights is not None and len(weights) != self.n_models:
+            raise ThetaError(
+                f"strategy {self.name}: weights has {len(weights)} values for {self.n_models} models"
+            )
+
+    def model_weights(self) -> list[float]:
+        weights = self.params.get("weights")
+        return list(weights) if weights is not None else [1.0] * self.n_models
+
+    def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
+        """Metadata-only checks before any data is read (e.g. that statistics exist with the right shape)."""
+
+    def begin_pass(self, index: int) -> None:
+        """Start statistics pass `index` (per model, or per tensor with pass_scope='tensor')."""
+
+    def observe(self, index: int, chunk: Chunk) -> None:
+        """See one chunk during statistics pass `index`."""
+
+    def observe_zero(self, index: int, name: str, numel: int) -> None:
+        """A tensor this strategy owns whose task vectors are all zero (unchanged everywhere): no data read."""
+
+    def end_pass(self, index: int) -> None:
+        """Finish statistics pass `index`."""
+
+    def merge(self, chunk: Chunk) -> Any:
+        """The merged rows (float32, same shape as chunk.models[0])."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """Global facts for the report (thresholds, majority sign, norms)."""
+        return {}
+
+
+StrategyFactory = Callable[..., Strategy]
