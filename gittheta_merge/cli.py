@@ -177,6 +177,72 @@ def _repo_relative(repo: Repo, path: str) -> str:
         raise ThetaError(f"{path} is outside the repository") from None
 
 
+@main.group()
+def stats() -> None:
+    """Statistic blobs (Fisher, Gram, K-FAC) versioned next to the weights they describe."""
+
+
+@stats.command("add")
+@click.argument("blob", type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--kind", required=True, help="fisher, gram, kfac, or your own name")
+def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
+    """Attach a precomputed statistic (a safetensors file keyed by weight name) to checkpoints."""
+    from gittheta_merge.stats import attach
+
+    repo = Repo.discover()
+    data = Path(blob).read_bytes()
+    provenance = attach.provenance_from_blob(data) if len(data) >= 8 else {}
+    provenance.setdefault("source", Path(blob).name)
+    for path in _expand_tracked(repo, paths):
+        info = attach.attach(repo, path, kind, data, provenance, blob_where=blob)
+        click.echo(f"staged {kind} statistics for {path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
+    click.echo("commit to version them with the weights")
+
+
+@stats.command("ls")
+@click.argument("paths", nargs=-1)
+@click.option("--rev", default=":", show_default=True, help="commit to read (':' = the index)")
+def stats_ls(paths: tuple[str, ...], rev: str) -> None:
+    """What statistics exist, for which weights, how computed, and whether they are stale."""
+    from gittheta_merge import inspect_cmds
+    from gittheta_merge.stats import attach
+
+    repo = Repo.discover()
+    rel = [_repo_relative(repo, p) for p in paths] or None
+    rows = []
+    for path, meta in inspect_cmds.tracked_files(repo, rev, rel).items():
+        rows += attach.list_stats(path, meta)
+    if not rows:
+        click.echo("no statistics attached")
+    for info in rows:
+        click.echo(attach.describe(info))
+
+
+@stats.command("rm")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--kind", required=True)
+def stats_rm(paths: tuple[str, ...], kind: str) -> None:
+    """Detach a statistic from checkpoints (staged; commit to record it)."""
+    from gittheta_merge.stats import attach
+
+    repo = Repo.discover()
+    for path in _expand_tracked(repo, paths):
+        attach.detach(repo, path, kind)
+        click.echo(f"removed {kind} statistics from {path}")
+
+
+def _expand_tracked(repo: Repo, paths: tuple[str, ...]) -> list[str]:
+    """Tracked checkpoint files named directly or inside a directory (an HF model's shards)."""
+    from gittheta_merge import inspect_cmds
+
+    rel = [_repo_relative(repo, p) for p in paths]
+    found = list(inspect_cmds.tracked_files(repo, inspect_cmds.INDEX, rel))
+    if not found:
+        raise ThetaError(f"no tracked checkpoint staged under {' '.join(paths)}")
+    return found
+
+
 @main.command("pull-objects")
 @click.argument("revs", nargs=-1)
 @click.option("--remote", default=None, help="remote to fetch from (default: the branch's remote or origin)")

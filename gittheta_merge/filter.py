@@ -38,6 +38,7 @@ class Filter:
         self.store = ObjectStore.for_repo(repo)
         self.max_block_bytes = repo.config_int("theta.blockBytes", DEFAULT_BLOCK_BYTES)
         self.scratch = repo.common_dir / "theta" / "tmp"
+        self.carry_stats = True
         self.auto_fetch = repo.config_bool("theta.autoFetch", True) and bool(repo.git("remote").strip())
 
     def context(self, path: str, label: str, total_bytes: int | None = None,
@@ -62,7 +63,27 @@ class Filter:
             meta = fmt.clean(PrefixedStream(head, stream), ctx)
         finally:
             bar.close()
+        self.carry_over_stats(path, meta)
         out.write(meta.to_bytes())
+
+    def carry_over_stats(self, path: str, meta: Metadata) -> None:
+        """Keep the statistics attached to the staged version of this file.
+
+        Statistic blobs are not part of the checkpoint file, so clean would drop them; carrying them
+        over keeps `git status` clean after `git theta stats compute`, and once the weights change
+        they stay attached but are reported stale (their recorded weights digest no longer matches).
+        """
+        if not self.carry_stats:
+            return
+        staged = self.repo.git("cat-file", "blob", f":{path}", check=False)
+        if not staged or not is_metadata(staged[:64]):
+            return
+        try:
+            stats = Metadata.from_bytes(staged, path).stats
+        except ThetaError:
+            return
+        if stats:
+            meta.extra["stats"] = stats
 
     def parse_for_smudge(self, path: str, data: bytes, commit: str = "") -> Metadata:
         meta = Metadata.from_bytes(data, path)

@@ -134,6 +134,22 @@ class Metadata:
         yield from _oids_in(self.file)
         yield from _oids_in(self.extra)
 
+    def weights_digest(self) -> str:
+        """A digest of exactly which tensor bytes this file holds: statistics computed on these
+        weights record it, and are stale once it changes."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for t in sorted(self.tensors, key=lambda t: t.name):
+            digest.update(f"{t.name}\0{t.dtype}\0{t.shape}\0{','.join(t.oids)}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Statistic blobs attached to these weights: kind → {oid, size, weights, provenance}."""
+        value = self.extra.get("stats")
+        return value if isinstance(value, dict) else {}
+
     def iter_extra_objects(self) -> Iterator[tuple[str, int]]:
         """(oid, size) of objects referenced outside the tensor list: a `…oid` key with a sibling
         `…size` key (e.g. a stored safetensors header; later, statistic blobs)."""

@@ -1,0 +1,153 @@
+"""Statistic blobs versioned next to the weights they were computed on.
+
+A statistic (Fisher diagonal, Gram matrices, K-FAC factors) is a safetensors file keyed by weight name,
+stored as an object in the same store as the tensors. The checkpoint's own metadata file references it
+under "stats" together with the digest of the exact weights it describes, so:
+- a merge driver handed ours/theirs metadata finds both sides' statistics with no extra lookup;
+- push/fetch/clone/gc move and keep them like tensors (the object walk is generic over oids);
+- once the weights change (`git add` of new weights keeps the reference, see filter.carry_over_stats),
+  the recorded digest no longer matches and the statistics are reported stale; merges refuse them
+  unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header
+from gittheta_merge.gitutil import Repo
+from gittheta_merge.inspect_cmds import INDEX, read_metadata
+from gittheta_merge.metadata import Metadata
+from gittheta_merge.store import ObjectStore
+
+COMPUTE_HINT = "git theta stats compute {path} --kind {kind} --data DATA.jsonl"
+
+
+@dataclass
+class StatInfo:
+    """One attached statistic, as `git theta stats ls` shows it."""
+
+    path: str
+    kind: str
+    oid: str
+    size: int
+    stale: bool
+    provenance: dict[str, Any]
+
+
+def blob_tensor_names(data: bytes, where: str) -> list[str]:
+    """Validate a statistic blob (a safetensors file) and list its tensor names."""
+    if len(data) < 8:
+        raise ThetaError(f"{where}: not a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise ThetaError(f"{where}: not a safetensors file (header length {n})")
+    _, tensors, _ = parse_header(data[8 : 8 + n], where)
+    if tensors and tensors[-1][4] != len(data) - 8 - n:
+        raise ThetaError(f"{where}: safetensors data size does not match its header")
+    return [t[0] for t in tensors]
+
+
+def _has_unstaged_changes(repo: Repo, path: str) -> bool:
+    return bool(repo.git("diff", "--name-only", "--", path).strip())
+
+
+def attach(repo: Repo, path: str, kind: str, blob: bytes, provenance: dict[str, Any],
+           blob_where: str = "statistics") -> StatInfo:
+    """Store a statistic blob and reference it from the staged metadata of `path`."""
+    if not kind or not kind.replace("_", "").replace("-", "").isalnum():
+        raise ThetaError(f"invalid statistics kind {kind!r}")
+    meta = read_metadata(repo, INDEX, path)
+    if meta is None:
+        raise ThetaError(f"{path} is not a tracked checkpoint in the index: `git theta track` and `git add` it first")
+    if _has_unstaged_changes(repo, path):
+        raise ThetaError(f"{path} has changes that are not staged: `git add {path}` first, so the statistics "
+                         "are tied to the exact weights they were computed on")
+    names = set(blob_tensor_names(blob, blob_where))
+    if not names & {t.name for t in meta.tensors}:
+        raise ThetaError(f"{blob_where}: none of its tensor names matches a tensor of {path} "
+                         "(statistics are keyed by weight name)")
+    store = ObjectStore.for_repo(repo)
+    oid, _ = store.put(blob)
+    entry = {"oid": oid, "size": len(blob), "weights": meta.weights_digest(), "provenance": provenance}
+    stats = dict(meta.stats)
+    stats[kind] = entry
+    meta.extra["stats"] = dict(sorted(stats.items()))
+    _stage(repo, path, meta)
+    return StatInfo(path, kind, oid, len(blob), False, provenance)
+
+
+def detach(repo: Repo, path: str, kind: str) -> None:
+    meta = read_metadata(repo, INDEX, path)
+    if meta is None or kind not in meta.stats:
+        raise ThetaError(f"{path} has no {kind} statistics staged")
+    stats = dict(meta.stats)
+    del stats[kind]
+    if stats:
+        meta.extra["stats"] = stats
+    else:
+        meta.extra.pop("stats", None)
+    _stage(repo, path, meta)
+
+
+def _stage(repo: Repo, path: str, meta: Metadata) -> None:
+    blob_id = repo.git("hash-object", "-w", "--stdin", input=meta.to_bytes()).decode().strip()
+    mode = repo.git("ls-files", "-s", "--", path).decode().split()[0]
+    repo.git("update-index", "--cacheinfo", f"{mode},{blob_id},{path}")
+
+
+def is_stale(meta: Metadata, kind: str) -> bool:
+    return meta.stats.get(kind, {}).get("weights") != meta.weights_digest()
+
+
+def list_stats(path: str, meta: Metadata) -> list[StatInfo]:
+    out = []
+    for kind, entry in meta.stats.items():
+        if not isinstance(entry, dict):
+            continue
+        out.append(StatInfo(path, kind, str(entry.get("oid", "")), int(entry.get("size", 0)),
+                            is_stale(meta, kind), entry.get("provenance") or {}))
+    return out
+
+
+def blob_path(store: ObjectStore, meta: Metadata, kind: str, where: str, allow_stale: bool = False) -> Path:
+    """The on-disk safetensors file of an attached statistic, for lazy per-tensor reads in a merge."""
+    entry = meta.stats.get(kind)
+    if not isinstance(entry, dict) or "oid" not in entry:
+        raise ThetaError(f"{where} has no {kind} statistics; compute them on that branch with "
+                         + COMPUTE_HINT.format(path=where.split(' ')[0], kind=kind)
+                         + " and commit, or choose a data-free strategy")
+    if is_stale(meta, kind) and not allow_stale:
+        raise ThetaError(f"{where}: the {kind} statistics were computed on different weights (stale); "
+                         "recompute them, or pass --allow-stale-stats to use them anyway")
+    size = entry.get("size")
+    if not isinstance(size, int):
+        raise ThetaError(f"{where}: invalid {kind} statistics entry")
+    oid = entry["oid"]
+    if not store.has(oid):
+        raise ThetaError(f"{where}: the {kind} statistics object is not local; run `git theta pull-objects`")
+    with store.open(oid, size, f"{where}: {kind} statistics: "):
+        pass
+    return store.path(oid)
+
+
+def describe(info: StatInfo) -> str:
+    prov = info.provenance
+    bits = [f"{k}={prov[k]}" for k in ("task", "n_examples", "tokens", "label_policy", "dtype") if k in prov]
+    state = "STALE" if info.stale else "fresh"
+    return f"{info.path}  {info.kind:8s} {state:5s}  {info.size / 1e6:,.1f} MB  {info.oid[:12]}  {' '.join(bits)}"
+
+
+def provenance_from_blob(data: bytes) -> dict[str, Any]:
+    """The provenance recorded in a blob's safetensors metadata (JSON under 'provenance'), if any."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    raw = (header.get("__metadata__") or {}).get("provenance")
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
