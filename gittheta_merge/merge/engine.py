@@ -93,7 +93,7 @@ class MergePlan:
     def peak_formula(self) -> str:
         m = self.n_models
         block = self.max_block_bytes
-        whole = [t for t in self.tensors if t.action == "merge" and t.strategy
+        whole = [t for t in self.tensors if t.action == "merge" and t.strategy and t.info is not None
                  and not self.strategies[t.strategy].row_separable]
         text = (f"peak ≈ (M+1) × max_block_bytes × ~3 (float32 chunks + temporaries) = "
                 f"({m}+1) × {block / 1e6:.1f} MB × 3 ≈ {(m + 1) * block * 3 / 1e6:.1f} MB")
@@ -269,8 +269,8 @@ class _Runner:
         info = tp.info
         assert info is not None
         srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
-        for start, end in chunk_ranges(info, srcs, extra_bounds, self.plan.max_block_bytes,
-                                       not strat.row_separable):
+        whole = not strat.separable(tp.name, list(info.shape), self.stats)
+        for start, end in chunk_ranges(info, srcs, extra_bounds, self.plan.max_block_bytes, whole):
             models = [m.read_rows(tp.name, start, end) for m in self.models]
             base = self.base.read_rows(tp.name, start, end) if strat.needs_base and self.base else None
             self.bytes_read += sum(t.numel() for t in models) * 4 + (base.numel() * 4 if base is not None else 0)
@@ -305,6 +305,10 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     runner = _Runner(models, base, plan, options, stats)
     started = time.monotonic()
     for key, strat in plan.strategies.items():
+        owned_all = [(t.name, list(t.info.shape)) for t in plan.tensors  # type: ignore[union-attr]
+                     if t.strategy == key and (t.action == "merge" or t.zero)]
+        if owned_all:
+            strat.prepare(owned_all, stats)
         if strat.n_passes and strat.pass_scope == "model":
             owned = [t for t in plan.tensors if t.strategy == key and (t.action == "merge" or t.zero)]
             if any(t.action == "merge" for t in owned):

@@ -162,6 +162,13 @@ class Strategy:
     def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
         """Metadata-only checks before any data is read (e.g. that statistics exist with the right shape)."""
 
+    def separable(self, name: str, shape: list[int], stats: StatsAccess) -> bool:
+        """Whether row chunks of this tensor can be merged independently (else one whole-tensor chunk)."""
+        return self.row_separable
+
+    def prepare(self, owned: list[tuple[str, list[int]]], stats: StatsAccess) -> None:
+        """Before any pass: global facts from statistics alone (no model data), e.g. Fisher norms."""
+
     def begin_pass(self, index: int) -> None:
         """Start statistics pass `index` (per model, or per tensor with pass_scope='tensor')."""
 

@@ -1,0 +1,151 @@
+"""RegMean (§5): per linear weight W [out, in], W* = (sum_i W_i G~_i)(sum_i G~_i)^-1 with
+G~_i = M c_i (alpha G_i + (1 - alpha) diag(G_i)); every block without a Gram is (weighted) averaged.
+
+Statistics: kind "gram", one safetensors file per model, keyed by the weight's name (or the module's
+name without ".weight"), each [in, in] (a Conv1D-style weight stored [in, out] is recognised by its
+Gram matching the first dimension). The Grams are used as given (mean or sum: that choice decides
+whether models are weighted equally or by token count).
+
+Solve (documented fallback for singular sums, in float64): features whose Gram row is zero in every
+model carry no information; their columns of W* are the weighted average of the models' columns (the
+reference code's inverse fallback would leave them 0, which destroys weights of unused features).
+The rest is solved by Cholesky; if that fails (singular), a ridge of 1e-8 x mean(diag) is added; if that
+still fails, a least-squares (pseudo-inverse) solve is used. The report records the method and, for
+d_in <= 4096, the condition number. alpha defaults to 1 (no shrink: the paper's formula and the RegMean
+code's GLUE setting); alpha < 1 is itself a regulariser.
+
+Row-separable for the usual [out, in] layout: each output row needs only the (cached) factorisation,
+so large weights stream in row chunks; the M Grams of the current tensor stay in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.strategies.base import Chunk, Param, StatsAccess, Strategy
+
+KIND = "gram"
+COND_MAX_DIM = 4096
+
+
+def shrink(gram: Any, alpha: float) -> Any:
+    """alpha G + (1 - alpha) diag(G): scales the off-diagonal entries by alpha."""
+    import torch
+
+    return alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
+
+
+class _Solver:
+    """A factorised sum of Grams, with the dead-feature split and the fallback chain."""
+
+    def __init__(self, total: Any) -> None:
+        import torch
+
+        d = total.shape[0]
+        self.dead = torch.diagonal(total) == 0
+        self.live = (~self.dead).nonzero().flatten()
+        sub = total[self.live][:, self.live]
+        self.method = "cholesky"
+        self.cond: float | None = None
+        self.chol = None
+        self.pinv = None
+        if sub.numel():
+            if d <= COND_MAX_DIM:
+                eig = torch.linalg.eigvalsh(sub)
+                self.cond = float(eig.abs().max() / eig.abs().min()) if float(eig.abs().min()) > 0 else float("inf")
+            chol, info = torch.linalg.cholesky_ex(sub)
+            if int(info) != 0:
+                ridge = 1e-8 * float(torch.diagonal(sub).mean())
+                chol, info = torch.linalg.cholesky_ex(sub + ridge * torch.eye(sub.shape[0], dtype=sub.dtype))
+                self.method = "cholesky+ridge"
+                if int(info) != 0:
+                    self.method = "lstsq"
+                    self.pinv = torch.linalg.pinv(sub, hermitian=True)
+            if self.pinv is None:
+                self.chol = chol
+
+    def solve(self, rhs: Any) -> Any:
+        """X = S^-1 rhs restricted to live features (rhs rows indexed like the live features)."""
+        import torch
+
+        if self.pinv is not None:
+            return self.pinv @ rhs
+        return torch.cholesky_solve(rhs, self.chol)
+
+
+class RegMean(Strategy):
+    name = "regmean"
+    params_spec = {
+        "alpha": Param(1.0, "float", "scale of the Grams' off-diagonal entries (1 = none)"),
+        "weights": Param(None, "floats", "model coefficients c_i (default uniform 1/M)"),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        self._cache: dict[str, Any] = {}
+
+    def coefficients(self) -> list[float]:
+        w = self.params.get("weights")
+        return list(w) if w is not None else [1.0 / self.n_models] * self.n_models
+
+    def layout(self, name: str, shape: list[int], stats: StatsAccess) -> str | None:
+        """'linear' ([out, in], Gram in x in), 'conv1d' ([in, out]) or None (averaged)."""
+        if len(shape) != 2 or stats.lookup(KIND, 0, name) is None:
+            return None
+        g = stats.shape(KIND, 0, name)
+        if g == [shape[1], shape[1]]:
+            return "linear"
+        if g == [shape[0], shape[0]]:
+            return "conv1d"
+        raise ThetaError(f"tensor {name!r} {shape}: its Gram has shape {g}; expected [{shape[1]}, {shape[1]}]")
+
+    def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
+        if not stats.has_kind(KIND):
+            raise ThetaError("strategy regmean needs Gram statistics: one safetensors file per model "
+                             "(--stats gram=ours.safetensors,theirs.safetensors)")
+        if self.layout(name, shape, stats) is None:
+            return
+        first = stats.shape(KIND, 0, name)
+        for i in range(1, self.n_models):
+            if stats.shape(KIND, i, name) != first:
+                raise ThetaError(f"tensor {name!r}: model {i} has no Gram of shape {first} "
+                                 "(every model needs one, or none)")
+
+    def separable(self, name: str, shape: list[int], stats: StatsAccess) -> bool:
+        return self.layout(name, shape, stats) != "conv1d"
+
+    def _prepared(self, chunk: Chunk) -> tuple[list[Any], _Solver]:
+        import torch
+
+        if chunk.name not in self._cache:
+            self._cache.clear()  # only the current tensor's Grams are kept
+            m = self.n_models
+            grams = [m * c * shrink(chunk.stats.whole(KIND, i, chunk.name).to(torch.float64), self.params["alpha"])
+                     for i, c in enumerate(self.coefficients())]
+            total = sum(grams)
+            self._cache[chunk.name] = (grams, _Solver(total))
+        return self._cache[chunk.name]
+
+    def _average(self, tensors: list[Any]) -> Any:
+        c = self.coefficients()
+        return sum(ci * t for ci, t in zip(c, tensors)) / sum(c)
+
+    def merge(self, chunk: Chunk) -> Any:
+        import torch
+
+        layout = self.layout(chunk.name, chunk.shape, chunk.stats)
+        if layout is None:
+            return self._average(chunk.models)
+        grams, solver = self._prepared(chunk)
+        # work on X = W^T ([in, rows]) for the linear layout; the conv1d layout already is [in, out]
+        xs = [m.to(torch.float64).T if layout == "linear" else m.to(torch.float64) for m in chunk.models]
+        out = self._average(xs).clone()
+        if solver.live.numel():
+            rhs = sum(g[solver.live] @ x for g, x in zip(grams, xs))
+            out[solver.live] = solver.solve(rhs)
+        chunk.report["solve"] = solver.method
+        chunk.report["dead_features"] = int(solver.dead.sum())
+        if solver.cond is not None:
+            chunk.report["condition_number"] = solver.cond
+        return (out.T if layout == "linear" else out).to(torch.float32)
