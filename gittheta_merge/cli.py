@@ -299,5 +299,11 @@ def smudge(path: str) -> None:
     sys.exit(single_shot("smudge", path))
 
 
+from gittheta_merge.merge.commands import merge_cmd, merge_driver_cmd, merge_files_cmd  # noqa: E402
+
+main.add_command(merge_cmd)
+main.add_command(merge_driver_cmd)
+main.add_command(merge_files_cmd)
+
 if __name__ == "__main__":
     main(prog_name=os.path.basename(sys.argv[0]))

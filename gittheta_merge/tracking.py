@@ -50,6 +50,8 @@ def install(scope: str = "repo", cwd: str | None = None) -> list[tuple[str, str]
         ("filter.theta.clean", f"{cmd} clean %f"),
         ("filter.theta.smudge", f"{cmd} smudge %f"),
         ("filter.theta.required", "true"),
+        ("merge.theta.name", "git-theta per-tensor model merge"),
+        ("merge.theta.driver", f"{cmd} merge-driver %O %A %B %P"),
     ]
     for key, value in settings:
         run_git("config", SCOPES[scope], key, value, cwd=cwd)
