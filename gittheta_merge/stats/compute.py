@@ -1,0 +1,783 @@
+"""Compute Fisher / Gram / K-FAC statistics of a transformers model over a stream of examples.
+
+Definitions (merge-methods.md §4, §5, §6, §8; docs/statistics.md has the long form):
+
+* log p(y|x): sequence classification: log softmax of the logits at the label. Token classification, causal LM,
+  masked LM: the MEAN over the example's target tokens of log p(y_t|x) (= -mean token NLL, as REAL/MaTS define it).
+  Targets: token classification, the first sub-token of each labelled word; causal LM, every next token inside the
+  unpadded sequence; masked LM, the positions masked with the seeded generator (`mlm_probability`).
+* fisher: F = sum_n (d log p(y_n|x_n) / d theta)^2 over examples n, stored with n (the mean is F/n). Gradients are
+  per EXAMPLE (torch.func vmap(grad) within a batch, or a per-example loop), never the square of a batch mean
+  (the RM bug, §12.7). Label policy: empirical (gold y_n), sampled (y_n ~ p(.|x_n), per target token for token
+  tasks), exact (sum_y p(y|x) (d log p(y|x))^2; classification only; for token classification the expectation is
+  over independent per-token labels, so the cross terms vanish and it is sum_t sum_c p_tc (d log p_tc / M)^2).
+* gram: for every nn.Linear / HF Conv1D input x: G = sum_t x_t x_t^T over unpadded tokens (attention mask), with the
+  token count. One tensor per distinct input tensor of a forward pass (q/k/v reading one hidden state share it).
+* kfac: B = sum_t g_t g_t^T, g_t = d log p(y_n|x_n) / d (module output at token t of example n), same label
+  policies. One batched backward of sum_n log p_n gives every example's own g exactly: examples do not interact in
+  an eval-mode transformer, so no per-example machinery is needed.
+
+The model is put in eval mode (dropout off) for every kind, as the reference implementations do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .data import Example
+from .statistic import KINDS, Statistic
+
+__all__ = ["LABEL_POLICIES", "TASKS", "compute_fisher", "compute_gram", "compute_kfac", "compute_statistic",
+           "load_model"]
+
+TASKS = ("sequence-classification", "token-classification", "causal-lm", "masked-lm")
+LABEL_POLICIES = ("empirical", "sampled", "exact")
+
+LOG_P_DEFINITION = {
+    "sequence-classification": "log softmax(logits)[y]",
+    "token-classification": "mean over labelled words (first sub-token) of log p(y_t|x)",
+    "causal-lm": "mean over next-token targets inside the unpadded sequence of log p(x_{t+1}|x_<=t)",
+    "masked-lm": "mean over masked positions of log p(x_t|x_masked)",
+}
+
+_CAUSAL_MODEL_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "mixtral", "qwen2", "qwen3", "phi",
+                       "phi3", "opt", "bloom", "falcon", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "starcoder2"}
+
+
+def load_model(path: str, task: str, **kwargs: Any) -> nn.Module:
+    """Load an HF directory with the Auto class that matches `task` (a fresh head where the checkpoint has none)."""
+    import transformers
+
+    auto = {"sequence-classification": transformers.AutoModelForSequenceClassification,
+            "token-classification": transformers.AutoModelForTokenClassification,
+            "causal-lm": transformers.AutoModelForCausalLM,
+            "masked-lm": transformers.AutoModelForMaskedLM}[_check_task(task)]
+    return auto.from_pretrained(path, **kwargs)
+
+
+def _check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    return task
+
+
+# --------------------------------------------------------------------------------------------------------------
+# batches
+
+
+@dataclass
+class _Batch:
+    """Model inputs plus the target description shared by every kind. `targets` is aligned with the logits:
+    [B] for sequence classification, [B, T] for token tasks (causal LM already shifted: targets[:, t] is the token
+    at t+1), with `target_mask` [B, T] marking positions that enter log p. `uniform` [B] or [B, T] drives the
+    inverse-CDF sampling of the `sampled` policy, drawn from the seeded CPU generator so every device and both
+    per-example paths sample the same labels."""
+
+    inputs: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    target_mask: torch.Tensor | None
+    uniform: torch.Tensor
+    n: int
+    tokens: int
+
+    def to(self, device: torch.device) -> _Batch:
+        return _Batch({k: v.to(device) for k, v in self.inputs.items()}, self.attention_mask.to(device),
+                      self.targets.to(device), None if self.target_mask is None else self.target_mask.to(device),
+                      self.uniform.to(device), self.n, self.tokens)
+
+
+def _label_id(label: Any, label_map: Mapping[str, int] | None, where: str) -> int:
+    if isinstance(label, bool):
+        return int(label)
+    if isinstance(label, int):
+        return label
+    if isinstance(label, float) and label.is_integer():
+        return int(label)
+    if isinstance(label, str):
+        if label_map is not None and label in label_map:
+            return int(label_map[label])
+        try:
+            return int(label)
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: label {label!r} is not an integer and not in the label map "
+                     f"({sorted(label_map) if label_map else 'none given'}); pass label_map={{name: id}}")
+
+
+def _default_label_map(model: nn.Module) -> dict[str, int] | None:
+    label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
+    if not label2id or all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id):
+        return None
+    return {str(k): int(v) for k, v in label2id.items()}
+
+
+class _Encoder:
+    """Tokenizes examples into `_Batch`es for one task; owns the seeded generator for masking and sampling."""
+
+    def __init__(self, tokenizer: Any, task: str, max_length: int, label_map: Mapping[str, int] | None,
+                 needs_gold: bool, seed: int, mlm_probability: float, accepts_token_types: bool = True) -> None:
+        self.tok = tokenizer
+        self.accepts_token_types = accepts_token_types
+        self.task = task
+        self.max_length = max_length
+        self.label_map = label_map
+        self.needs_gold = needs_gold
+        self.gen = torch.Generator().manual_seed(seed)
+        self.mlm_probability = mlm_probability
+        if tokenizer.pad_token is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) first")
+        if task == "masked-lm" and tokenizer.mask_token_id is None:
+            raise ValueError("masked-lm needs a tokenizer with a mask token")
+
+    def encode(self, examples: list[Example]) -> _Batch:
+        tok = self.tok
+        words = self.task == "token-classification"
+        texts = [(e.text.split() if isinstance(e.text, str) else list(e.text)) if words else
+                 (e.text if isinstance(e.text, str) else " ".join(e.text)) for e in examples]
+        pairs = [e.text_pair for e in examples]
+        kw: dict[str, Any] = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                                  return_special_tokens_mask=self.task == "masked-lm")
+        if words:
+            kw["is_split_into_words"] = True
+        enc = tok(texts, pairs, **kw) if any(p is not None for p in pairs) else tok(texts, **kw)
+        ids = enc["input_ids"]
+        am = enc["attention_mask"].bool()
+        inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"]}
+        if "token_type_ids" in enc and self.accepts_token_types:
+            inputs["token_type_ids"] = enc["token_type_ids"]
+        B, T = ids.shape
+        lengths = am.sum(1).tolist()
+        target_mask: torch.Tensor | None
+        # every random draw is made per example over its own unpadded length, so the masks and sampled labels
+        # depend on the seed and the examples only, not on the batch size or the padding
+        if self.task == "sequence-classification":
+            targets = torch.zeros(B, dtype=torch.long)
+            for i, e in enumerate(examples):
+                if e.label is None:
+                    if self.needs_gold:
+                        raise ValueError("the empirical label policy needs a label for every example (missing one)")
+                    continue
+                targets[i] = _label_id(e.label, self.label_map, "label")
+            target_mask = None
+            uniform = torch.rand(B, generator=self.gen, dtype=torch.float64)
+        else:
+            uniform = torch.zeros(B, T, dtype=torch.float64)
+            mlm_mask = torch.zeros(B, T, dtype=torch.bool)
+            eligible = am & ~enc["special_tokens_mask"].bool() if self.task == "masked-lm" else am
+            for i, L in enumerate(lengths):
+                uniform[i, :L] = torch.rand(L, generator=self.gen, dtype=torch.float64)
+                if self.task == "masked-lm":
+                    mlm_mask[i, :L] = (torch.rand(L, generator=self.gen) < self.mlm_probability) & eligible[i, :L]
+                    if not mlm_mask[i].any() and eligible[i].any():  # at least one target, or no likelihood
+                        cand = eligible[i].nonzero().flatten()
+                        mlm_mask[i, cand[torch.randint(len(cand), (1,), generator=self.gen)]] = True
+        if self.task == "token-classification":
+            if not getattr(tok, "is_fast", False):
+                raise ValueError("token-classification needs a fast tokenizer (word_ids aligns labels to sub-tokens)")
+            targets = torch.zeros(B, T, dtype=torch.long)
+            target_mask = torch.zeros(B, T, dtype=torch.bool)
+            for i, e in enumerate(examples):
+                labels = e.label
+                if labels is not None and not isinstance(labels, (list, tuple)):
+                    raise ValueError("token-classification labels must be a list with one label per word")
+                if labels is None and self.needs_gold:
+                    raise ValueError("the empirical label policy needs word labels for every example")
+                prev = None
+                for t, w in enumerate(enc.word_ids(i)):
+                    if w is not None and w != prev:
+                        target_mask[i, t] = True
+                        if labels is not None:
+                            targets[i, t] = _label_id(labels[w], self.label_map, "word label")
+                    prev = w
+        elif self.task == "causal-lm":
+            targets = torch.zeros(B, T, dtype=torch.long)
+            targets[:, :-1] = ids[:, 1:]
+            target_mask = torch.zeros(B, T, dtype=torch.bool)
+            target_mask[:, :-1] = am[:, 1:] & am[:, :-1]
+        elif self.task == "masked-lm":
+            target_mask = mlm_mask
+            targets = torch.where(target_mask, ids, torch.zeros_like(ids))
+            inputs["input_ids"] = torch.where(target_mask, torch.full_like(ids, tok.mask_token_id), ids)
+        return _Batch(inputs, am, targets, target_mask, uniform, B, int(am.sum()))
+
+
+def _batches(examples: Iterable[Example], encoder: _Encoder, batch_size: int, limit: int | None) -> Iterator[_Batch]:
+    buf: list[Example] = []
+    seen = 0
+    for e in examples:
+        if limit is not None and seen >= limit:
+            break
+        buf.append(e)
+        seen += 1
+        if len(buf) == batch_size:
+            yield encoder.encode(buf)
+            buf = []
+    if buf:
+        yield encoder.encode(buf)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# log p
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _chosen(logp: torch.Tensor, targets: torch.Tensor, uniform: torch.Tensor, policy: str) -> torch.Tensor:
+    """The label index per position: gold, or sampled by inverse CDF (vmap-friendly, no data-dependent control)."""
+    if policy == "empirical":
+        return targets
+    cdf = logp.detach().exp().cumsum(-1)
+    y = (cdf < uniform.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]).sum(-1)
+    return y.clamp(max=logp.shape[-1] - 1)
+
+
+def _log_p(logits: torch.Tensor, b_targets: torch.Tensor, b_mask: torch.Tensor | None, uniform: torch.Tensor,
+           task: str, policy: str, cls: int | None = None, pos: int | None = None) -> torch.Tensor:
+    """Per-example objective [B] whose gradient is the score (empirical/sampled), or, for the exact policy with a
+    given class `cls` (and position `pos` for token tasks), sqrt(p_c) * log p_c (scaled by 1/M for token tasks),
+    whose squared gradient summed over classes (and positions) is the exact Fisher contribution."""
+    logp = _log_softmax(logits)
+    if task == "sequence-classification":
+        if cls is not None:
+            lp = logp[:, cls]
+            return lp.detach().exp().sqrt() * lp
+        y = _chosen(logp, b_targets, uniform, policy)
+        return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert b_mask is not None
+    m = b_mask.to(logp.dtype)
+    count = m.sum(-1).clamp(min=1)
+    if cls is not None:
+        assert pos is not None
+        lp = logp[:, pos, cls]
+        return lp.detach().exp().sqrt() * lp * m[:, pos] / count
+    y = _chosen(logp, b_targets, uniform, policy)
+    tok = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return (tok * m).sum(-1) / count
+
+
+# --------------------------------------------------------------------------------------------------------------
+# module selection
+
+
+def _linear_modules(model: nn.Module, include: str | None, exclude: str | None) -> dict[str, nn.Module]:
+    """Every nn.Linear and HF Conv1D (by class name, so transformers stays optional), filtered by regexes on the
+    module name."""
+    out: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+            if include is not None and not re.search(include, name):
+                continue
+            if exclude is not None and re.search(exclude, name):
+                continue
+            out[name] = mod
+    return out
+
+
+def _dims(mod: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or Conv1D (Conv1D stores W as [d_in, d_out])."""
+    w = mod.weight
+    return (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The rows of a module input/output that are real tokens, and how they were chosen."""
+    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask], "attention_mask"
+    if x.dim() == 2 and x.shape[0] == mask.shape[0]:
+        return x, "per-example"  # pooled inputs (BERT pooler / classifier): one row per example, nothing to mask
+    return x.reshape(-1, x.shape[-1]), "none"
+
+
+class _OuterAcc:
+    """Running sum of r r^T (or of r*r with diagonal_only) over rows, in the accumulation dtype, on the device."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> None:
+        self.diagonal_only = diagonal_only
+        self.dtype = dtype
+        self.sum = torch.zeros((dim,) if diagonal_only else (dim, dim), dtype=dtype, device=device)
+        self.count = 0
+        self.masking: set[str] = set()
+
+    def add(self, rows: torch.Tensor, how: str, count: bool = True) -> None:
+        r = rows.detach().to(self.dtype)
+        if self.diagonal_only:
+            self.sum.add_(r.square().sum(0))
+        else:
+            self.sum.addmm_(r.T, r)
+        if count:  # the exact policy adds several weighted terms per token row; the row counts once
+            self.count += rows.shape[0]
+        self.masking.add(how)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class _Progress:
+    """Examples and tokens on stderr (only on a terminal unless forced): statistics runs take minutes."""
+
+    def __init__(self, label: str, total: int | None, enabled: bool | None) -> None:
+        self.label, self.total = label, total
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.monotonic()
+        self.examples = self.tokens = 0
+        self._last = 0.0
+
+    def update(self, n: int, tokens: int) -> None:
+        self.examples += n
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.2:
+            self._last = now
+            self._draw("")
+
+    def _draw(self, end: str) -> None:
+        el = max(time.monotonic() - self.start, 1e-9)
+        tot = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\r{self.label}: {self.examples}{tot} examples, {self.tokens:,} tokens "
+                         f"({self.examples / el:.1f} ex/s, {el:.0f} s){end}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw("\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the three kinds
+
+
+def _model_call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+def _is_causal(model: nn.Module, task: str) -> bool:
+    cfg = getattr(model, "config", None)
+    return task == "causal-lm" or bool(getattr(cfg, "is_decoder", False)) or \
+        getattr(cfg, "model_type", None) in _CAUSAL_MODEL_TYPES
+
+
+class _Runner:
+    def __init__(self, model: nn.Module, task: str, policy: str, device: torch.device, progress: _Progress) -> None:
+        self.model, self.task, self.policy, self.device, self.progress = model, task, policy, device, progress
+
+    def exact_terms(self, batch: _Batch, n_classes: int) -> list[tuple[int, int | None]]:
+        """(class, position) pairs whose weighted scores make up the exact expectation."""
+        if self.task == "sequence-classification":
+            return [(c, None) for c in range(n_classes)]
+        T = batch.attention_mask.shape[1]
+        assert batch.target_mask is not None
+        positions = [t for t in range(T) if bool(batch.target_mask[:, t].any())]
+        return [(c, t) for t in positions for c in range(n_classes)]
+
+
+def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner: _Runner,
+                  modules: dict[str, nn.Module], acc_dtype: torch.dtype, diagonal_only: bool,
+                  max_dim: int | None) -> tuple[dict[str, _OuterAcc], dict[str, str], list[str], int, int]:
+    """Shared hook machinery. Returns (accumulators by tensor key, weight→key sharing, skipped modules, n, tokens)."""
+    device = runner.device
+    accs: dict[str, _OuterAcc] = {}
+    leader_of: dict[str, str] = {}
+    skipped: list[str] = []
+    state: dict[str, Any] = {"mask": None, "seen": {}, "outs": []}
+    handles = []
+
+    def make_hook(name: str, mod: nn.Module) -> Callable[..., None]:
+        d_in, d_out = _dims(mod)
+        key = _weight_name(name)
+
+        def fwd_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if kind == "gram":
+                x = args[0]
+                seen = state["seen"]
+                hit = seen.get(id(x))
+                leader = hit[1] if hit is not None and hit[0] is x else key
+                if leader == key:
+                    seen[id(x)] = (x, key)  # holds x so its id cannot be reused within this forward
+                if leader_of.setdefault(key, leader) != leader:
+                    raise RuntimeError(f"input sharing of {key} changed between batches "
+                                       f"({leader_of[key]} before, {leader} now); cannot key its Gram")
+                if leader != key:
+                    return
+                acc = accs.get(key)
+                if acc is None:
+                    acc = accs[key] = _OuterAcc(d_in, acc_dtype, device, diagonal_only)
+                rows, how = _rows(x, state["mask"])
+                acc.add(rows, how)
+            else:
+                if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                    return
+                leader_of[key] = key
+                if key not in accs:
+                    accs[key] = _OuterAcc(d_out, acc_dtype, device, diagonal_only)
+                state["outs"].append((key, output))
+        return fwd_hook
+
+    for name, mod in modules.items():
+        d_in, d_out = _dims(mod)
+        if max_dim is not None and (d_out if kind == "kfac" else d_in) > max_dim:
+            skipped.append(_weight_name(name))
+            continue
+        handles.append(mod.register_forward_hook(make_hook(name, mod)))
+    n = tokens = 0
+    try:
+        for cpu_batch in batches:
+            batch = cpu_batch.to(device)
+            state["mask"] = batch.attention_mask
+            state["seen"] = {}
+            state["outs"] = []
+            if kind == "gram":
+                with torch.no_grad():
+                    _model_call(model, batch.inputs)
+            else:
+                with torch.enable_grad():
+                    logits = _model_call(model, batch.inputs)
+                    outs = state["outs"]
+                    tensors = [o for _, o in outs]
+                    if runner.policy == "exact":
+                        terms = runner.exact_terms(batch, logits.shape[-1])
+                    else:
+                        terms = [(None, None)]
+                    for i, (c, t) in enumerate(terms):
+                        obj = _log_p(logits, batch.targets, batch.target_mask, batch.uniform, runner.task,
+                                     runner.policy, c, t).sum()
+                        grads = torch.autograd.grad(obj, tensors, retain_graph=i < len(terms) - 1,
+                                                    allow_unused=True)
+                        for (key, _), g in zip(outs, grads):
+                            if g is not None:
+                                rows, how = _rows(g, batch.attention_mask)
+                                accs[key].add(rows, how, count=i == 0)
+            state["seen"] = {}
+            state["outs"] = []
+            n += batch.n
+            tokens += batch.tokens
+            runner.progress.update(batch.n, batch.tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs, leader_of, skipped, n, tokens
+
+
+def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names: list[str],
+            acc_dtype: torch.dtype, per_example: str, chunk: int | None) -> tuple[dict[str, torch.Tensor], str,
+                                                                                str | None, int, int]:
+    """Per-example squared gradients summed over examples. Returns (sums, method, fallback reason, n, tokens)."""
+    from torch.func import functional_call, grad, vmap
+
+    device = runner.device
+    params = dict(model.named_parameters())
+    sel = {k: params[k] for k in names}  # the loop path differentiates the live parameters
+    sel_detached = {k: v.detach() for k, v in sel.items()}  # torch.func differentiates its own inputs
+    rest = {k: v.detach() for k, v in params.items() if k not in sel}
+    buffers = dict(model.named_buffers())
+    acc = {k: torch.zeros(v.shape, dtype=acc_dtype, device=device) for k, v in sel.items()}
+    causal = _is_causal(model, runner.task)
+    method = "loop" if per_example == "loop" else "vmap"
+    float_dtype = next((v.dtype for v in params.values() if v.dtype.is_floating_point), torch.float32)
+    mask_zero = torch.zeros((), dtype=float_dtype, device=device)
+    mask_min = torch.tensor(torch.finfo(float_dtype).min, dtype=float_dtype, device=device)
+    reason: str | None = None
+    n = tokens = 0
+
+    def add_sq(k: str, g: torch.Tensor, batched: bool) -> None:
+        if batched:
+            acc[k].add_(torch.sum(g.square(), 0, dtype=acc_dtype))
+        else:
+            acc[k].add_(g.to(acc_dtype).square())
+
+    def one(p: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], cls: int | None, pos: int | None,
+            policy: str) -> torch.Tensor:
+        inputs = {k: ex[k].unsqueeze(0) for k in ("input_ids", "token_type_ids") if k in ex}
+        am = ex["attention_mask"]
+        T = am.shape[0]
+        allowed = am.bool().unsqueeze(0).expand(T, T)
+        if causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=am.device).tril()
+        # a 4D additive mask is passed through as-is by transformers' mask helpers, which otherwise branch on
+        # the mask's values (impossible under vmap)
+        inputs["attention_mask"] = torch.where(allowed, mask_zero, mask_min)[None, None]
+        logits = functional_call(model, ({**rest, **p}, buffers), (), inputs).logits
+        tm = ex.get("target_mask")
+        return _log_p(logits, ex["targets"].unsqueeze(0), None if tm is None else tm.unsqueeze(0),
+                      ex["uniform"].unsqueeze(0), runner.task, policy, cls, pos)[0]
+
+    def as_dict(batch: _Batch) -> dict[str, torch.Tensor]:
+        d = dict(batch.inputs)
+        d["targets"], d["uniform"] = batch.targets, batch.uniform
+        if batch.target_mask is not None:
+            d["target_mask"] = batch.target_mask
+        return d
+
+    def terms_of(batch: _Batch, n_classes: int) -> list[tuple[int | None, int | None]]:
+        return list(runner.exact_terms(batch, n_classes)) if runner.policy == "exact" else [(None, None)]
+
+    def vmap_batch(batch: _Batch, check: bool) -> None:
+        ex = as_dict(batch)
+        with torch.no_grad():
+            logits = _model_call(model, batch.inputs)
+        if check:  # the per-example path must reproduce the batched model; otherwise fall back to the loop
+            pol = "empirical" if runner.policy == "exact" else runner.policy
+            ref = _log_p(logits, batch.targets, batch.target_mask, batch.uniform, runner.task, pol)
+            with torch.no_grad():
+                vals = vmap(lambda e: one(sel_detached, e, None, None, pol))(ex)
+            tol = 1e-5 if ref.dtype == torch.float32 else 1e-10  # loose tolerances would hide a wrong mask
+            if not torch.allclose(vals.to(ref.dtype), ref, rtol=tol, atol=tol):
+                raise _Mismatch(f"vmap log p differs from the batched forward by "
+                                f"{(vals.to(ref.dtype) - ref).abs().max().item():.3g}")
+        for c, t in terms_of(batch, logits.shape[-1]):
+            g = vmap(grad(lambda p, e, c=c, t=t: one(p, e, c, t, runner.policy)), in_dims=(None, 0),
+                     chunk_size=chunk)(sel_detached, ex)
+            for k, v in g.items():
+                add_sq(k, v, True)
+
+    def loop_batch(batch: _Batch) -> None:
+        keys = list(sel)
+        tensors = [sel[k] for k in keys]
+        n_classes: int | None = None
+        for i in range(batch.n):
+            L = int(batch.attention_mask[i].sum())
+            inputs = {k: v[i:i + 1, :L] for k, v in batch.inputs.items()}
+            tm = None if batch.target_mask is None else batch.target_mask[i:i + 1, :L]
+            tg = batch.targets[i:i + 1] if batch.target_mask is None else batch.targets[i:i + 1, :L]
+            un = batch.uniform[i:i + 1] if batch.target_mask is None else batch.uniform[i:i + 1, :L]
+            with torch.enable_grad():
+                logits = _model_call(model, inputs)
+                n_classes = logits.shape[-1]
+                if runner.policy == "exact":
+                    if batch.target_mask is None:
+                        terms: list[tuple[int | None, int | None]] = [(c, None) for c in range(n_classes)]
+                    else:
+                        assert tm is not None
+                        terms = [(c, t) for t in range(L) if bool(tm[0, t]) for c in range(n_classes)]
+                else:
+                    terms = [(None, None)]
+                for j, (c, t) in enumerate(terms):
+                    obj = _log_p(logits, tg, tm, un, runner.task, runner.policy, c, t)[0]
+                    grads = torch.autograd.grad(obj, tensors, retain_graph=j < len(terms) - 1, allow_unused=True)
+                    for k, g in zip(keys, grads):
+                        if g is not None:
+                            add_sq(k, g, False)
+
+    first = True
+    for cpu_batch in batches:
+        batch = cpu_batch.to(device)
+        if method == "vmap":
+            try:
+                vmap_batch(batch, check=first)
+            except Exception as e:  # noqa: BLE001 - any failure of the functional path means: use the loop
+                if not first or per_example == "vmap":
+                    raise
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                warnings.warn(f"per-example gradients via torch.func failed ({reason}); using a per-example loop",
+                              stacklevel=3)
+                method = "loop"
+                for v in acc.values():
+                    v.zero_()
+                loop_batch(batch)
+        else:
+            loop_batch(batch)
+        first = False
+        n += batch.n
+        tokens += batch.tokens
+        runner.progress.update(batch.n, batch.tokens)
+    return acc, method, reason, n, tokens
+
+
+class _Mismatch(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    b = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(b).hexdigest()
+
+
+def _dtype(d: torch.dtype | str) -> torch.dtype:
+    if isinstance(d, str):
+        d = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}[d]
+    if d not in (torch.float32, torch.float64):
+        raise ValueError("statistics accumulate in float32 or float64 (half precision underflows, §10)")
+    return d
+
+
+def compute_statistic(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Iterable[Example],
+    *,
+    kind: str,
+    task: str,
+    label_policy: str = "empirical",
+    n_examples: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 128,
+    device: str | torch.device = "cpu",
+    accumulate_dtype: torch.dtype | str = torch.float64,
+    diagonal_only: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    max_dim: int | None = None,
+    label_map: Mapping[str, int] | None = None,
+    seed: int = 0,
+    mlm_probability: float = 0.15,
+    per_example: str = "auto",
+    per_example_chunk: int | None = None,
+    data_digest: str | None = None,
+    data_source: Mapping[str, Any] | None = None,
+    hash_weights: bool = True,
+    progress: bool | None = None,
+) -> Statistic:
+    """Compute one statistic (`kind` in fisher / gram / kfac) of `model` over `examples`.
+
+    The model is moved to `device` and set to eval mode (it is left there); accumulators live on the device and
+    the result is moved to the CPU. `include`/`exclude` are regexes on parameter names (fisher) or module names
+    (gram/kfac). `max_dim` skips modules whose Gram would be larger than max_dim² (default for kfac: 8192, which
+    leaves out vocabulary-sized LM heads as MaTS does). `per_example`: "auto" (torch.func, checked on the first
+    batch, loop fallback), "vmap" (no fallback) or "loop". `data_digest` / `data_source` are copied into the
+    provenance (see `data.file_digest`)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+    _check_task(task)
+    if label_policy not in LABEL_POLICIES:
+        raise ValueError(f"unknown label policy {label_policy!r} (one of {', '.join(LABEL_POLICIES)})")
+    if label_policy == "exact" and task not in ("sequence-classification", "token-classification"):
+        raise ValueError("the exact label policy is for classification tasks (an LM vocabulary makes the "
+                         "expectation intractable); use sampled")
+    if per_example not in ("auto", "vmap", "loop"):
+        raise ValueError("per_example is auto, vmap or loop")
+    if diagonal_only and kind == "fisher":
+        raise ValueError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
+    acc_dtype = _dtype(accumulate_dtype)
+    dev = torch.device(device)
+    model.to(dev)
+    model.eval()
+    if label_map is None:
+        label_map = _default_label_map(model)
+    needs_gold = kind != "gram" and label_policy == "empirical"
+    accepts = "token_type_ids" in inspect.signature(model.forward).parameters
+    encoder = _Encoder(tokenizer, task, max_length, label_map, needs_gold, seed, mlm_probability, accepts)
+    batches = _batches(examples, encoder, batch_size, n_examples)
+    bar = _Progress(f"{kind} ({task})", n_examples, progress)
+    runner = _Runner(model, task, label_policy, dev, bar)
+    t0 = time.monotonic()
+    prov: dict[str, Any] = {
+        "kind": kind, "task": task, "tool": f"gittheta-merge {__version__}", "torch": torch.__version__,
+        "accumulate_dtype": str(acc_dtype).removeprefix("torch."), "seed": seed, "max_length": max_length,
+        "batch_size": batch_size, "dropout": "off (eval mode)", "data_digest": data_digest,
+        "data_source": dict(data_source) if data_source else None, "model_class": type(model).__name__,
+    }
+    try:
+        import transformers
+        prov["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is how models get here
+        pass
+    if task == "masked-lm":
+        prov["mlm_probability"] = mlm_probability
+        prov["mlm_masking"] = "every chosen position replaced by the mask token (no 80/10/10)"
+    if kind != "gram":
+        prov["label_policy"] = label_policy
+        prov["log_p"] = LOG_P_DEFINITION[task]
+    params = dict(model.named_parameters())
+    all_names = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor]
+    sharing: dict[str, str]
+    counts: dict[str, int]
+    try:
+        if kind == "fisher":
+            names = [k for k, v in params.items() if v.requires_grad
+                     and (include is None or re.search(include, k)) and not (exclude and re.search(exclude, k))]
+            if not names:
+                raise ValueError("no parameters selected for the Fisher")
+            sums, method, reason, n, tokens = _fisher(model, batches, runner, names, acc_dtype, per_example,
+                                                       per_example_chunk)
+            tensors = sums
+            sharing = {k: k for k in names}
+            for alias, p in all_names.items():  # tied weights (MLM decoder, GPT-2 lm_head) share one Fisher
+                for k in names:
+                    if params[k] is p:
+                        sharing.setdefault(alias, k)
+            counts = {k: n for k in tensors}
+            prov["per_example"] = method
+            if reason:
+                prov["per_example_fallback"] = reason
+            prov["normalisation"] = "sum of per-example squared gradients; divide by counts[key] = n examples"
+        else:
+            modules = _linear_modules(model, include, exclude)
+            if kind == "kfac" and max_dim is None:
+                max_dim = 8192
+            accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, acc_dtype,
+                                                                diagonal_only, max_dim)
+            tensors = {k: a.sum for k, a in accs.items()}
+            sharing = {w: k for w, k in leader_of.items() if k in accs}
+            counts = {k: a.count for k, a in accs.items()}
+            masking = {k: sorted(a.masking) for k, a in accs.items()}
+            odd = {k: m for k, m in masking.items() if m != ["attention_mask"]}
+            prov["masking"] = "padding excluded via the attention mask (sum over unpadded tokens)"
+            if odd:
+                prov["masking_by_key"] = odd
+            prov["diagonal_only"] = diagonal_only
+            if skipped:
+                prov["skipped_modules"] = skipped
+            conv = [_weight_name(nm) for nm, m in modules.items()
+                    if type(m).__name__ == "Conv1D" and _weight_name(nm) in sharing]
+            if conv:
+                prov["conv1d_weights"] = conv  # stored as [d_in, d_out]: no transpose for RegMean
+            prov["normalisation"] = ("sum over rows; divide by counts[key] (unpadded tokens) for the mean "
+                                     "convention")
+            if kind == "kfac" and label_policy == "exact":
+                prov["kfac_exact_counts"] = "token rows counted once per (class, position) term"
+        if n == 0:
+            raise ValueError("no examples were read")
+    finally:
+        bar.close()
+    prov.update(n_examples=n, tokens=tokens, counts=counts, sharing=sharing, seconds=round(time.monotonic() - t0, 3),
+                device=str(dev))
+    if hash_weights:
+        prov["weights"] = {w: {"shape": list(all_names[w].shape), "dtype": str(all_names[w].dtype).removeprefix(
+            "torch."), "sha256": _tensor_sha256(all_names[w])} for w in sorted(sharing) if w in all_names}
+    prov["model_weight_names"] = sorted(model.state_dict().keys())
+    return Statistic(kind=kind, tensors={k: v.to("cpu") for k, v in tensors.items()}, provenance=prov)
+
+
+def compute_fisher(model: nn.Module, tokenizer: Any, examples: Iterable[Example], *, task: str,
+                   label_policy: str = "empirical", **kwargs: Any) -> Statistic:
+    """Diagonal Fisher: sum over examples of squared per-example gradients of log p (see module docstring)."""
+    return compute_statistic(model, tokenizer, examples, kind="fisher", task=task, label_policy=label_policy,
+                             **kwargs)
+
+
+def compute_gram(model: nn.Module, tokenizer: Any, examples: Iterable[Example], *, task: str,
+                 diagonal_only: bool = False, **kwargs: Any) -> Statistic:
+    """Input Gram of every Linear / Conv1D over unpadded tokens (one tensor per distinct input)."""
+    return compute_statistic(model, tokenizer, examples, kind="gram", task=task, diagonal_only=diagonal_only,
+                             **kwargs)
+
+
+def compute_kfac(model: nn.Module, tokenizer: Any, examples: Iterable[Example], *, task: str,
+                 label_policy: str = "empirical", **kwargs: Any) -> Statistic:
+    """MaTS K-FAC output-gradient Gram B of every Linear / Conv1D (vocabulary-sized outputs skipped by default)."""
+    return compute_statistic(model, tokenizer, examples, kind="kfac", task=task, label_policy=label_policy,
+                             **kwargs)
