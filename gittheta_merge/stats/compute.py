@@ -487,6 +487,10 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     params = dict(model.named_parameters())
     sel = {k: params[k] for k in names}  # the loop path differentiates the live parameters
     sel_detached = {k: v.detach() for k, v in sel.items()}  # torch.func differentiates its own inputs
+    emb_name = _untied_input_embedding(model, names)
+    # with an untied input embedding, differentiate w.r.t. the looked-up token vectors instead of the [V, h]
+    # table: vmap would otherwise build a dense [B, V, h] gradient that is almost all zeros
+    p_vmap = {k: v for k, v in sel_detached.items() if k != emb_name}
     rest = {k: v.detach() for k, v in params.items() if k not in sel}
     buffers = dict(model.named_buffers())
     acc = {k: torch.zeros(v.shape, dtype=acc_dtype, device=device) for k, v in sel.items()}
@@ -506,7 +510,7 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
 
     def one(p: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], cls: int | None, pos: int | None,
             policy: str) -> torch.Tensor:
-        inputs = {k: ex[k].unsqueeze(0) for k in ("input_ids", "token_type_ids") if k in ex}
+        inputs = {k: ex[k].unsqueeze(0) for k in ("input_ids", "inputs_embeds", "token_type_ids") if k in ex}
         am = ex["attention_mask"]
         T = am.shape[0]
         allowed = am.bool().unsqueeze(0).expand(T, T)
@@ -530,22 +534,55 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     def terms_of(batch: _Batch, n_classes: int) -> list[tuple[int | None, int | None]]:
         return list(runner.exact_terms(batch, n_classes)) if runner.policy == "exact" else [(None, None)]
 
+    state: dict[str, int] = {}
+
+    def n_classes(batch: _Batch) -> int:
+        if "classes" not in state:
+            with torch.no_grad():
+                state["classes"] = int(_model_call(model, batch.inputs).shape[-1])
+        return state["classes"]
+
+    def add_embedding_sq(ids: torch.Tensor, am: torch.Tensor, g: torch.Tensor) -> None:
+        """Square per-example gradients of the (untied) input embedding without materialising [B, V, h]: only
+        the rows of the example's own tokens are nonzero, so sum the token gradients per (example, token id),
+        square, and scatter-add into the Fisher."""
+        assert emb_name is not None
+        V = acc[emb_name].shape[0]
+        keep = am.bool()
+        key = (torch.arange(ids.shape[0], device=ids.device)[:, None] * V + ids)[keep]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        rows = torch.zeros(uniq.numel(), g.shape[-1], dtype=acc_dtype, device=g.device)
+        rows.index_add_(0, inv, g[keep].to(acc_dtype))
+        acc[emb_name].index_add_(0, uniq % V, rows.square())
+
     def vmap_batch(batch: _Batch, check: bool) -> None:
         ex = as_dict(batch)
-        with torch.no_grad():
-            logits = _model_call(model, batch.inputs)
+        if emb_name is not None:
+            ex["inputs_embeds"] = torch.nn.functional.embedding(ex.pop("input_ids"), params[emb_name].detach())
         if check:  # the per-example path must reproduce the batched model; otherwise fall back to the loop
             pol = "empirical" if runner.policy == "exact" else runner.policy
-            ref = _log_p(logits, batch.targets, batch.target_mask, batch.uniform, runner.task, pol)
             with torch.no_grad():
-                vals = vmap(lambda e: one(sel_detached, e, None, None, pol))(ex)
+                logits = _model_call(model, batch.inputs)
+                ref = _log_p(logits, batch.targets, batch.target_mask, batch.uniform, runner.task, pol)
+                vals = vmap(lambda e: one(p_vmap, e, None, None, pol))(ex)
+            state["classes"] = int(logits.shape[-1])
             tol = 1e-5 if ref.dtype == torch.float32 else 1e-10  # loose tolerances would hide a wrong mask
             if not torch.allclose(vals.to(ref.dtype), ref, rtol=tol, atol=tol):
                 raise _Mismatch(f"vmap log p differs from the batched forward by "
                                 f"{(vals.to(ref.dtype) - ref).abs().max().item():.3g}")
-        for c, t in terms_of(batch, logits.shape[-1]):
-            g = vmap(grad(lambda p, e, c=c, t=t: one(p, e, c, t, runner.policy)), in_dims=(None, 0),
-                     chunk_size=chunk)(sel_detached, ex)
+        terms = terms_of(batch, n_classes(batch)) if runner.policy == "exact" else [(None, None)]
+        for c, t in terms:
+            if emb_name is None:
+                g = vmap(grad(lambda p, e, c=c, t=t: one(p, e, c, t, runner.policy)), in_dims=(None, 0),
+                         chunk_size=chunk)(p_vmap, ex)
+            else:
+                def f(p: dict[str, torch.Tensor], x: torch.Tensor, e: dict[str, torch.Tensor], c: int | None = c,
+                      t: int | None = t) -> torch.Tensor:
+                    return one(p, {**e, "inputs_embeds": x}, c, t, runner.policy)
+                rest_ex = {k: v for k, v in ex.items() if k != "inputs_embeds"}
+                g, g_emb = vmap(grad(f, argnums=(0, 1)), in_dims=(None, 0, 0), chunk_size=chunk)(
+                    p_vmap, ex["inputs_embeds"], rest_ex)
+                add_embedding_sq(batch.inputs["input_ids"], batch.attention_mask, g_emb)
             for k, v in g.items():
                 add_sq(k, v, True)
 
@@ -574,7 +611,12 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
                     obj = _log_p(logits, tg, tm, un, runner.task, runner.policy, c, t)[0]
                     grads = torch.autograd.grad(obj, tensors, retain_graph=j < len(terms) - 1, allow_unused=True)
                     for k, g in zip(keys, grads):
-                        if g is not None:
+                        if g is None:
+                            continue
+                        if k == emb_name:  # only the example's own token rows are nonzero
+                            rows = torch.unique(inputs["input_ids"])
+                            acc[k].index_add_(0, rows, g[rows].to(acc_dtype).square())
+                        else:
                             add_sq(k, g, False)
 
     first = True
@@ -600,6 +642,20 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
         tokens += batch.tokens
         runner.progress.update(batch.n, batch.tokens)
     return acc, method, reason, n, tokens
+
+
+def _untied_input_embedding(model: nn.Module, names: list[str]) -> str | None:
+    """Name of the input-embedding weight when it is selected, used by no other module (not tied to an LM head)
+    and the model takes inputs_embeds; None otherwise (then it is treated like any other parameter)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    if w is None or "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return None
+    aliases = [k for k, p in model.named_parameters(remove_duplicate=False) if p is w]
+    if len(aliases) != 1 or aliases[0] not in names:
+        return None
+    return aliases[0]
 
 
 class _Mismatch(RuntimeError):
