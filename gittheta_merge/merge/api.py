@@ -20,6 +20,7 @@ from gittheta_merge.merge.engine import MergeOptions, MergePlan, MergeResult, me
 from gittheta_merge.merge.rules import Rule, parse_rule
 from gittheta_merge.merge.sinks import SafetensorsSink, StoreSink
 from gittheta_merge.merge.sources import SafetensorsSource, StoreSource
+from gittheta_merge.merge.statsflow import StatFile
 from gittheta_merge.merge.strategies.base import StatsAccess
 from gittheta_merge.metadata import Metadata
 from gittheta_merge.store import ObjectStore
@@ -28,14 +29,18 @@ PathLike = str | Path
 
 
 def load_stats(stats: dict[str, Sequence[PathLike | None]] | None, n_models: int) -> StatsAccess:
-    """Statistic files per kind ('fisher', 'gram', 'grad_gram'), one per model (None = none for it)."""
+    """Statistic files per kind ('fisher', 'gram', 'grad_gram' = 'kfac'), one per model (None = none for it).
+
+    Read through StatFile, so blobs written by `git theta stats compute` (one Gram per distinct input plus a
+    sharing map in the provenance) work as files too, as do plain files keyed by weight name."""
     access = StatsAccess()
     for kind, paths in (stats or {}).items():
+        kind = "grad_gram" if kind == "kfac" else kind
         paths = list(paths)
         if len(paths) != n_models:
             raise ThetaError(f"{kind} statistics: {len(paths)} files for {n_models} models "
                              "(give one per model, in the same order)")
-        access.sources[kind] = [SafetensorsSource(p) if p else None for p in paths]
+        access.sources[kind] = [StatFile(p) if p else None for p in paths]
     return access
 
 

@@ -1,7 +1,8 @@
 """Command line: the `merge=theta` git driver, `git theta merge BRANCH…`, and `git theta merge-files`.
 
-The driver is non-interactive: strategy, parameters and rules come from git config
-(`theta.merge.strategy`, `theta.merge.<param>` with '-' for '_', multi-valued `theta.merge.rule`).
+The driver is non-interactive: strategy, parameters and rules come from the layered settings of
+merge/config.py (.gittheta.toml < .gitattributes < git config `theta.merge.*` < flags); statistics for
+Fisher / RegMean / MaTS from each side's metadata (merge/statsflow.py).
 It writes the merged metadata to %A only when the whole merge succeeded (temp file + rename), so any
 failure, including being killed, leaves ours intact and git reports a conflict.
 """
@@ -21,29 +22,7 @@ import click
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.gitutil import Repo
 
-RESERVED = {"strategy", "rule", "shortcuts", "maxblockbytes", "max-block-bytes", "report"}
 DEFAULT_STRATEGY = "average"
-
-
-def config_options(repo: Repo) -> tuple[str, dict[str, str], list[str], dict[str, str]]:
-    """(strategy, params, rules, settings) from `git config theta.merge.*`."""
-    out = repo.git("config", "--get-regexp", r"^theta\.merge\.", check=False).decode()
-    strategy = DEFAULT_STRATEGY
-    params: dict[str, str] = {}
-    rules: list[str] = []
-    settings: dict[str, str] = {}
-    for line in out.splitlines():
-        key, _, value = line.partition(" ")
-        name = key[len("theta.merge."):]
-        if name == "strategy":
-            strategy = value
-        elif name == "rule":
-            rules.append(value)
-        elif name in RESERVED:
-            settings[name.replace("-", "")] = value
-        elif "." not in name:
-            params[name] = value
-    return strategy, params, rules, settings
 
 
 def parse_sets(items: tuple[str, ...]) -> dict[str, str]:
@@ -88,11 +67,64 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _branch_names(repo: Repo) -> tuple[str, str]:
+    """Names for ours/theirs in messages: the current branch, and the one git is merging (GITHEAD_<sha>)."""
+    ours = repo.git("symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip() or "HEAD"
+    theirs = [v for k, v in os.environ.items() if k.startswith("GITHEAD_") and v and v != "HEAD"]
+    return ours, (theirs[0] if len(theirs) == 1 else "the merged commit")
+
+
+def check_device(device: str) -> str:
+    """Refuse a device this machine lacks before any work (a CUDA merge on a CPU box fails clearly)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ThetaError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ThetaError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return str(dev)
+
+
+def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path: str, labels: list[str],
+                  names: list[str], explicit: Any = None, block_bytes: int = 64 << 20,
+                  progress: bool | None = None) -> tuple[Any, dict[str, Any]]:
+    """Merge tracked checkpoints of one path with statistics found in their metadata; the merged metadata
+    carries the statistics derived for it where that is exact (merge/statsflow.py). Returns (metadata, report).
+    `labels` are the sides' short names (ours/theirs, HEAD/branch), `names` how messages call them."""
+    from gittheta_merge.merge.api import merge_metadata
+    from gittheta_merge.merge.sources import StoreSource
+    from gittheta_merge.merge.statsflow import derive_statistics, resolve_statistics
+
+    options = settings.options(labels=labels, progress=progress)
+    check_device(options.device)
+    sources = [StoreSource(m, store) for m in metas]
+    base_src = StoreSource(bmeta, store) if bmeta is not None else None
+    res = resolve_statistics(metas, names, path, store, options, sources, base_src, explicit,
+                             settings.allow_stale_stats, settings.missing_stats)
+    options.strategy, options.params = res.strategy, res.params
+    if res.fallback:
+        options.rules = [r for r in options.rules if r.action != "merge"]
+    merged, result = merge_metadata(metas, bmeta, store, options, res.access, block_bytes=block_bytes)
+    report = result.report
+    report["statistics"] = res.report()
+    derived = None
+    for strat in result.plan.strategies.values():
+        if strat.name == options.strategy and any(t.action == "merge" for t in result.plan.tensors):
+            derived = derive_statistics(merged, metas, names, result.plan, res.access, strat, store)
+            break
+    if derived:
+        report["statistics"]["derived"] = derived
+    if res.fallback:
+        print(f"git-theta: {path}: {res.fallback}", file=sys.stderr)
+    return merged, report
+
+
 def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | None = None) -> int:
     """The merge driver body; returns git's exit status (0 = merged, 1 = conflict)."""
-    from gittheta_merge.merge.api import merge_metadata
-    from gittheta_merge.merge.engine import MergeOptions, summary_text
-    from gittheta_merge.merge.rules import parse_rule
+    from gittheta_merge.merge import config
+    from gittheta_merge.merge.engine import summary_text
     from gittheta_merge.metadata import Metadata, is_metadata
     from gittheta_merge.store import ObjectStore
 
@@ -105,16 +137,16 @@ def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | No
             raise ThetaError("one side is not git-theta metadata (a raw checkpoint?); merge it by hand")
         base = Metadata.from_bytes(blobs[0], f"{path} (base)") if is_metadata(blobs[0][:64]) else None
         sides = [Metadata.from_bytes(blobs[1], f"{path} (ours)"), Metadata.from_bytes(blobs[2], f"{path} (theirs)")]
-        strategy, params, rule_texts, settings = config_options(repo)
-        options = MergeOptions(strategy=strategy, params=params, rules=[parse_rule(r) for r in rule_texts],
-                               shortcuts=settings.get("shortcuts", "git"), labels=["ours", "theirs"],
-                               max_block_bytes=int(settings.get("maxblockbytes", 64 << 20)), progress=False)
+        settings = config.resolve(repo, path)
         store = ObjectStore.for_repo(repo)
         block = repo.config_int("theta.blockBytes", 64 << 20)
-        merged, result = merge_metadata(sides, base, store, options, block_bytes=block)
+        ours_name, theirs_name = _branch_names(repo)
+        merged, report = merge_tracked(sides, base, store, settings, path, ["ours", "theirs"],
+                                       [f"ours ({ours_name})", f"theirs ({theirs_name})"], block_bytes=block,
+                                       progress=False)
         _atomic_write(Path(ours), merged.to_bytes())
-        (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(result.report, indent=1))
-        print(f"git-theta: {path}: {summary_text(result.report)}", file=sys.stderr)
+        (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(report, indent=1))
+        print(f"git-theta: {path}: {summary_text(report)}", file=sys.stderr)
         return 0
     except ThetaError as exc:
         print(f"git-theta: merge of {path} failed, leaving a conflict: {exc}", file=sys.stderr)
@@ -148,15 +180,20 @@ def _rev(repo: Repo, rev: str) -> str:
     return out
 
 
-def octopus_merge(repo: Repo, branches: list[str], strategy: str, params: dict[str, Any], rules: list[str],
-                  stats: dict[str, list[str | None]] | None, dry_run: bool, max_block_bytes: int,
-                  shortcuts: str, message: str | None, echo: Any = print) -> dict[str, Any]:
-    """N-way merge of branches into HEAD: one merge commit whose parents are HEAD and every branch."""
+def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = None,
+                  stats: dict[str, list[str | None]] | None = None, dry_run: bool = False,
+                  message: str | None = None, echo: Any = print) -> dict[str, Any]:
+    """N-way merge of branches into HEAD: one merge commit whose parents are HEAD and every branch.
+
+    Settings are resolved per model path (merge/config.py: .gittheta.toml < attributes < git config < `cli`);
+    statistics come from `stats` files if given, else from each branch's metadata.
+    """
     from gittheta_merge.inspect_cmds import tracked_files
-    from gittheta_merge.merge.api import load_stats, merge_metadata
-    from gittheta_merge.merge.engine import MergeOptions, plan_merge, summary_text
-    from gittheta_merge.merge.rules import parse_rule
+    from gittheta_merge.merge import config
+    from gittheta_merge.merge.api import load_stats
+    from gittheta_merge.merge.engine import plan_merge, summary_text
     from gittheta_merge.merge.sources import StoreSource
+    from gittheta_merge.merge.statsflow import resolve_statistics
     from gittheta_merge.store import ObjectStore
 
     if not branches:
@@ -165,15 +202,15 @@ def octopus_merge(repo: Repo, branches: list[str], strategy: str, params: dict[s
     commits = [_rev(repo, b) for b in branches]
     base_out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
     base = base_out[0] if base_out else None
+    current_branch = repo.git("symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip() or "HEAD"
     labels = ["HEAD", *branches]
+    names = [current_branch, *branches]
     revs = [head, *commits]
     per_rev = [tracked_files(repo, r) for r in revs]
     base_files = tracked_files(repo, base) if base else {}
     paths = sorted(set().union(*[set(f) for f in per_rev]))
-    options = MergeOptions(strategy=strategy, params=params, rules=[parse_rule(r) for r in rules],
-                           max_block_bytes=max_block_bytes, shortcuts=shortcuts, labels=labels)
     store = ObjectStore.for_repo(repo)
-    access = load_stats(stats, len(revs))
+    access = load_stats(stats, len(revs)) if stats else None
     todo = []
     for path in paths:
         metas = [f.get(path) for f in per_rev]
@@ -182,15 +219,23 @@ def octopus_merge(repo: Repo, branches: list[str], strategy: str, params: dict[s
         if any(m is None for m in metas):
             missing = [labels[i] for i, m in enumerate(metas) if m is None]
             raise ThetaError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
-        todo.append((path, metas, base_files.get(path)))
-    for path, metas, bmeta in todo:  # validate everything before touching anything
-        plan = plan_merge([StoreSource(m, store) for m in metas],
-                          StoreSource(bmeta, store) if bmeta else None, options, access)
-        echo(f"{path}:")
+        todo.append((path, metas, base_files.get(path), config.resolve(repo, path, cli)))
+    strategies_used: set[str] = set()
+    for path, metas, bmeta, settings in todo:  # validate everything (statistics included) before touching anything
+        options = settings.options(labels=labels)
+        check_device(options.device)
+        sources = [StoreSource(m, store) for m in metas]
+        base_src = StoreSource(bmeta, store) if bmeta else None
+        res = resolve_statistics(metas, names, path, store, options, sources, base_src, access,
+                                 settings.allow_stale_stats, settings.missing_stats)
+        options.strategy, options.params = res.strategy, res.params
+        plan = plan_merge(sources, base_src, options, res.access)
+        strategies_used.add(options.strategy)
+        echo(f"{path}: strategy {options.strategy}" + (f" ({res.fallback})" if res.fallback else ""))
         for line in plan.summary_lines():
             echo(f"  {line}")
     if dry_run:
-        return {"paths": [p for p, _, _ in todo], "base": base}
+        return {"paths": [p for p, _, _, _ in todo], "base": base}
     if repo.git("status", "--porcelain", "--untracked-files=no").strip():
         raise ThetaError("you have uncommitted changes; commit or stash them before git theta merge")
     # 1. plain files: git's own merges, one branch after another, on objects only (nothing checked out);
@@ -214,17 +259,19 @@ def octopus_merge(repo: Repo, branches: list[str], strategy: str, params: dict[s
     env_index = {**os.environ, "GIT_INDEX_FILE": str(index)}
     try:
         _git_env(repo, env_index, "read-tree", tree)
-        for path, metas, bmeta in todo:
-            merged, result = merge_metadata(metas, bmeta, store, options, access, block_bytes=block)
+        for path, metas, bmeta, settings in todo:
+            merged, report = merge_tracked(metas, bmeta, store, settings, path, labels, names, access,
+                                           block_bytes=block)
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=merged.to_bytes()).decode().strip()
             _git_env(repo, env_index, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}")
-            (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(result.report, indent=1))
-            reports[path] = result.report
-            echo(f"{path}: {summary_text(result.report)}")
+            (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(report, indent=1))
+            reports[path] = report
+            echo(f"{path}: {summary_text(report)}")
         final_tree = _git_env(repo, env_index, "write-tree").decode().strip()
     finally:
         index.unlink(missing_ok=True)
-    msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {strategy})"
+    what = ", ".join(sorted(strategies_used)) or "none"
+    msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
     parents = [arg for c in revs for arg in ("-p", c)]
     commit = repo.git("commit-tree", final_tree, *parents, input=msg.encode()).decode().strip()
     # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
@@ -232,25 +279,40 @@ def octopus_merge(repo: Repo, branches: list[str], strategy: str, params: dict[s
     return {"paths": list(reports), "base": base, "commit": commit}
 
 
+def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...], max_block_bytes: int | None,
+              shortcuts: str | None, device: str | None, allow_stale_stats: bool, missing_stats: str | None
+              ) -> dict[str, Any]:
+    """The command-line layer of the settings (only what was given on the command line)."""
+    from gittheta_merge.merge.rules import parse_rule
+
+    return {"strategy": strategy, "params": parse_sets(sets), "rules": [parse_rule(r) for r in rules],
+            "max_block_bytes": max_block_bytes, "shortcuts": shortcuts, "device": device,
+            "allow_stale_stats": True if allow_stale_stats else None, "missing_stats": missing_stats}
+
+
 @click.command("merge")
 @click.argument("branches", nargs=-1, required=True)
-@click.option("--strategy", "-s", default=None, help="merge strategy (default: theta.merge.strategy or average)")
+@click.option("--strategy", "-s", default=None, help="merge strategy (default: settings, else average)")
 @click.option("--set", "sets", multiple=True, help="strategy parameter KEY=VALUE (repeatable)")
 @click.option("--rule", "rules", multiple=True, help="per-tensor rule REGEX=ACTION (repeatable)")
-@click.option("--stats", "stats", multiple=True, help="KIND=FILE,… statistics per model (HEAD first)")
+@click.option("--stats", "stats", multiple=True,
+              help="KIND=FILE,… statistics per model (HEAD first); default: the ones each branch carries")
+@click.option("--allow-stale-stats", is_flag=True, help="use statistics computed on other weights")
+@click.option("--missing-stats", default=None,
+              help="when a branch has no statistics: error (default) or a data-free strategy to use instead")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
-@click.option("--max-block-bytes", type=int, default=64 << 20, show_default=True)
-@click.option("--shortcuts", type=click.Choice(["git", "exact"]), default="git", show_default=True)
+@click.option("--max-block-bytes", type=int, default=None, help="row-chunk size (default 64 MiB)")
+@click.option("--shortcuts", type=click.Choice(["git", "exact"]), default=None)
+@click.option("--device", default=None, help="cpu (default) or cuda[:N]: one block at a time on that device")
 @click.option("-m", "--message", default=None)
 def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...],
-              stats: tuple[str, ...], dry_run: bool, max_block_bytes: int, shortcuts: str,
+              stats: tuple[str, ...], allow_stale_stats: bool, missing_stats: str | None, dry_run: bool,
+              max_block_bytes: int | None, shortcuts: str | None, device: str | None,
               message: str | None) -> None:
     """Merge one or more branches into HEAD with a model-merging strategy, in one merge commit."""
     repo = Repo.discover()
-    cfg_strategy, cfg_params, cfg_rules, _ = config_options(repo)
-    params = {**(cfg_params if strategy is None else {}), **parse_sets(sets)}
-    octopus_merge(repo, list(branches), strategy or cfg_strategy, params, list(rules) or cfg_rules,
-                  parse_stats(stats) or None, dry_run, max_block_bytes, shortcuts, message, click.echo)
+    cli = cli_layer(strategy, sets, rules, max_block_bytes, shortcuts, device, allow_stale_stats, missing_stats)
+    octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, click.echo)
 
 
 @click.command("merge-files")
@@ -264,9 +326,10 @@ def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, 
 @click.option("--max-block-bytes", type=int, default=64 << 20, show_default=True)
 @click.option("--report", default=None, help="write the JSON merge report here")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]: one block at a time there")
 def merge_files_cmd(models: tuple[str, ...], output: str, base: str | None, strategy: str, sets: tuple[str, ...],
                     rules: tuple[str, ...], stats: tuple[str, ...], max_block_bytes: int, report: str | None,
-                    dry_run: bool) -> None:
+                    dry_run: bool, device: str) -> None:
     """Merge plain .safetensors checkpoints outside git (model 0 is the target)."""
     from gittheta_merge.merge.api import merge_files, plan_files
     from gittheta_merge.merge.engine import summary_text
@@ -277,5 +340,6 @@ def merge_files_cmd(models: tuple[str, ...], output: str, base: str | None, stra
         click.echo("\n".join(plan.summary_lines()))
         return
     result = merge_files(list(models), output, base, strategy, parse_sets(sets), list(rules),
-                         parse_stats(stats) or None, report, max_block_bytes=max_block_bytes)
+                         parse_stats(stats) or None, report, max_block_bytes=max_block_bytes,
+                         device=check_device(device))
     click.echo(summary_text(result))

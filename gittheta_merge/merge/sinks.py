@@ -122,7 +122,9 @@ class StoreSink:
             if isinstance(order, list):
                 kept = [k for k in order if k in set(new) or k == "__metadata__"]
                 file_info["header_order"] = kept + [n for n in new if n not in set(kept)]
-        return Metadata(template.format, self.entries, file_info, dict(template.extra))
+        extra = dict(template.extra)
+        extra.pop("stats", None)  # ours' statistics describe ours' weights, not the merge (see merge/statsflow.py)
+        return Metadata(template.format, self.entries, file_info, extra)
 
 
 class SafetensorsSink:

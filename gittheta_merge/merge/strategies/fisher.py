@@ -37,6 +37,18 @@ class Fisher(Strategy):
         super().validate()
         self.norms = [1.0] * self.n_models
 
+    def stat_kinds(self) -> tuple[str, ...]:
+        return (KIND,)
+
+    def _counts_weights(self, stats: StatsAccess) -> list[float]:
+        """Coefficients for tensors merged without a Fisher: explicit weights, else how many models each input
+        stands for (a merged model carrying derived statistics counts as the models it merged)."""
+        if self.params.get("weights") is not None:
+            return self.model_weights()
+        from gittheta_merge.merge.statsflow import model_counts
+
+        return [float(c) for c in model_counts(stats, KIND, self.n_models)]
+
     def _has(self, name: str, stats: StatsAccess) -> bool:
         return all(stats.lookup(KIND, i, name) is not None for i in range(self.n_models))
 
@@ -75,11 +87,12 @@ class Fisher(Strategy):
         p = self.params
         coeffs = [c / n for c, n in zip(self.model_weights(), self.norms)]
         if not self._has(chunk.name, chunk.stats):
-            return sum(c * m for c, m in zip(self.model_weights(), chunk.models)) / sum(self.model_weights())
+            w = self._counts_weights(chunk.stats)
+            return sum(c * m for c, m in zip(w, chunk.models)) / sum(w)
         num = torch.zeros_like(chunk.models[0])
         den = torch.zeros_like(chunk.models[0])
         for i, (c, model) in enumerate(zip(coeffs, chunk.models)):
-            f = chunk.stats.rows(KIND, i, chunk.name, chunk.row_start, chunk.row_end).to(torch.float32)
+            f = chunk.stats.rows(KIND, i, chunk.name, chunk.row_start, chunk.row_end).to(model.device, torch.float32)
             if i == 0 or not p["favor_target"]:
                 f = torch.clamp(f, min=p["floor"])
             num += c * f * model
@@ -87,7 +100,8 @@ class Fisher(Strategy):
         zero = den == 0
         out = num / torch.where(zero, torch.ones_like(den), den)
         if bool(zero.any()):
-            mean = sum(chunk.models) / self.n_models
+            w = self._counts_weights(chunk.stats)
+            mean = sum(c * m for c, m in zip(w, chunk.models)) / sum(w)
             out = torch.where(zero, mean, out)
             chunk.add("zero_fisher_entries", float(zero.sum()))
         return out

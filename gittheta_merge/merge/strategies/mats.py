@@ -77,6 +77,9 @@ class Mats(Strategy):
     def kinds(self) -> tuple[str, ...]:
         return KINDS[self.params["objective"]]
 
+    def stat_kinds(self) -> tuple[str, ...]:
+        return self.kinds()
+
     def has_stats(self, name: str, shape: list[int], stats: StatsAccess) -> bool:
         kinds = self.kinds()
         if self.params["objective"] == "average":
@@ -123,20 +126,21 @@ class Mats(Strategy):
             b = sum(models)
             x0 = init
         elif objective == "fisher_diag":
-            fs = [chunk.stats.whole("fisher", i, chunk.name).to(torch.float64) for i in range(self.n_models)]
+            dev = models[0].device
+            fs = [chunk.stats.whole("fisher", i, chunk.name).to(dev, torch.float64) for i in range(self.n_models)]
             total = sum(fs)
             op = lambda x: total * x  # noqa: E731
             b = sum(f * w for f, w in zip(fs, models))
             x0 = init
         else:
-            grams = [shrink(chunk.stats.whole("gram", i, chunk.name).to(torch.float64), p["alpha"])
+            grams = [shrink(chunk.stats.whole("gram", i, chunk.name).to(models[0].device, torch.float64), p["alpha"])
                      for i in range(self.n_models)]
             if objective == "regmean":
                 a_sum = sum(grams)
                 op = lambda x: a_sum @ x  # noqa: E731
                 b = sum(g @ w.T for g, w in zip(grams, models))
             else:
-                outs = [chunk.stats.whole("grad_gram", i, chunk.name).to(torch.float64)
+                outs = [chunk.stats.whole("grad_gram", i, chunk.name).to(models[0].device, torch.float64)
                         for i in range(self.n_models)]
                 op = lambda x: sum(g @ x @ o for g, o in zip(grams, outs))  # noqa: E731
                 b = sum(g @ w.T @ o for g, w, o in zip(grams, models, outs))

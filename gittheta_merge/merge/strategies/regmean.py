@@ -57,7 +57,8 @@ class _Solver:
             chol, info = torch.linalg.cholesky_ex(sub)
             if int(info) != 0:
                 ridge = 1e-8 * float(torch.diagonal(sub).mean())
-                chol, info = torch.linalg.cholesky_ex(sub + ridge * torch.eye(sub.shape[0], dtype=sub.dtype))
+                eye = torch.eye(sub.shape[0], dtype=sub.dtype, device=sub.device)
+                chol, info = torch.linalg.cholesky_ex(sub + ridge * eye)
                 self.method = "cholesky+ridge"
                 if int(info) != 0:
                     self.method = "lstsq"
@@ -85,6 +86,9 @@ class RegMean(Strategy):
         super().validate()
         self._cache: dict[str, Any] = {}
 
+    def stat_kinds(self) -> tuple[str, ...]:
+        return (KIND,)
+
     def coefficients(self) -> list[float]:
         w = self.params.get("weights")
         return list(w) if w is not None else [1.0 / self.n_models] * self.n_models
@@ -94,9 +98,9 @@ class RegMean(Strategy):
         if len(shape) != 2 or stats.lookup(KIND, 0, name) is None:
             return None
         g = stats.shape(KIND, 0, name)
-        if g == [shape[1], shape[1]]:
+        if g in ([shape[1], shape[1]], [shape[1]]):  # [in] = a diagonal-only Gram
             return "linear"
-        if g == [shape[0], shape[0]]:
+        if g in ([shape[0], shape[0]], [shape[0]]):
             return "conv1d"
         raise ThetaError(f"tensor {name!r} {shape}: its Gram has shape {g}; expected [{shape[1]}, {shape[1]}]")
 
@@ -121,14 +125,25 @@ class RegMean(Strategy):
         if chunk.name not in self._cache:
             self._cache.clear()  # only the current tensor's Grams are kept
             m = self.n_models
-            grams = [m * c * shrink(chunk.stats.whole(KIND, i, chunk.name).to(torch.float64), self.params["alpha"])
-                     for i, c in enumerate(self.coefficients())]
+            dev = chunk.models[0].device
+            grams = []
+            for i, c in enumerate(self.coefficients()):
+                g = chunk.stats.whole(KIND, i, chunk.name).to(dev, torch.float64)
+                if g.dim() == 1:
+                    g = torch.diag(g)
+                grams.append(m * c * shrink(g, self.params["alpha"]))
             total = sum(grams)
             self._cache[chunk.name] = (grams, _Solver(total))
         return self._cache[chunk.name]
 
-    def _average(self, tensors: list[Any]) -> Any:
+    def _average(self, tensors: list[Any], stats: StatsAccess | None = None) -> Any:
+        """Weighted average; for blocks without a Gram (stats given) an input that is itself a merge carrying
+        derived statistics counts as the models it merged, so sequential merges equal the N-way one."""
         c = self.coefficients()
+        if stats is not None and self.params.get("weights") is None:
+            from gittheta_merge.merge.statsflow import model_counts
+
+            c = [float(k) for k in model_counts(stats, KIND, self.n_models)]
         return sum(ci * t for ci, t in zip(c, tensors)) / sum(c)
 
     def merge(self, chunk: Chunk) -> Any:
@@ -136,7 +151,7 @@ class RegMean(Strategy):
 
         layout = self.layout(chunk.name, chunk.shape, chunk.stats)
         if layout is None:
-            return self._average(chunk.models)
+            return self._average(chunk.models, chunk.stats)
         grams, solver = self._prepared(chunk)
         # work on X = W^T ([in, rows]) for the linear layout; the conv1d layout already is [in, out]
         xs = [m.to(torch.float64).T if layout == "linear" else m.to(torch.float64) for m in chunk.models]

@@ -1,0 +1,223 @@
+"""Merge settings from every place a user can put them, with one documented precedence.
+
+Why layers: a team commits how its models merge (`.gittheta.toml`, reviewed like code, the same for every
+clone — git config is not versioned), a user overrides it locally (git config) or for one command (flags).
+Lowest to highest precedence:
+
+  1. built-in defaults (average, shortcuts=git, 64 MiB blocks, missing statistics = error, cpu)
+  2. `.gittheta.toml` at the repository root, `[merge]`
+  3. `.gittheta.toml` `[[merge.path]]` entries whose `match` glob matches the file (in file order)
+  4. the `theta-merge-strategy` git attribute of the file (.gitattributes), e.g. `*.bin theta-merge-strategy=ties`
+  5. git config `theta.merge.*` (strategy, <param>, rule, shortcuts, maxBlockBytes, missingStats,
+     allowStaleStats, device)
+  6. command-line flags (`git theta merge --strategy/--set/--rule/...`)
+
+A layer that changes the strategy drops the parameters collected so far (they belong to another strategy);
+parameters without a strategy refine the current one. Rules from every layer apply, higher layers first
+(the first matching rule wins, so a higher layer's rule overrides a lower one's for the same tensor).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.rules import Rule, parse_action, parse_rule
+
+CONFIG_FILE = ".gittheta.toml"
+ATTRIBUTE = "theta-merge-strategy"
+SETTING_KEYS = {"shortcuts", "max_block_bytes", "missing_stats", "allow_stale_stats", "device"}
+GIT_SETTING = {"shortcuts": "shortcuts", "maxblockbytes": "max_block_bytes", "max-block-bytes": "max_block_bytes",
+               "missingstats": "missing_stats", "allowstalestats": "allow_stale_stats", "device": "device"}
+
+
+@dataclass
+class MergeSettings:
+    """The resolved settings of one file's merge, and which layer decided each (for the report)."""
+
+    strategy: str = "average"
+    params: dict[str, Any] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    shortcuts: str = "git"
+    max_block_bytes: int = 64 << 20
+    missing_stats: str = "error"
+    allow_stale_stats: bool = False
+    device: str = "cpu"
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, layer: dict[str, Any], where: str) -> None:
+        """Overlay one layer (see the module docstring for the semantics)."""
+        strategy = layer.get("strategy")
+        if strategy is not None and str(strategy).replace("-", "_") != self.strategy:
+            self.strategy = str(strategy).replace("-", "_")
+            self.params = {}
+            self.origin["strategy"] = where
+        elif strategy is not None:
+            self.origin["strategy"] = where
+        if layer.get("params"):
+            self.params.update(layer["params"])
+            self.origin["params"] = where
+        if layer.get("rules"):
+            self.rules = list(layer["rules"]) + self.rules
+            self.origin["rules"] = where
+        for key in SETTING_KEYS:
+            if layer.get(key) is not None:
+                value = layer[key]
+                if key == "max_block_bytes":
+                    value = _int(value, f"{where}: max_block_bytes")
+                elif key == "allow_stale_stats":
+                    value = _bool(value, f"{where}: allow_stale_stats")
+                setattr(self, key, value)
+                self.origin[key] = where
+
+    def options(self, **kwargs: Any) -> Any:
+        """MergeOptions for the engine."""
+        from gittheta_merge.merge.engine import MergeOptions
+
+        return MergeOptions(strategy=self.strategy, params=dict(self.params), rules=list(self.rules),
+                            max_block_bytes=self.max_block_bytes, shortcuts=self.shortcuts, device=self.device,
+                            **kwargs)
+
+
+def _int(value: Any, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ThetaError(f"{where}: {value!r} is not an integer") from None
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ThetaError(f"{where}: {value!r} is not a boolean")
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10 needs the tomli backport
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ThetaError(f"{path}: reading it needs Python 3.11+ or the tomli package") from None
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ThetaError(f"{path}: invalid TOML ({exc})") from None
+
+
+def _rules(raw: Any, where: str) -> list[Rule]:
+    """Rules as 'REGEX=ACTION' strings or tables {pattern, action | strategy [, params]}."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ThetaError(f"{where}: rules must be a list")
+    out: list[Rule] = []
+    for item in raw:
+        if isinstance(item, str):
+            out.append(parse_rule(item))
+        elif isinstance(item, dict) and "pattern" in item:
+            pattern = str(item["pattern"])
+            if "action" in item:
+                rule = parse_action(pattern, str(item["action"]))
+                if rule is None:
+                    raise ThetaError(f"{where}: rule {pattern!r}: unknown action {item['action']!r}")
+            elif "strategy" in item:
+                rule = parse_action(pattern, str(item["strategy"]))
+                if rule is None or rule.action != "merge":
+                    raise ThetaError(f"{where}: rule {pattern!r}: unknown strategy {item['strategy']!r}")
+                rule.params = dict(item.get("params") or {})
+            else:
+                raise ThetaError(f"{where}: rule {pattern!r} needs an action or a strategy")
+            out.append(rule)
+        else:
+            raise ThetaError(f"{where}: a rule is 'REGEX=ACTION' or a table with pattern and action/strategy")
+    return out
+
+
+def _layer(table: dict[str, Any], where: str) -> dict[str, Any]:
+    params = table.get("params") or {}
+    if not isinstance(params, dict):
+        raise ThetaError(f"{where}: params must be a table")
+    layer: dict[str, Any] = {"strategy": table.get("strategy"), "params": dict(params),
+                             "rules": _rules(table.get("rules"), where) + _rules(table.get("tensor"), where)}
+    for key in SETTING_KEYS:
+        if key in table:
+            layer[key] = table[key]
+    unknown = set(table) - {"strategy", "params", "rules", "tensor", "path", "match"} - SETTING_KEYS
+    if unknown:
+        raise ThetaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    return layer
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """gitattributes-like: a pattern without '/' matches the file name in any directory."""
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(Path(path).name, pattern)
+    return fnmatch.fnmatchcase(path, pattern.lstrip("/"))
+
+
+def file_layers(root: Path, path: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """Layers 2 and 3 from `.gittheta.toml`, if the file exists."""
+    cfg = root / CONFIG_FILE
+    if not cfg.exists():
+        return []
+    data = _load_toml(cfg)
+    merge = data.get("merge") or {}
+    if not isinstance(merge, dict):
+        raise ThetaError(f"{cfg}: [merge] must be a table")
+    layers = [(f"{CONFIG_FILE} [merge]", _layer(merge, f"{CONFIG_FILE} [merge]"))]
+    for i, entry in enumerate(merge.get("path") or []):
+        where = f"{CONFIG_FILE} [[merge.path]] #{i + 1}"
+        if not isinstance(entry, dict) or "match" not in entry:
+            raise ThetaError(f"{where}: needs match = \"GLOB\"")
+        if path is not None and _matches(str(entry["match"]), path):
+            layers.append((f"{where} ({entry['match']})", _layer(entry, where)))
+    return layers
+
+
+def git_config_layer(repo: Any) -> dict[str, Any]:
+    """Layer 5 from `git config theta.merge.*` (keys arrive lower-cased from git)."""
+    out = repo.git("config", "--get-regexp", r"^theta\.merge\.", check=False).decode()
+    layer: dict[str, Any] = {"params": {}, "rules": []}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        name = key[len("theta.merge."):]
+        if name == "strategy":
+            layer["strategy"] = value
+        elif name == "rule":
+            layer["rules"].append(parse_rule(value))
+        elif name in GIT_SETTING:
+            layer[GIT_SETTING[name]] = value
+        elif name == "report" or "." in name:
+            continue
+        else:
+            layer["params"][name] = value
+    return layer
+
+
+def resolve(repo: Any, path: str | None, cli: dict[str, Any] | None = None) -> MergeSettings:
+    """The settings for merging `path` (repo-relative; None = not file-specific)."""
+    settings = MergeSettings()
+    for where, layer in file_layers(Path(repo.root), path):
+        settings.apply(layer, where)
+    if path is not None:
+        value = repo.check_attr(ATTRIBUTE, [path]).get(path)
+        if value and value not in {"unspecified", "set", "unset"}:
+            settings.apply({"strategy": value}, f".gitattributes {ATTRIBUTE}")
+    settings.apply(git_config_layer(repo), "git config")
+    if cli:
+        settings.apply(cli, "command line")
+    if settings.missing_stats != "error":
+        settings.missing_stats = settings.missing_stats.replace("-", "_")
+    return settings

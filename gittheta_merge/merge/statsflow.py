@@ -1,0 +1,324 @@
+"""Statistics flowing from git into merges, and out of them again.
+
+Why this module exists: Fisher, RegMean and MaTS need per-model statistics. Since the checkpoint's
+metadata references its statistic blobs (stats/attach.py), a merge handed ours/theirs metadata can find
+them itself; the user should never have to pass `--stats` for branches that carry them. Three jobs:
+
+1. `StatFile`: read a statistic blob lazily, resolving weight names through the blob's sharing map
+   (the computation stores one Gram per distinct input: q/k/v point to one key; tied weights to one
+   Fisher), so strategies can keep asking "the gram of `layers.0.k_proj.weight`".
+2. `resolve_statistics`: decide, from metadata alone, which kinds the planned merge really needs (a
+   merge of one-sided changes needs none), refuse stale blobs unless allowed, and turn a missing blob
+   into either an error naming the branch and the command that computes it, or the fallback strategy
+   the user configured (`theta.merge.missingStats = average`).
+3. `derive_statistics`: give the merged model the statistics that make later merges exact. RegMean's
+   solution depends on the Grams only through their sum and Fisher merging on the (floored, weighted)
+   Fishers only through their sum, so the merged model's statistic is that sum, and merging A+B and
+   then C with it equals the 3-way merge. Blocks without statistics (RegMean averages biases / norms)
+   stay exact too, because the derived blob records how many models it stands for (`merged_models`) and
+   the average then weighs the merged model by that count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.sources import SafetensorsSource, TensorInfo
+from gittheta_merge.merge.strategies.base import StatsAccess
+
+# the merge strategies' name for a statistic kind -> the kind name attached to checkpoints (stats compute)
+ATTACHED_KIND = {"fisher": "fisher", "gram": "gram", "grad_gram": "kfac"}
+PROVENANCE_KEYS = ("gittheta.stats", "provenance")  # compute's blobs, then plain files with a JSON provenance
+BLOB_FORMAT = "gittheta-stats/1"
+DERIVABLE = {"regmean": "gram", "fisher": "fisher"}
+COMPUTE_COMMAND = "git theta stats compute {path} --kind {kind} --data DATA.jsonl"
+
+
+class StatFile:
+    """A statistic safetensors file exposing every weight name it covers, shared keys included."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.src = SafetensorsSource(path)
+        self.provenance: dict[str, Any] = {}
+        meta = self.src.file_metadata or {}
+        for key in PROVENANCE_KEYS:
+            if meta.get(key):
+                try:
+                    self.provenance = json.loads(meta[key])
+                except json.JSONDecodeError:
+                    self.provenance = {}
+                break
+        sharing = self.provenance.get("sharing")
+        self.sharing: dict[str, str] = dict(sharing) if isinstance(sharing, dict) else {}
+
+    @property
+    def merged_models(self) -> int:
+        """How many models this statistic stands for (1 unless derived by a merge)."""
+        try:
+            return max(1, int(self.provenance.get("merged_models", 1)))
+        except (TypeError, ValueError):
+            return 1
+
+    def keys(self) -> list[str]:
+        return self.src.names()
+
+    def resolve(self, name: str) -> str | None:
+        if self.src.info(name) is not None:
+            return name
+        key = self.sharing.get(name)
+        return key if key is not None and self.src.info(key) is not None else None
+
+    def names(self) -> list[str]:
+        return sorted(set(self.src.names()) | {w for w in self.sharing if self.resolve(w)})
+
+    def info(self, name: str) -> TensorInfo | None:
+        key = self.resolve(name)
+        return None if key is None else self.src.info(key)
+
+    def boundaries(self, name: str) -> list[int]:
+        return self.src.boundaries(self._key(name))
+
+    def read_rows(self, name: str, start: int, end: int) -> Any:
+        return self.src.read_rows(self._key(name), start, end)
+
+    def read_native(self, name: str, start: int, end: int) -> Any:
+        return self.src.read_native(self._key(name), start, end)
+
+    def _key(self, name: str) -> str:
+        key = self.resolve(name)
+        if key is None:
+            raise ThetaError(f"{self.path}: no statistic for {name!r}")
+        return key
+
+
+@dataclass
+class StatsResolution:
+    """What `resolve_statistics` decided, for the report and for deriving the merged model's statistics."""
+
+    access: StatsAccess
+    strategy: str
+    params: dict[str, Any]
+    fallback: str | None = None  # why the configured strategy was replaced, if it was
+    used: dict[str, list[str]] = field(default_factory=dict)  # kind -> per-model "where (oid)"
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"used": self.used}
+        if self.fallback:
+            out["fallback"] = self.fallback
+        return out
+
+
+def needed_kinds(models: list[Any], base: Any, options: Any) -> set[str]:
+    """Statistic kinds the merge really needs: those of strategies owning at least one tensor to merge.
+
+    Plans with the statistics checks off (metadata only, no data), so a driver merge whose changes are
+    all one-sided asks for nothing, whatever the configured strategy.
+    """
+    from dataclasses import replace
+
+    from gittheta_merge.merge.engine import plan_merge
+
+    probe = replace(options, check_stats=False)
+    plan = plan_merge(models, base, probe, StatsAccess())
+    kinds: set[str] = set()
+    for tp in plan.tensors:
+        if tp.action == "merge" and tp.strategy:
+            kinds.update(plan.strategies[tp.strategy].stat_kinds())
+    return kinds
+
+
+def _attached(store: Any, meta: Any, kind: str, where: str, allow_stale: bool, hint_path: str) -> Path | None:
+    """The blob file of an attached statistic; None when absent; ThetaError when stale (unless allowed)."""
+    from gittheta_merge.stats import attach
+
+    entry = meta.stats.get(kind)
+    if not isinstance(entry, dict) or "oid" not in entry:
+        return None
+    if attach.is_stale(meta, kind) and not allow_stale:
+        raise ThetaError(
+            f"{where}: its {kind} statistics were computed on different weights (stale): the weights changed "
+            "after `git theta stats compute`. Recompute them there "
+            f"({COMPUTE_COMMAND.format(path=hint_path, kind=kind)}), or pass --allow-stale-stats "
+            "(git config theta.merge.allowStaleStats true) to use them anyway")
+    return attach.blob_path(store, meta, kind, where, allow_stale=True)
+
+
+def resolve_statistics(metas: list[Any], labels: list[str], path: str, store: Any, options: Any,
+                       models: list[Any], base: Any, explicit: StatsAccess | None = None,
+                       allow_stale: bool = False, missing: str = "error") -> StatsResolution:
+    """Statistics for a merge of tracked checkpoints: explicit files first, then each side's attached blobs.
+
+    `missing` is "error" or the name of a data-free strategy used for the whole file instead.
+    """
+    from gittheta_merge.merge import strategies
+
+    access = StatsAccess(dict(explicit.sources) if explicit else {})
+    res = StatsResolution(access, options.strategy, dict(options.params))
+    kinds = needed_kinds(models, base, options)
+    absent: list[tuple[str, str]] = []
+    for kind in sorted(kinds):
+        if access.has_kind(kind):
+            res.used[kind] = ["explicit file"] * len(metas)
+            continue
+        attached = ATTACHED_KIND.get(kind, kind)
+        files: list[Any] = []
+        used: list[str] = []
+        for meta, label in zip(metas, labels):
+            where = f"{path} on {label}"
+            blob = _attached(store, meta, attached, where, allow_stale, path)
+            if blob is None:
+                absent.append((label, attached))
+                files.append(None)
+                used.append("none")
+            else:
+                files.append(StatFile(blob))
+                used.append(f"{label} ({meta.stats[attached]['oid'][:12]})")
+        access.sources[kind] = files
+        res.used[kind] = used
+    if absent:
+        who = "; ".join(f"{label} has no {kind} statistics" for label, kind in absent)
+        if missing and missing != "error":
+            fallback = strategies.get(missing)
+            if fallback({}, len(metas)).stat_kinds():
+                raise ThetaError(f"theta.merge.missingStats = {missing}: the fallback must be a data-free strategy "
+                                 "(e.g. average, task_arithmetic, ties)")
+            res.fallback = f"{who}: merged with {missing} instead of {options.strategy} (theta.merge.missingStats)"
+            res.strategy, res.params = missing, {}
+            for kind in kinds:
+                access.sources.pop(kind, None)
+            return res
+        first_label, first_kind = absent[0]
+        raise ThetaError(
+            f"{path}: {who}. Compute them on that branch: `git checkout {first_label.split(' ')[0]} && "
+            f"{COMPUTE_COMMAND.format(path=path, kind=first_kind)} && git commit`, then merge again; or pass them "
+            f"as files (--stats {[k for k, v in ATTACHED_KIND.items() if v == first_kind][0]}=FILE,FILE), or choose "
+            "a fallback: `git config theta.merge.missingStats average` (or missing_stats in .gittheta.toml)")
+    return res
+
+
+def model_counts(access: StatsAccess, kind: str, n: int) -> list[int]:
+    """How many original models each input stands for, from derived statistics (1 for plain ones)."""
+    srcs = access.sources.get(kind, [])
+    return [int(getattr(srcs[i], "merged_models", 1)) if i < len(srcs) and srcs[i] is not None else 1
+            for i in range(n)]
+
+
+def _store_tmp(store: Any) -> str:
+    tmp = getattr(store, "tmp_dir", None)
+    if tmp is not None:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        return str(tmp)
+    return tempfile.gettempdir()
+
+
+def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: Any, access: StatsAccess,
+                      strategy: Any, store: Any) -> dict[str, Any] | None:
+    """Attach to `merged` the summed statistic of a RegMean / Fisher merge; returns its stats entry or None.
+
+    RegMean: sum_i M c_i G_i (the raw Grams; the alpha shrink is linear, so shrinking the sum equals summing
+    the shrunk). Fisher: sum_i c_i' F~_i with the floors the merge applied (c_i' includes the global
+    normalisation if on; the sum is then not exact for a later merge, which renormalises). Token / example
+    counts are summed. Exactness fails for tensors one side kept as is (one-sided changes): they are listed.
+    """
+    import torch
+
+    from gittheta_merge.merge.sinks import SafetensorsSink
+
+    kind = DERIVABLE.get(strategy.name)
+    if kind is None or not access.has_kind(kind):
+        return None
+    files = access.sources.get(kind, [])
+    if len(files) != len(metas) or any(not isinstance(f, StatFile) for f in files):
+        return None  # plain tensors without names/provenance: nothing sound to derive from
+    n = len(files)
+    counts_in = model_counts(access, kind, n)
+    if kind == "gram":
+        coeffs = [n * c for c in strategy.coefficients()]
+        floor = None
+    else:
+        coeffs = [c / nm for c, nm in zip(strategy.model_weights(), strategy.norms)]
+        floor = strategy.params["floor"]
+    keys = [k for k in files[0].keys() if all(f.resolve(k) is not None for f in files[1:])]
+    infos = []
+    for k in keys:
+        shapes = {tuple(f.info(k).shape) for f in files}  # type: ignore[union-attr]
+        if len(shapes) == 1:
+            infos.append(files[0].info(k))
+    keys = [i.name for i in infos]  # type: ignore[union-attr]
+    if not keys:
+        return None
+    prov0 = files[0].provenance
+    counts: dict[str, int] = {}
+    for k in keys:
+        total = 0
+        for f in files:
+            c = (f.provenance.get("counts") or {}).get(f.resolve(k) or "")
+            total += int(c) if isinstance(c, (int, float)) else 0
+        counts[k] = total
+    sharing = {w: key for w, key in files[0].sharing.items() if key in set(keys)}
+    stat_names = set(keys) | set(sharing)
+    inexact = sorted(tp.name for tp in plan.tensors if tp.name in stat_names and tp.action == "keep"
+                     and tp.source is not None and tp.source >= 0)
+    exact = not inexact and not (kind == "fisher" and strategy.params["normalize"])
+    provenance: dict[str, Any] = {
+        "derived": "sum",
+        "kind": kind,
+        "merged_by": strategy.name,
+        "coefficients": coeffs,
+        "inputs": [{"label": lab, "oid": m.stats.get(ATTACHED_KIND[kind], {}).get("oid"),
+                    "merged_models": c} for lab, m, c in zip(labels, metas, counts_in)],
+        "merged_models": sum(counts_in),
+        "counts": counts,
+        "sharing": sharing,
+        "exact": exact,
+    }
+    if floor is not None:
+        provenance["floor"] = {"value": floor, "favor_target": strategy.params["favor_target"]}
+    if inexact:
+        provenance["inexact_tensors"] = inexact[:50]
+        provenance["inexact_reason"] = "kept from one side (one-sided change), not merged with these statistics"
+    for key in ("n_examples", "tokens"):
+        vals = [f.provenance.get(key) for f in files]
+        if all(isinstance(v, (int, float)) for v in vals):
+            provenance[key] = sum(vals)  # type: ignore[arg-type]
+    for key in ("task", "label_policy", "masking", "normalisation", "diagonal_only"):
+        if key in prov0:
+            provenance[key] = prov0[key]
+    meta_text = {"format": BLOB_FORMAT, "kind": kind,
+                 "gittheta.stats": json.dumps(provenance, sort_keys=True, separators=(",", ":"))}
+    fd, tmp = tempfile.mkstemp(dir=_store_tmp(store), prefix="derived-stats-", suffix=".safetensors")
+    os.close(fd)
+    sink = SafetensorsSink(tmp, meta_text)
+    try:
+        sink.start(infos)  # type: ignore[arg-type]
+        for info in infos:
+            assert info is not None
+            total = None
+            for i, (f, c) in enumerate(zip(files, coeffs)):
+                t = f.read_rows(info.name, 0, info.rows).to(torch.float64)
+                if floor is not None and (i == 0 or not strategy.params["favor_target"]):
+                    t = torch.clamp(t, min=floor)
+                total = c * t if total is None else total + c * t
+            from gittheta_merge import dtypes
+
+            sink.write(total.to(dtypes.to_torch(info.dtype)))  # type: ignore[union-attr]
+        sink.finish()
+        size = os.path.getsize(sink.path)
+        with open(sink.path, "rb") as fh:
+            oid, _ = store.put_stream(fh, size)
+    finally:
+        sink.abort()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    summary = {k: provenance[k] for k in ("derived", "merged_by", "merged_models", "exact", "n_examples", "tokens")
+               if k in provenance}
+    entry = {"oid": oid, "size": size, "weights": merged.weights_digest(), "provenance": summary}
+    merged.extra["stats"] = {ATTACHED_KIND[kind]: entry}
+    return entry
