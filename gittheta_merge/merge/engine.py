@@ -18,6 +18,7 @@ temporaries; strategies that are not row-separable (MaTS' CG couples all rows) t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -294,6 +295,21 @@ class _Runner:
             strat.end_pass(index)
 
 
+def _test_pause(merged: int) -> None:
+    """Test-only hook, so tests can kill a merge at a known point instead of racing a timer:
+    GITTHETA_TEST_PAUSE_AFTER=N[:PIDFILE] writes the pid to PIDFILE and sleeps after the N-th merged tensor."""
+    spec = os.environ.get("GITTHETA_TEST_PAUSE_AFTER")
+    if not spec:
+        return
+    count, _, pidfile = spec.partition(":")
+    if merged == int(count):
+        if pidfile:
+            with open(pidfile + ".tmp", "w") as fh:
+                fh.write(str(os.getpid()))
+            os.replace(pidfile + ".tmp", pidfile)
+        time.sleep(300)
+
+
 def merge_models(models: list[Source], base: Source | None, sink: Sink, options: MergeOptions | None = None,
                  stats: StatsAccess | None = None, plan: MergePlan | None = None) -> MergeResult:
     """Merge `models` (model 0 = ours/target) against `base` into `sink`; returns the plan and report."""
@@ -322,6 +338,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     bar = Progress("git-theta merge", len(outputs), plan.merged_bytes(), enabled=options.progress)
     reports: list[dict[str, Any]] = []
     done_bytes = 0
+    merged_count = 0
     try:
         for i, tp in enumerate(outputs):
             assert tp.info is not None
@@ -347,6 +364,8 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                                          f"{list(result.shape)} for a chunk of {list(chunk.models[0].shape)}")
                     sink.write(result.to("cpu", torch.float32).to(out_dtype))
                 sink.end()
+                merged_count += 1
+                _test_pause(merged_count)
                 done_bytes += dtypes.nbytes(tp.info.dtype, list(tp.info.shape))
                 elements = entry.pop("elements", None)
                 if elements:
