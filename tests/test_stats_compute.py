@@ -459,3 +459,18 @@ def test_vmap_failure_falls_back_to_loop(tok, monkeypatch: pytest.MonkeyPatch) -
     assert fb.provenance["per_example"] == "loop" and "no batching rule" in fb.provenance["per_example_fallback"]
     for k in good.tensors:
         assert torch.allclose(fb.tensors[k], good.tensors[k], rtol=1e-9, atol=1e-30)
+
+
+def test_gram_symmetric_panels_equal_full_product(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large Grams accumulate only upper panels and mirror at the end; force that path on the tiny model."""
+    import gittheta_merge.stats.compute as compute
+
+    model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3), seed=11)
+    exs = seqcls_examples()
+    kw = dict(kind="gram", task="sequence-classification", batch_size=3, progress=False)
+    full = compute_statistic(model, tok, exs, **kw)
+    monkeypatch.setattr(compute, "_PANEL", 7)
+    panels = compute_statistic(model, tok, exs, **kw)
+    for k, v in full.tensors.items():
+        assert torch.equal(panels.tensors[k], panels.tensors[k].T)
+        assert rel_err(panels.tensors[k], v) <= 1e-12, k

@@ -307,6 +307,9 @@ def _rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
     return x.reshape(-1, x.shape[-1]), "none"
 
 
+_PANEL = 384
+
+
 class _OuterAcc:
     """Running sum of r r^T (or of r*r with diagonal_only) over rows, in the accumulation dtype, on the device."""
 
@@ -317,12 +320,25 @@ class _OuterAcc:
         self.count = 0
         self.masking: set[str] = set()
 
+    def result(self) -> torch.Tensor:
+        """The full sum (the accumulation only fills the upper panels of large matrices)."""
+        if self.diagonal_only or self.sum.shape[0] < 2 * _PANEL:
+            return self.sum
+        upper = torch.triu(self.sum)
+        return upper + torch.triu(self.sum, 1).T
+
     def add(self, rows: torch.Tensor, how: str, count: bool = True) -> None:
         r = rows.detach().to(self.dtype)
         if self.diagonal_only:
             self.sum.add_(r.square().sum(0))
         else:
-            self.sum.addmm_(r.T, r)
+            d = r.shape[1]
+            if d < 2 * _PANEL:
+                self.sum.addmm_(r.T, r)
+            else:  # symmetric: only the upper panels (≈ 5/8 of the work at d = 4·panel); mirrored in result()
+                for i in range(0, d, _PANEL):
+                    j = min(i + _PANEL, d)
+                    self.sum[i:j, i:].addmm_(r[:, i:j].T, r[:, i:])
         if count:  # the exact policy adds several weighted terms per token row; the row counts once
             self.count += rows.shape[0]
         self.masking.add(how)
@@ -786,7 +802,7 @@ def compute_statistic(
                 max_dim = 8192
             accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, acc_dtype,
                                                                 diagonal_only, max_dim)
-            tensors = {k: a.sum for k, a in accs.items()}
+            tensors = {k: a.result() for k, a in accs.items()}
             sharing = {w: k for w, k in leader_of.items() if k in accs}
             counts = {k: a.count for k, a in accs.items()}
             masking = {k: sorted(a.masking) for k, a in accs.items()}
