@@ -159,7 +159,11 @@ class SafetensorsSink:
         return [0, info.rows]
 
     def write(self, rows: Any) -> None:
-        self._fh.write(tensor_bytes(rows))
+        import torch
+
+        flat = rows.contiguous().reshape(-1)
+        if flat.numel():
+            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))  # no bytes copy
 
     def end(self) -> None:
         pass

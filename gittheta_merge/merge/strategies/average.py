@@ -27,7 +27,7 @@ class Average(Strategy):
     def merge(self, chunk: Chunk) -> Any:
         weights = self.model_weights()
         total = sum(weights) if self.params["normalize"] else 1.0
-        out = chunk.models[0] * (weights[0] / total)
+        out = chunk.models[0].mul_(weights[0] / total)  # in place: the engine hands over fresh chunks
         for w, model in zip(weights[1:], chunk.models[1:]):
             out.add_(model, alpha=w / total)
         return out

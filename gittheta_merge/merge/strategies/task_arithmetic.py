@@ -22,9 +22,12 @@ class TaskArithmetic(Strategy):
     }
 
     def merge(self, chunk: Chunk) -> Any:
+        # in place, one output buffer: base + lam * (sum_i w_i m_i - (sum_i w_i) base); the chunks are ours
+        # to overwrite, and temporaries per model cost as much time as the arithmetic at this size
         lam = self.params["lambda"]
-        total = None
-        for w, model in zip(self.model_weights(), chunk.models):
-            tau = (model - chunk.base) * w
-            total = tau if total is None else total.add_(tau)
-        return chunk.base + lam * total
+        weights = self.model_weights()
+        total = chunk.models[0].mul_(weights[0]) if weights[0] != 1.0 else chunk.models[0]
+        for w, model in zip(weights[1:], chunk.models[1:]):
+            total.add_(model, alpha=w)
+        total.sub_(chunk.base, alpha=sum(weights))
+        return total.mul_(lam).add_(chunk.base)
