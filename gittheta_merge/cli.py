@@ -200,6 +200,54 @@ def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
     click.echo("commit to version them with the weights")
 
 
+@stats.command("compute")
+@click.argument("model_path")
+@click.option("--kind", type=click.Choice(["fisher", "gram", "kfac"]), required=True)
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="jsonl or csv with text and label fields")
+@click.option("--task", type=click.Choice(["sequence-classification", "token-classification", "causal-lm",
+                                           "masked-lm"]), default="sequence-classification", show_default=True)
+@click.option("--config", "config_dir", default=None, help="HF config/tokenizer directory when MODEL_PATH is a file")
+@click.option("--n-examples", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--label-policy", type=click.Choice(["empirical", "sampled", "exact"]), default="empirical",
+              show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--text-pair-field", default=None)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="accumulation dtype")
+@click.option("--diagonal-only", is_flag=True, help="gram/kfac: store only the diagonal (d instead of d² numbers)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
+@click.option("--seed", type=int, default=0, show_default=True)
+def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_dir: str | None, n_examples: int,
+                  batch_size: int, max_length: int, label_policy: str, text_field: str,
+                  text_pair_field: str | None, label_field: str, dtype: str, diagonal_only: bool, device: str,
+                  seed: int) -> None:
+    """Compute a statistic of a model in the working tree and stage it next to its weights."""
+    from gittheta_merge.stats import attach, workdir
+
+    repo = Repo.discover()
+    tracked = _expand_tracked(repo, (model_path,))
+    for path in tracked:
+        attach.check_staged(repo, path)  # before minutes of computation, not after
+    model, tokenizer = workdir.load_model_and_tokenizer(model_path, task, config_dir)
+    stat = workdir.compute_statistic_from_file(
+        model, tokenizer, data_path, kind=kind, task=task, label_policy=label_policy, n_examples=n_examples,
+        batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
+        diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
+        label_field=label_field)
+    from gittheta_merge.stats.blobs import statistic_to_bytes
+
+    blob = statistic_to_bytes(stat)
+    summary = {k: v for k, v in stat.provenance.items() if isinstance(v, (str, int, float, bool))}
+    for path in tracked:
+        info = attach.attach(repo, path, kind, blob, summary, blob_where=f"{kind} statistics of {model_path}")
+        click.echo(f"staged {kind} statistics for {path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
+    click.echo("commit to version them with the weights")
+
+
 @stats.command("ls")
 @click.argument("paths", nargs=-1)
 @click.option("--rev", default=":", show_default=True, help="commit to read (':' = the index)")

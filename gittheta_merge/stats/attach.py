@@ -52,8 +52,11 @@ def blob_tensor_names(data: bytes, where: str) -> list[str]:
     return [t[0] for t in tensors]
 
 
-def _has_unstaged_changes(repo: Repo, path: str) -> bool:
-    return bool(repo.git("diff", "--name-only", "--", path).strip())
+def check_staged(repo: Repo, path: str) -> None:
+    """Statistics must describe exactly the staged weights: refuse while the file has unstaged changes."""
+    if repo.git("diff", "--name-only", "--", path).strip():
+        raise ThetaError(f"{path} has changes that are not staged: `git add {path}` first, so the statistics "
+                         "are tied to the exact weights they were computed on")
 
 
 def attach(repo: Repo, path: str, kind: str, blob: bytes, provenance: dict[str, Any],
@@ -64,10 +67,8 @@ def attach(repo: Repo, path: str, kind: str, blob: bytes, provenance: dict[str, 
     meta = read_metadata(repo, INDEX, path)
     if meta is None:
         raise ThetaError(f"{path} is not a tracked checkpoint in the index: `git theta track` and `git add` it first")
-    if _has_unstaged_changes(repo, path):
-        raise ThetaError(f"{path} has changes that are not staged: `git add {path}` first, so the statistics "
-                         "are tied to the exact weights they were computed on")
-    names = set(blob_tensor_names(blob, blob_where))
+    check_staged(repo, path)
+    names = set(blob_tensor_names(blob, blob_where)) | set(provenance_from_blob(blob).get("sharing") or {})
     if not names & {t.name for t in meta.tensors}:
         raise ThetaError(f"{blob_where}: none of its tensor names matches a tensor of {path} "
                          "(statistics are keyed by weight name)")
@@ -146,7 +147,8 @@ def provenance_from_blob(data: bytes) -> dict[str, Any]:
     """The provenance recorded in a blob's safetensors metadata (JSON under 'provenance'), if any."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    raw = (header.get("__metadata__") or {}).get("provenance")
+    file_meta = header.get("__metadata__") or {}
+    raw = file_meta.get("gittheta.stats") or file_meta.get("provenance")  # ours (stats/blobs.py), or hand-made
     try:
         return json.loads(raw) if raw else {}
     except json.JSONDecodeError:

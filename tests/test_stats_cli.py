@@ -1,0 +1,74 @@
+"""`git theta stats compute` end to end: a tiny BERT as an HF directory in a real repo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import git
+from safetensors.torch import load_file
+
+from gittheta_merge.gitutil import Repo
+from gittheta_merge.inspect_cmds import read_metadata
+from gittheta_merge.stats import DataSpec, compute_statistic, iter_examples, statistic_from_bytes
+from gittheta_merge.stats.attach import blob_path
+from gittheta_merge.store import ObjectStore
+
+WORDS = "the a cat dog runs sits big small red blue good bad movie book not very is was".split()
+
+
+@pytest.fixture
+def hf_repo(repo: Path) -> Path:
+    model_dir = repo / "model"
+    model_dir.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(model_dir, safe_serialization=True)
+    rows = [{"text": "the cat runs", "label": 1}, {"text": "a bad movie", "label": 0},
+            {"text": "very good book", "label": 1}, {"text": "not big", "label": 0}, {"text": "dog", "label": 1}]
+    (repo / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    git(repo, "theta", "track", "model")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "model")
+    return repo
+
+
+@pytest.mark.parametrize("kind", ["fisher", "gram"])
+def test_stats_compute_stages_the_same_statistic_as_the_api(hf_repo: Path, kind: str) -> None:
+    out = git(hf_repo, "theta", "stats", "compute", "model", "--kind", kind, "--data", "train.jsonl",
+              "--n-examples", "4", "--batch-size", "2", "--max-length", "16")
+    assert f"staged {kind} statistics for model/model.safetensors" in out.stdout.decode()
+    assert git(hf_repo, "status", "--porcelain").stdout.decode().strip() == "M  model/model.safetensors"
+    git(hf_repo, "commit", "-q", "-m", f"{kind} statistics")
+    listing = git(hf_repo, "theta", "stats", "ls", "model").stdout.decode()
+    assert kind in listing and "fresh" in listing
+
+    repo = Repo.discover(hf_repo)
+    meta = read_metadata(repo, "HEAD", "model/model.safetensors")
+    stored = statistic_from_bytes(blob_path(ObjectStore.for_repo(repo), meta, kind, "model").read_bytes())
+    model = transformers.BertForSequenceClassification.from_pretrained(hf_repo / "model")
+    tok = transformers.AutoTokenizer.from_pretrained(hf_repo / "model")
+    direct = compute_statistic(model, tok, iter_examples(DataSpec(hf_repo / "train.jsonl")), kind=kind,
+                               task="sequence-classification", n_examples=4, batch_size=2, max_length=16)
+    assert set(stored.tensors) == set(direct.tensors)
+    for key, value in direct.tensors.items():
+        assert torch.allclose(stored.tensors[key], value, rtol=1e-10, atol=0), key
+    weights = set(load_file(hf_repo / "model" / "model.safetensors"))
+    assert set(stored.sharing) <= weights  # keyed by weight name
+
+
+def test_stats_compute_refuses_unstaged_weights(hf_repo: Path) -> None:
+    path = hf_repo / "model" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    proc = git(hf_repo, "theta", "stats", "compute", "model", "--kind", "gram", "--data", "train.jsonl",
+               "--n-examples", "2", check=False)
+    assert proc.returncode == 1 and b"not staged" in proc.stderr
