@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,3 +130,28 @@ tensor = [{ pattern = "pooler", strategy = "average" }]
     assert config.resolve(r, "special.bin").strategy == "average"
     s = config.resolve(r, "model.safetensors", {"strategy": "ties", "params": {"density": "0.1"}})
     assert (s.strategy, s.params, s.origin["strategy"]) == ("ties", {"density": "0.1"}, "command line")
+
+
+def test_device_option(tmp_path: Path) -> None:
+    """--device cpu goes through the device path (chunks moved, results back on the CPU); a missing CUDA
+    is refused up front with a clear message instead of failing mid-merge."""
+    from merge_helpers import family, write_files
+
+    from gittheta_merge.merge.api import merge_files
+
+    base, models = family(2, seed=5)
+    bpath, paths = write_files(tmp_path, base, models)
+    a = merge_files(paths, tmp_path / "a.safetensors", base=bpath, strategy="ties", device="cpu")
+    assert a["n_models"] == 2
+    got = load_file(str(tmp_path / "a.safetensors"))
+    merge_files(paths, tmp_path / "b.safetensors", base=bpath, strategy="ties")
+    want = load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    proc = subprocess.run([sys.executable, "-m", "gittheta_merge", "merge-files", *paths, "--base", str(bpath),
+                           "-o", str(tmp_path / "c.safetensors"), "--device", "cpu"], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "gittheta_merge", "merge-files", *paths, "-o",
+                               str(tmp_path / "d.safetensors"), "--device", "cuda"], capture_output=True)
+        assert proc.returncode != 0 and b"CUDA is not available" in proc.stderr
+        assert not (tmp_path / "d.safetensors").exists()
