@@ -75,6 +75,9 @@ def track(targets: tuple[str, ...]) -> None:
     """Track checkpoint files, globs ('*.safetensors') or Hugging Face model directories."""
     from gittheta_merge import tracking
 
+    missing = [t for t in targets if not any(ch in t for ch in "*?[") and not Path(t).exists()]
+    for target in missing:
+        click.echo(f"note: {target} does not exist yet; it will be tracked when it is created")
     added = tracking.track(list(targets))
     for line in added:
         click.echo(f"tracking: {line}")

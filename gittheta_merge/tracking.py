@@ -164,8 +164,6 @@ def track(targets: list[str], cwd: str | None = None) -> list[str]:
     existing = attributes.read_text().splitlines() if attributes.exists() else []
     added: list[str] = []
     for target in targets:
-        if not any(ch in target for ch in "*?[") and not (here / target).exists():
-            raise ThetaError(f"{target}: no such file or directory (quote globs: git theta track '*.pt')")
         for pattern in patterns_for(repo, target, here):
             line = f"{pattern} {ATTRS}"
             if line not in existing and line not in added:

@@ -38,11 +38,15 @@ def origin(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def clone(tmp_path: Path, remote: Path, name: str) -> Path:
-    git(tmp_path, "clone", "-q", remote.as_uri(), name)
-    dest = tmp_path / name
+    """A clone with no git identity configured anywhere (as on a fresh CI machine) until it commits."""
+    no_identity = {"HOME": str(tmp_path / "no-home"), "GIT_CONFIG_NOSYSTEM": "1", "EMAIL": ""}
+    git(tmp_path, "clone", "-q", remote.as_uri(), name, env=no_identity)
+    return tmp_path / name
+
+
+def set_identity(repo: Path) -> None:
     for key, value in (("user.email", "t@example.com"), ("user.name", "T")):
-        git(dest, "config", key, value)
-    return dest
+        git(repo, "config", key, value)
 
 
 def test_push_clone_fetch_branch_and_new_branch_from_clone(tmp_path: Path, origin: tuple[Path, Path]) -> None:
@@ -57,7 +61,7 @@ def test_push_clone_fetch_branch_and_new_branch_from_clone(tmp_path: Path, origi
     assert (copy / "model.safetensors").read_bytes().startswith(b'{"gittheta"')
     hint = git(copy, "theta", "ls").stderr.decode()
     assert "not configured in this clone" in hint and "git theta install" in hint
-    git(copy, "theta", "install")
+    git(copy, "theta", "install", env={"HOME": str(tmp_path / "no-home"), "GIT_CONFIG_NOSYSTEM": "1"})
     assert (copy / "model.safetensors").read_bytes() == v1
     assert git(copy, "status", "--porcelain").stdout == b""
 
@@ -75,6 +79,7 @@ def test_push_clone_fetch_branch_and_new_branch_from_clone(tmp_path: Path, origi
     assert len(store_objects(copy) - before) == 2
 
     # a new branch pushed from the fresh clone (no local history of earlier pushes)
+    set_identity(copy)
     git(copy, "checkout", "-q", "-b", "from-clone")
     v3 = save_commit(copy, dict(ft, **{"layer0.weight": ft["layer0.weight"] + 1}), "clone work")
     git(copy, "push", "-q", "origin", "from-clone")
