@@ -32,8 +32,24 @@ def _hint_if_not_installed() -> None:
                    "would commit raw files. Run `git theta install` (it also checks the models out).", err=True)
 
 
+# commands whose modules are imported only when used: the filter process runs inside every
+# `git add`/`checkout` and must not pay for importing the merge engine
+LAZY_COMMANDS = {"merge": "merge_cmd", "merge-driver": "merge_driver_cmd", "merge-files": "merge_files_cmd"}
+
+
 class ThetaGroup(click.Group):
-    """Turns ThetaError into a one-line message and exit code 1, without a traceback."""
+    """Turns ThetaError into a one-line message and exit code 1, without a traceback; loads the
+    merge commands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            from gittheta_merge.merge import commands
+
+            self.add_command(getattr(commands, LAZY_COMMANDS[name]), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> object:
         if ctx.protected_args and ctx.protected_args[0] not in _NO_HINT:
@@ -350,11 +366,6 @@ def smudge(path: str) -> None:
     sys.exit(single_shot("smudge", path))
 
 
-from gittheta_merge.merge.commands import merge_cmd, merge_driver_cmd, merge_files_cmd  # noqa: E402
-
-main.add_command(merge_cmd)
-main.add_command(merge_driver_cmd)
-main.add_command(merge_files_cmd)
 
 if __name__ == "__main__":
     main(prog_name=os.path.basename(sys.argv[0]))

@@ -82,13 +82,45 @@ class ContentStream:
         view = memoryview(target).cast("B")
         filled = 0
         while filled < len(view):
-            if self._pos >= len(self._buf) and not self._fill():
-                break
+            if self._pos >= len(self._buf):
+                direct = self._read_packet_into(view[filled:])
+                if direct is None:
+                    break
+                if direct:
+                    filled += direct
+                    continue
+                if not self._fill():
+                    break
             n = min(len(view) - filled, len(self._buf) - self._pos)
             view[filled : filled + n] = self._buf[self._pos : self._pos + n]
             self._pos += n
             filled += n
         return filled
+
+    def _read_packet_into(self, view: memoryview) -> int | None:
+        """Read the next packet straight into `view` when it fits (no intermediate copy).
+
+        Returns its size, 0 when it does not fit (nothing consumed: the caller buffers it), or None at
+        the flush packet that ends the content."""
+        if self._done or len(view) < 65520:
+            return 0
+        stream = self._reader._stream
+        head = stream.read(4)
+        if len(head) != 4:
+            raise ProtocolError("truncated pkt-line header")
+        size = int(head, 16)
+        if size == 0:
+            self._done = True
+            return None
+        if size < 4:
+            raise ProtocolError(f"invalid pkt-line length {size}")
+        got = 0
+        while got < size - 4:
+            n = stream.readinto(view[got : size - 4])  # type: ignore[attr-defined]
+            if not n:
+                raise ProtocolError("truncated pkt-line payload")
+            got += n
+        return size - 4
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
