@@ -19,15 +19,20 @@ and prints the git-theta 0.2.0 anchors (numbers from the reference machine) as r
 
 Steps, per tool, each in a fresh repository: ``git add`` (first version), ``git commit``, ``git add``
 after rewriting the file with 2 tensors perturbed, ``git commit``, size of ``.git``, detached
-``git checkout <first commit>`` (then the file is compared with the first version: byte-identical for
-safetensors, value-identical for .pt, whose bytes depend on the torch version), the first and second
-``git status`` after it (must be clean), ``git diff <c1> <c2> -- file`` and, for this tool,
-``git theta diff <c1> <c2>``.  References: ``cp`` of the file, ``sha256sum`` and Python ``hashlib``.
+``git checkout <first commit>`` (started from an index with no "racily clean" entry, see
+``settle_index``, so it times the smudge and not an extra clean pass; then the file is compared with
+the first version: byte-identical for safetensors, value-identical for .pt, whose bytes depend on the
+torch version), the first and second ``git status`` after it (must be clean),
+``git diff <c1> <c2> -- file`` and, for this tool, ``git theta diff <c1> <c2>``.  References:
+``cp`` of the file, ``cat > copy``, ``sha256sum`` and Python ``hashlib``.  git's racy-clean rule
+(same-second mtimes make git re-run the clean filter over the whole file on the next command) is
+left in the commit and status steps, as a user would meet it.
 
 Every git command runs under ``/usr/bin/time -f '%e %M'``: %M is the peak RSS of the largest single
 process in the tree (git or its filter), which is what the git-theta anchors measured.  Meanwhile the
 process tree is polled (``VmHWM`` in ``/proc``, every 20 ms; a high-water mark, so a late sample still
-sees an earlier peak) to split git's own peak from its filter's, and this tool's filter process reports
+sees an earlier peak; a command done before the first sample shows "-") to split git's own peak from
+its filter's, and this tool's filter process reports
 its exact peak through ``GIT_THETA_RSS_LOG``.  During a checkout git itself holds the whole smudged file
 in memory before writing it (a git limitation that hits every filter, git-lfs included), so git's peak
 is about the file size whatever the filter does; the split makes that visible.
@@ -37,7 +42,7 @@ the disk.  The machine this runs on is small and shared: compare ratios, not abs
 
 Usage::
 
-    python benchmarks/track.py                           # 48 x 1024x1024 fp32 safetensors, ~2 min
+    python benchmarks/track.py                           # 48 x 1024x1024 fp32 safetensors, ~25 s
     python benchmarks/track.py --size 400M --dtype bf16  # ~400M-param bf16 model, big embedding
     python benchmarks/track.py --format pt               # a torch.save .pt file instead
     python benchmarks/track.py --git-theta-venv /tmp/gt  # also git-theta 0.2.0 from that venv
@@ -150,7 +155,7 @@ def default_layout(dtype: str) -> Layout:
 def transformer_layout(params: int, dtype: str, hidden: int = 1536, vocab: int = 32000) -> Layout:
     """A decoder-like model of about `params` parameters: a vocab x hidden embedding, then layers of
     attention (4 x hidden^2), MLP (3 x hidden x 4096-ish) and a norm vector, then a final norm."""
-    ffn = 8 * hidden // 3 // 256 * 256 + 256  # llama-style rounded intermediate size (4096 for 1536)
+    ffn = -(-(8 * hidden // 3) // 256) * 256  # llama-style: 8/3 hidden rounded up to 256 (4096 for 1536)
     per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden
     embed = vocab * hidden
     layers = max(1, round((params - embed - hidden) / per_layer))
@@ -247,18 +252,30 @@ def build_checkpoint(layout: Layout, fmt: str, directory: Path, version: int) ->
 
 
 def same_content(path: Path, reference: Path, fmt: str) -> str:
-    """'byte-identical', 'value-identical' (.pt only) or 'MISMATCH'."""
+    """'byte-identical', 'value-identical' (same tensor names, dtypes, shapes and values, other bytes)
+    or 'MISMATCH'."""
     if subprocess.run(["cmp", "-s", str(path), str(reference)]).returncode == 0:
         return "byte-identical"
-    if fmt != "pt":
-        return "MISMATCH"
     import torch
 
-    a = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    b = torch.load(reference, map_location="cpu", weights_only=True, mmap=True)
-    same = list(a) == list(b) and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
-    )
+    try:
+        if fmt == "pt":
+            a = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            b = torch.load(reference, map_location="cpu", weights_only=True, mmap=True)
+            same = list(a) == list(b) and all(
+                a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+            )
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fa, safe_open(str(reference), "pt") as fb:
+                same = sorted(fa.keys()) == sorted(fb.keys()) and all(
+                    (x := fa.get_tensor(k)).dtype == (y := fb.get_tensor(k)).dtype and torch.equal(x, y)
+                    for k in fb.keys()
+                )
+    except Exception as exc:  # noqa: BLE001 - an unreadable result is a mismatch, not a crash
+        sys.stderr.write(f"{path}: cannot compare values: {exc}\n")
+        return "MISMATCH"
     return "value-identical" if same else "MISMATCH"
 
 
@@ -275,6 +292,7 @@ class Step:
     tree_kb: int
     git_kb: int
     helper_kb: int
+    helper_anon_kb: int
     filter_log_kb: int | None
     rc: int
     stdout_bytes: int = 0
@@ -292,7 +310,8 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _hwm(pid: int) -> tuple[str, int] | None:
+def _hwm(pid: int) -> tuple[str, int, int] | None:
+    """(name, VmHWM, RssAnon) of a live process, in KiB."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             text = fh.read()
@@ -300,9 +319,10 @@ def _hwm(pid: int) -> tuple[str, int] | None:
         return None
     name = re.search(r"^Name:\s*(.*)$", text, re.M)
     hwm = re.search(r"^VmHWM:\s*(\d+)", text, re.M)
-    if not name or not hwm:
+    anon = re.search(r"^RssAnon:\s*(\d+)", text, re.M)
+    if not name or not hwm or not anon:
         return None  # zombie: its memory is already gone
-    return name.group(1).strip(), int(hwm.group(1))
+    return name.group(1).strip(), int(hwm.group(1)), int(anon.group(1))
 
 
 class Runner:
@@ -322,7 +342,7 @@ class Runner:
         env = dict(env)
         if rss_log:
             env["GIT_THETA_RSS_LOG"] = str(log_path)
-        peaks: dict[int, tuple[str, int]] = {}
+        peaks: dict[int, tuple[str, int, int]] = {}  # pid: name, VmHWM, max sampled RssAnon
         git_pid = -1
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             start = time.perf_counter()
@@ -338,8 +358,9 @@ class Runner:
                     while stack:
                         pid = stack.pop()
                         seen = _hwm(pid)
-                        if seen and seen[1] >= peaks.get(pid, ("", 0))[1]:
-                            peaks[pid] = seen
+                        if seen:
+                            before = peaks.get(pid, ("", 0, 0))
+                            peaks[pid] = (seen[0], max(seen[1], before[1]), max(seen[2], before[2]))
                         stack.extend(_children(pid))
                 if done:
                     break
@@ -354,15 +375,17 @@ class Runner:
             sys.stderr.write(err_path.read_text(errors="replace")[-3000:])
             raise RuntimeError(f"command failed: {' '.join(cmd)} (in {cwd})")
         helpers: dict[str, int] = {}
-        for pid, (name, kb) in peaks.items():
+        helper_anon = 0
+        for pid, (name, kb, anon_kb) in peaks.items():
             if pid != git_pid:
                 helpers[name] = max(helpers.get(name, 0), kb)
-        git_kb = peaks.get(git_pid, ("", 0))[1]
+                helper_anon = max(helper_anon, anon_kb)
+        git_kb = peaks.get(git_pid, ("", 0, 0))[1]
         filter_log_kb = None
         if rss_log and log_path.exists():
             entries = [int(line.split()[1]) for line in log_path.read_text().splitlines() if line.strip()]
             filter_log_kb = max(entries) if entries else None
-        return Step(seconds, tree_kb, git_kb, max(helpers.values(), default=0), filter_log_kb, rc,
+        return Step(seconds, tree_kb, git_kb, max(helpers.values(), default=0), helper_anon, filter_log_kb, rc,
                     out_path.stat().st_size, helpers)
 
     def output(self) -> str:
@@ -384,6 +407,22 @@ def dir_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def settle_index(repo: Path, env: dict[str, str]) -> None:
+    """Leave no "racily clean" index entry before a timed checkout (untimed).
+
+    git compares the index file's mtime with each file's mtime in whole seconds. When a file was
+    written in the same second as the index (a fast `git add` right after the file was rewritten), git
+    cannot trust the stat data and, on the next command that looks at the file (commit, status, or
+    the checkout about to overwrite it), re-runs the clean filter over the whole file. That cost
+    depends on where the second boundary falls and hits faster filters more often; it is measured in
+    the status steps, but it would make the checkout numbers bimodal. So: wait past the index's
+    mtime second, then let `git status` re-verify and rewrite the index."""
+    index = repo / ".git" / "index"
+    while time.time() < int(index.stat().st_mtime) + 1.05:
+        time.sleep(0.05)
+    subprocess.run(["git", "status", "--porcelain"], cwd=repo, env=env, check=True, capture_output=True)
 
 
 def tool_env(tool: str, home: Path, venv: Path | None, fmt: str) -> dict[str, str]:
@@ -442,6 +481,7 @@ def run_tool(tool: str, runner: Runner, work: Path, v1: Path, v2: Path, fmt: str
     blobs_differ = rev(f"{c1}:{name}") != rev(f"{c2}:{name}")
     git_dir = dir_bytes(repo / ".git")
     lfs_dir = dir_bytes(repo / ".git" / "lfs")
+    settle_index(repo, env)
     steps["checkout"] = git("checkout", "-q", "--detach", c1)
     content = same_content(target, v1, fmt)
     steps["status1"] = git("status", "--porcelain")
@@ -466,21 +506,29 @@ def run_tool(tool: str, runner: Runner, work: Path, v1: Path, v2: Path, fmt: str
             "lfs_dir_bytes": lfs_dir, "checks": checks}
 
 
-def references(runner: Runner, work: Path, v1: Path) -> dict[str, dict[str, float]]:
+def references(runner: Runner, work: Path, v1: Path, times: int = 3) -> dict[str, dict[str, float]]:
+    """cp (the checkout target's yardstick; may copy inside the kernel), a read/write copy through user
+    space (cat), sha256sum and in-process hashlib: each the median of `times` runs."""
     env = dict(os.environ)
     copy = work / "copy.bin"
-    cp = runner.run(["cp", str(v1), str(copy)], work, env)
-    copy.unlink()
-    sha = runner.run(["sha256sum", str(v1)], work, env)
-    start = time.perf_counter()
-    digest = hashlib.sha256()
-    with open(v1, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            digest.update(chunk)
-    hashlib_s = time.perf_counter() - start
-    return {"cp": {"seconds": cp.seconds, "tree_kb": cp.tree_kb},
-            "sha256sum": {"seconds": sha.seconds, "tree_kb": sha.tree_kb},
-            "hashlib": {"seconds": hashlib_s, "tree_kb": 0}}
+    samples: dict[str, list[tuple[float, float]]] = {"cp": [], "cat": [], "sha256sum": [], "hashlib": []}
+    for _ in range(times):
+        cp = runner.run(["cp", str(v1), str(copy)], work, env)
+        copy.unlink()
+        cat = runner.run(["sh", "-c", 'cat "$0" > "$1"', str(v1), str(copy)], work, env)
+        copy.unlink()
+        sha = runner.run(["sha256sum", str(v1)], work, env)
+        start = time.perf_counter()
+        digest = hashlib.sha256()
+        with open(v1, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                digest.update(chunk)
+        samples["cp"].append((cp.seconds, cp.tree_kb))
+        samples["cat"].append((cat.seconds, cat.tree_kb))
+        samples["sha256sum"].append((sha.seconds, sha.tree_kb))
+        samples["hashlib"].append((time.perf_counter() - start, 0))
+    return {name: {"seconds": statistics.median(x[0] for x in got), "tree_kb": statistics.median(x[1] for x in got)}
+            for name, got in samples.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,7 +542,7 @@ def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in runs[0]["steps"]:
         values = [r["steps"][key] for r in runs]
         merged: dict[str, float | None] = {}
-        for metric in ("seconds", "tree_kb", "git_kb", "helper_kb", "filter_log_kb"):
+        for metric in ("seconds", "tree_kb", "git_kb", "helper_kb", "helper_anon_kb", "filter_log_kb"):
             nums = [v[metric] for v in values if v[metric] is not None]
             merged[metric] = statistics.median(nums) if nums else None
         steps[key] = merged
@@ -565,9 +613,11 @@ def report(result: dict[str, Any]) -> str:
     if gt:
         size_row += [fmt_num(gt["git_dir_bytes"] / MB, 1), ""]
     rows.append(size_row)
-    for name in ("cp", "sha256sum", "hashlib"):
+    ref_labels = {"cp": "reference: cp", "cat": "reference: cat > copy", "sha256sum": "reference: sha256sum",
+                  "hashlib": "reference: hashlib (in-process)"}
+    for name, label in ref_labels.items():
         ref = refs[name]
-        row = [f"reference: {name}" + (" (in-process)" if name == "hashlib" else ""),
+        row = [label,
                fmt_num(ref["seconds"]), fmt_num(mb(ref["tree_kb"]), 0) if ref["tree_kb"] else "-",
                "", "", "", ""]
         if gt:
@@ -584,12 +634,14 @@ def report(result: dict[str, Any]) -> str:
         for t in tools.values():
             s = t["steps"][key]
             filt = s["filter_log_kb"] if s["filter_log_kb"] is not None else s["helper_kb"]
-            row += [fmt_num(mb(s["git_kb"]), 0), fmt_num(mb(filt), 0) if filt else "-"]
+            row += [fmt_num(mb(s["git_kb"]), 0) if s["git_kb"] else "-", fmt_num(mb(filt), 0) if filt else "-",
+                    fmt_num(mb(s["helper_anon_kb"]), 0) if s["helper_anon_kb"] else "-"]
         split_rows.append(row)
-    split_header = ["step"] + [f"{name}: {what} MB" for name in tools for what in ("git", "filter")]
+    split_header = ["step"] + [f"{name}: {what}" for name in tools for what in ("git", "filter", "filter anon")]
     out.append("")
-    out.append("peak RSS by process: git's own (polled VmHWM) vs the filter (ours: GIT_THETA_RSS_LOG; "
-               "others: polled VmHWM)")
+    out.append("peak RSS by process, MB: git's own (polled VmHWM) vs the filter (ours: GIT_THETA_RSS_LOG; "
+               "others: polled VmHWM);\nfilter anon = largest sampled RssAnon (excludes mmap'ed file pages, "
+               "which the page cache can reclaim)")
     out.append(table(split_rows, split_header))
 
     out.append("")
@@ -640,8 +692,10 @@ def evaluate(result: dict[str, Any]) -> None:
                                    f"= {100 * inc / full:.0f}%")
         co, cp = ours["steps"]["checkout"]["seconds"], result["references"]["cp"]["seconds"]
         target(co <= 2 * cp, f"checkout <= 2x cp: {co:.2f}s vs cp {cp:.2f}s = {co / cp:.1f}x")
-        target("MISMATCH" not in ours["checks"]["checkout_content"],
-               f"checkout restores the first version: {'/'.join(ours['checks']['checkout_content'])}")
+        wanted = {"byte-identical"} if layout["format"] == "safetensors" else {"byte-identical", "value-identical"}
+        got = ours["checks"]["checkout_content"]
+        target(set(got) <= wanted, f"checkout restores the first version: {'/'.join(got)} "
+                                   f"(required: {' or '.join(sorted(wanted))})")
         target(ours["checks"]["status_clean"], "git status clean after checkout")
     result["targets"] = targets
 
@@ -755,10 +809,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"total {time.perf_counter() - t0:.0f}s\n")
         if args.json:
             args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        # exit 1 on a correctness failure or a crashed tool; missed performance targets only print FAIL
-        broken = any("MISMATCH" in m["checks"]["checkout_content"] or not m["checks"]["status_clean"]
-                     for m in result["medians"].values())
-        return 1 if broken or any(not r for r in runs.values()) else 0
+        # exit 1 when ours restores a wrong file or leaves a dirty status, or ours/git-lfs crashed;
+        # missed performance targets only print FAIL
+        broken = any(t["verdict"] == "FAIL" and t["text"].startswith(("checkout restores", "git status clean"))
+                     for t in result["targets"])
+        return 1 if broken or any(not runs[t] for t in tools if t != "git-theta") else 0
     finally:
         if args.keep:
             sys.stderr.write(f"kept {work}\n")
