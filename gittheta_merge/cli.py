@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -116,8 +117,7 @@ def ls_cmd(paths: tuple[str, ...], rev: str) -> None:
     from gittheta_merge import inspect_cmds
 
     repo = Repo.discover()
-    rel = [_repo_relative(repo, p) for p in paths] or None
-    files = inspect_cmds.tracked_files(repo, rev, rel)
+    files = _tracked_at(repo, rev, paths)
     if not files:
         what = " ".join(paths) if paths else "files"
         where = "the index" if rev == ":" else rev
@@ -272,13 +272,11 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
 @click.option("--rev", default=":", show_default=True, help="commit to read (':' = the index)")
 def stats_ls(paths: tuple[str, ...], rev: str) -> None:
     """What statistics exist, for which weights, how computed, and whether they are stale."""
-    from gittheta_merge import inspect_cmds
     from gittheta_merge.stats import attach
 
     repo = Repo.discover()
-    rel = [_repo_relative(repo, p) for p in paths] or None
     rows = []
-    for path, meta in inspect_cmds.tracked_files(repo, rev, rel).items():
+    for path, meta in _tracked_at(repo, rev, paths).items():
         rows += attach.list_stats(path, meta)
     if not rows:
         click.echo("no statistics attached")
@@ -299,12 +297,16 @@ def stats_rm(paths: tuple[str, ...], kind: str) -> None:
         click.echo(f"removed {kind} statistics from {path}")
 
 
-def _expand_tracked(repo: Repo, paths: tuple[str, ...]) -> list[str]:
-    """Tracked checkpoint files named directly or inside a directory (an HF model's shards)."""
+def _tracked_at(repo: Repo, rev: str, paths: tuple[str, ...]) -> dict[str, Any]:
+    """Tracked checkpoints (path → metadata) at a revision, under the given paths (relative to cwd)."""
     from gittheta_merge import inspect_cmds
 
-    rel = [_repo_relative(repo, p) for p in paths]
-    found = list(inspect_cmds.tracked_files(repo, inspect_cmds.INDEX, rel))
+    return inspect_cmds.tracked_files(repo, rev, [_repo_relative(repo, p) for p in paths] or None)
+
+
+def _expand_tracked(repo: Repo, paths: tuple[str, ...]) -> list[str]:
+    """Tracked checkpoint files staged under the paths (files, or a directory such as an HF model's)."""
+    found = list(_tracked_at(repo, ":", paths))
     if not found:
         raise ThetaError(f"no tracked checkpoint staged under {' '.join(paths)}")
     return found
@@ -321,11 +323,8 @@ def pull_objects(revs: tuple[str, ...], remote: str | None) -> None:
     needs: dict[str, transfer.Needed] = {}
     for rev in revs or ("HEAD",):
         for path, meta in inspect_cmds.tracked_files(repo, rev).items():
-            for t in meta.tensors:
-                for (oid, _), size in zip(t.blocks, t.block_sizes()):
-                    needs.setdefault(oid, transfer.Needed(oid, size, f"{path}: tensor {t.name!r} at {rev}"))
-            for oid, size in meta.iter_extra_objects():
-                needs.setdefault(oid, transfer.Needed(oid, size, f"{path} at {rev}"))
+            for need in transfer.needs_of(meta, path, f" at {rev}"):
+                needs.setdefault(need.oid, need)
     count = transfer.fetch_objects(repo, list(needs.values()), remote)
     click.echo(f"fetched {count} object(s); {len(needs)} needed by {', '.join(revs or ('HEAD',))} are now local")
 

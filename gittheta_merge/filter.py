@@ -38,7 +38,6 @@ class Filter:
         self.store = ObjectStore.for_repo(repo)
         self.max_block_bytes = repo.config_int("theta.blockBytes", DEFAULT_BLOCK_BYTES)
         self.scratch = repo.common_dir / "theta" / "tmp"
-        self.carry_stats = True
         self.auto_fetch = repo.config_bool("theta.autoFetch", True) and bool(repo.git("remote").strip())
 
     def context(self, path: str, label: str, total_bytes: int | None = None,
@@ -73,15 +72,13 @@ class Filter:
         over keeps `git status` clean after `git theta stats compute`, and once the weights change
         they stay attached but are reported stale (their recorded weights digest no longer matches).
         """
-        if not self.carry_stats:
-            return
-        staged = self.repo.git("cat-file", "blob", f":{path}", check=False)
-        if not staged or not is_metadata(staged[:64]):
-            return
+        from gittheta_merge.inspect_cmds import INDEX, read_metadata
+
         try:
-            stats = Metadata.from_bytes(staged, path).stats
+            staged = read_metadata(self.repo, INDEX, path)
         except ThetaError:
-            return
+            return  # an unreadable staged version carries nothing over
+        stats = staged.stats if staged is not None else {}
         if stats:
             meta.extra["stats"] = stats
 
@@ -91,10 +88,7 @@ class Filter:
         if self.auto_fetch and self._missing(meta):
             from gittheta_merge import transfer
 
-            needs = [transfer.Needed(oid, size, f"{path}: tensor {t.name!r}")
-                     for t in meta.tensors for (oid, _), size in zip(t.blocks, t.block_sizes())]
-            needs += [transfer.Needed(oid, size, path) for oid, size in meta.iter_extra_objects()]
-            transfer.fetch_objects(self.repo, needs, context=context)
+            transfer.fetch_objects(self.repo, list(transfer.needs_of(meta, path)), context=context)
         missing = self._missing(meta)
         if missing:
             shown = ", ".join(repr(n) for n in missing[:5]) + (" …" if len(missing) > 5 else "")

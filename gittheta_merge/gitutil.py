@@ -124,6 +124,20 @@ class CatFile:
         self.close()
 
 
+def blob_sizes(repo: Repo, blobs: Iterable[str]) -> dict[str, int]:
+    """Sizes of many blobs from one `git cat-file --batch-check` (no content read)."""
+    wanted = list(dict.fromkeys(blobs))
+    if not wanted:
+        return {}
+    out = repo.git("cat-file", "--batch-check=%(objectname) %(objectsize)", input="\n".join(wanted).encode() + b"\n")
+    sizes: dict[str, int] = {}
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            sizes[parts[0]] = int(parts[1])
+    return sizes
+
+
 def iter_tree_blobs(repo: Repo, rev: str, paths: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """(blob id, path) of every blob in a commit's tree (recursive)."""
     args = ["ls-tree", "-r", "-z", "--full-tree", rev]

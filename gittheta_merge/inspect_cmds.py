@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo, iter_index_blobs, iter_tree_blobs
-from gittheta_merge.metadata import Metadata, TensorEntry, is_metadata
+from gittheta_merge.gitutil import CatFile, Repo, blob_sizes, iter_index_blobs, iter_tree_blobs
+from gittheta_merge.metadata import MAX_METADATA_BYTES, Metadata, TensorEntry, is_metadata
 from gittheta_merge.store import ObjectStore
 from gittheta_merge.tensors import iter_blocks
 
@@ -22,20 +22,27 @@ INDEX = ":"
 def read_metadata(repo: Repo, rev: str, path: str) -> Metadata | None:
     """The metadata of `path` at a revision (":" = the index), None if absent or not tracked."""
     spec = f":{path}" if rev == INDEX else f"{rev}:{path}"
+    size = repo.git("cat-file", "-s", spec, check=False).strip()
+    if not size or int(size) > MAX_METADATA_BYTES:
+        return None  # absent, or a large raw file: not read just to find out it is not metadata
     data = repo.git("cat-file", "blob", spec, check=False)
-    if not data or not is_metadata(data[:64]):
+    if not is_metadata(data[:64]):
         return None
     return Metadata.from_bytes(data, f"{path} at {rev if rev != INDEX else 'the index'}")
 
 
 def tracked_files(repo: Repo, rev: str, paths: list[str] | None = None) -> dict[str, Metadata]:
     """Every tracked checkpoint (its metadata) at a revision, optionally limited to paths."""
-    blobs = iter_index_blobs(repo, paths) if rev == INDEX else iter_tree_blobs(repo, rev, paths)
+    blobs = list(iter_index_blobs(repo, paths) if rev == INDEX else iter_tree_blobs(repo, rev, paths))
+    sizes = blob_sizes(repo, (blob for blob, _ in blobs))
     out: dict[str, Metadata] = {}
-    for blob, path in blobs:
-        data = repo.git("cat-file", "blob", blob)
-        if is_metadata(data[:64]):
-            out[path] = Metadata.from_bytes(data, path)
+    with CatFile(repo) as cat:
+        for blob, path in blobs:
+            if sizes.get(blob, MAX_METADATA_BYTES + 1) > MAX_METADATA_BYTES:
+                continue  # a large plain file: never read it just to find out it is not metadata
+            got = cat.read(blob)
+            if got is not None and is_metadata(got[1][:64]):
+                out[path] = Metadata.from_bytes(got[1], path)
     return out
 
 

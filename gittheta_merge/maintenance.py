@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.gitutil import CatFile, Repo
-from gittheta_merge.metadata import Metadata, is_metadata
+from gittheta_merge.metadata import MAX_METADATA_BYTES, Metadata, is_metadata
 from gittheta_merge.progress import Progress
 from gittheta_merge.store import ObjectStore
 
-MAX_METADATA_BYTES = 64 << 20
 _LFS_POINTER = re.compile(rb"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\n", re.M)
 
 
@@ -79,11 +78,10 @@ def reachable_oids(repo: Repo) -> dict[str, str]:
     needed: dict[str, str] = {}
     for ref in iter_referencing_blobs(repo, all_history_args()):
         if ref.meta is not None:
-            for tensor in ref.meta.tensors:
-                for oid in tensor.oids:
-                    needed.setdefault(oid, f"{ref.path}: tensor {tensor.name!r}")
-            for oid in ref.meta.iter_oids():
-                needed.setdefault(oid, f"{ref.path}")
+            for oid, _, what in ref.meta.iter_objects():
+                needed.setdefault(oid, f"{ref.path}: {what}" if what else ref.path)
+            for oid in ref.meta.iter_oids():  # unsized oid-valued extras, if any
+                needed.setdefault(oid, ref.path)
         elif ref.lfs_oid:
             needed.setdefault(ref.lfs_oid, f"{ref.path} (git-lfs file)")
     return needed
@@ -104,15 +102,14 @@ def fsck(repo: Repo, store: ObjectStore | None = None) -> FsckReport:
     """Re-hash every stored object and check every reachable reference has its object."""
     store = store or ObjectStore.for_repo(repo)
     report = FsckReport()
-    oids = list(store.iter_oids())
-    total = sum(store.size(o) for o in oids)
-    bar = Progress("git-theta fsck", len(oids), total)
+    sizes = {oid: store.size(oid) for oid in store.iter_oids()}
+    bar = Progress("git-theta fsck", len(sizes), sum(sizes.values()))
     done = 0
-    for oid in oids:
+    for oid, size in sizes.items():
         if not store.verify(oid):
             report.corrupt.append(oid)
         report.checked += 1
-        done += store.size(oid)
+        done += size
         bar.update(report.checked, done)
     bar.close()
     for oid, where in reachable_oids(repo).items():

@@ -21,6 +21,7 @@ from gittheta_merge.store import check_oid
 
 SCHEMA_VERSION = 1
 MAGIC = b'{"gittheta":'
+MAX_METADATA_BYTES = 64 << 20  # larger blobs are never metadata: walks skip them unread
 MAX_ELEMENTS = 1 << 50  # far above any real tensor; rejects absurd shapes before arithmetic
 
 
@@ -149,6 +150,15 @@ class Metadata:
         """Statistic blobs attached to these weights: kind → {oid, size, weights, provenance}."""
         value = self.extra.get("stats")
         return value if isinstance(value, dict) else {}
+
+    def iter_objects(self) -> Iterator[tuple[str, int, str]]:
+        """(oid, size, what) of every object this file needs: each tensor block, then the sized extras
+        (stored header, statistics). `what` names the tensor, or is "" for an extra."""
+        for tensor in self.tensors:
+            for (oid, _), size in zip(tensor.blocks, tensor.block_sizes()):
+                yield oid, size, f"tensor {tensor.name!r}"
+        for oid, size in self.iter_extra_objects():
+            yield oid, size, ""
 
     def iter_extra_objects(self) -> Iterator[tuple[str, int]]:
         """(oid, size) of objects referenced outside the tensor list: a `…oid` key with a sibling

@@ -7,7 +7,6 @@ a whole checkpoint in memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import BinaryIO
 
 MAX_PAYLOAD = 65516  # 65520 - 4, the largest payload git accepts
@@ -172,7 +171,3 @@ class ContentSink:
             self._writer.packet(view[start : start + MAX_PAYLOAD])
         return len(view)
 
-
-def iter_chunks(data: bytes, size: int = MAX_PAYLOAD) -> Iterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]

@@ -206,14 +206,13 @@ class ObjectStore:
             return handle.read(size - offset if length is None else length)
 
     def verify(self, oid: str) -> bool:
-        digest = hashlib.sha256()
-        with open(self.path(oid), "rb") as handle:
-            while True:
-                chunk = handle.read(READ_CHUNK)
-                if not chunk:
-                    break
-                digest.update(chunk)
-        return digest.hexdigest() == oid
+        """True if the object's bytes still hash to its name."""
+        try:
+            for _ in self.iter_verified(oid, self.size(oid)):
+                pass
+        except CorruptObject:
+            return False
+        return True
 
     def delete(self, oid: str) -> None:
         path = self.path(oid)

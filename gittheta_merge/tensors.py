@@ -15,7 +15,8 @@ from gittheta_merge.metadata import TensorEntry
 from gittheta_merge.store import ObjectStore
 
 
-def _to_tensor(buf: bytearray | bytes, dtype: str, shape: list[int]) -> Any:
+def bytes_to_tensor(buf: bytearray | bytes, dtype: str, shape: list[int]) -> Any:
+    """A tensor viewing `buf` (copied first if it is immutable bytes) as `dtype` and `shape`."""
     import torch
 
     torch_dtype = dtypes.to_torch(dtype)
@@ -27,23 +28,30 @@ def _to_tensor(buf: bytearray | bytes, dtype: str, shape: list[int]) -> Any:
     return flat.view(torch_dtype).reshape(shape)
 
 
+def _read_into(store: ObjectStore, oid: str, size: int, view: memoryview, what: str) -> None:
+    offset = 0
+    for piece in store.iter_verified(oid, size, what):
+        view[offset : offset + len(piece)] = piece
+        offset += len(piece)
+
+
 def iter_blocks(store: ObjectStore, entry: TensorEntry, what: str = "") -> Iterator[tuple[int, Any]]:
     """(first row, tensor of that row block) for each stored block of a tensor."""
     row = 0
     for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
         data = bytearray(size)
-        offset = 0
-        for piece in store.iter_verified(oid, size, what or f"tensor {entry.name!r}: "):
-            data[offset : offset + len(piece)] = piece
-            offset += len(piece)
+        _read_into(store, oid, size, memoryview(data), what or f"tensor {entry.name!r}: ")
         shape = [rows, *entry.shape[1:]] if entry.shape else []
-        yield row, _to_tensor(data, entry.dtype, shape)
+        yield row, bytes_to_tensor(data, entry.dtype, shape)
         row += rows
 
 
 def load_tensor(store: ObjectStore, entry: TensorEntry, what: str = "") -> Any:
-    """A whole tensor (only for callers that really need all of it at once)."""
-    import torch
-
-    parts = [block for _, block in iter_blocks(store, entry, what)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    """A whole tensor (only for callers that really need all of it at once), read into one buffer."""
+    data = bytearray(entry.nbytes)
+    view = memoryview(data)
+    offset = 0
+    for (oid, _), size in zip(entry.blocks, entry.block_sizes()):
+        _read_into(store, oid, size, view[offset : offset + size], what or f"tensor {entry.name!r}: ")
+        offset += size
+    return bytes_to_tensor(data, entry.dtype, entry.shape)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo, iter_index_blobs, run_git
+from gittheta_merge.gitutil import Repo, iter_index_blobs, iter_tree_blobs, run_git
 
 # the same text as hooks/pre-push (a test keeps them equal); embedded so wheels carry it
 PRE_PUSH_HOOK = """#!/bin/sh
@@ -29,11 +29,8 @@ HF_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def command_prefix() -> str:
-    """How git should call us: the console script if it is ours on PATH, else this interpreter."""
-    found = shutil.which("git-theta")
-    if found and Path(found).resolve().parent == Path(sys.executable).resolve().parent:
-        return "git-theta"
-    if found:
+    """How git should call us: the console script if it is on PATH, else this interpreter."""
+    if shutil.which("git-theta"):
         return "git-theta"
     return f'"{sys.executable}" -m gittheta_merge'
 
@@ -178,17 +175,13 @@ def track(targets: list[str], cwd: str | None = None) -> list[str]:
 
 def committed_raw(repo: Repo, paths: list[str]) -> list[str]:
     """Tracked paths whose committed version is a raw file (they need `git add --renormalize`)."""
-    from gittheta_merge.gitutil import iter_tree_blobs
-    from gittheta_merge.metadata import is_metadata
+    from gittheta_merge.inspect_cmds import tracked_files
 
     if not repo.git("rev-parse", "--verify", "-q", "HEAD", check=False).strip():
         return []
-    raw: list[str] = []
-    for blob, path in iter_tree_blobs(repo, "HEAD", paths):
-        head = repo.git("cat-file", "blob", blob)[:64]
-        if not is_metadata(head):
-            raw.append(path)
-    return raw
+    committed = [path for _, path in iter_tree_blobs(repo, "HEAD", paths)]
+    as_metadata = tracked_files(repo, "HEAD", paths)
+    return [path for path in committed if path not in as_metadata]
 
 
 def expand(repo: Repo, targets: list[str], cwd: Path) -> list[str]:

@@ -17,12 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.gitutil import Repo
 from gittheta_merge.maintenance import iter_referencing_blobs
+from gittheta_merge.metadata import Metadata
 from gittheta_merge.store import CorruptObject, ObjectStore
 
 ZERO = "0" * 40
@@ -72,17 +74,19 @@ class Needed:
     where: str
 
 
+def needs_of(meta: Metadata, where: str, suffix: str = "") -> Iterator[Needed]:
+    """The objects one metadata file needs, labelled for error messages ("path: tensor 'x' at rev")."""
+    for oid, size, what in meta.iter_objects():
+        yield Needed(oid, size, f"{where}: {what}{suffix}" if what else f"{where}{suffix}")
+
+
 def needed_objects(repo: Repo, rev_args: list[str]) -> dict[str, Needed]:
     """Objects referenced by the metadata files reachable through `git rev-list <rev_args>`."""
     out: dict[str, Needed] = {}
     for ref in iter_referencing_blobs(repo, rev_args):
-        if ref.meta is None:
-            continue
-        for tensor in ref.meta.tensors:
-            for (oid, _), size in zip(tensor.blocks, tensor.block_sizes()):
-                out.setdefault(oid, Needed(oid, size, f"{ref.path}: tensor {tensor.name!r}"))
-        for oid, size in ref.meta.iter_extra_objects():
-            out.setdefault(oid, Needed(oid, size, ref.path))
+        if ref.meta is not None:
+            for need in needs_of(ref.meta, ref.path):
+                out.setdefault(need.oid, need)
     return out
 
 
@@ -183,10 +187,9 @@ def pre_push(repo: Repo, remote: str, url: str, stdin_data: bytes) -> int:
         target = remote if remote else url
         sys.stderr.write(f"git-theta: uploading {len(needed)} tensor object(s) to {target}\n")
         push_objects(repo, target, sorted(needed))
-    hooks_dir = Path(repo.git("rev-parse", "--git-path", "hooks").decode().strip())
-    if not hooks_dir.is_absolute():
-        hooks_dir = repo.root / hooks_dir
-    local = hooks_dir / "pre-push.local"
+    from gittheta_merge.tracking import hooks_dir
+
+    local = hooks_dir(repo) / "pre-push.local"
     if local.exists() and os.access(local, os.X_OK):
         rc = subprocess.run([str(local), remote, url], cwd=repo.root, input=stdin_data).returncode
         if rc != 0:

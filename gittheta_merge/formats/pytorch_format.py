@@ -16,7 +16,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import warnings
 from collections import OrderedDict
 from typing import Any, BinaryIO
 
@@ -24,6 +23,7 @@ from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.tensors import load_tensor
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -152,21 +152,7 @@ class _Decoder:
         entry = self.tensors.get(name) if isinstance(name, str) else None
         if entry is None:
             raise ThetaError(f"{self.ctx.path}: structure refers to unknown tensor {name!r}")
-        what = f"{self.ctx.path}: tensor {entry.name!r}: "
-        buf = bytearray(entry.nbytes)
-        offset = 0
-        for (oid, _), size in zip(entry.blocks, entry.block_sizes()):
-            for piece in self.ctx.store.iter_verified(oid, size, what):
-                buf[offset : offset + len(piece)] = piece
-                offset += len(piece)
-        torch_dtype = dtypes.to_torch(entry.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if entry.nbytes:
-                flat = torch.frombuffer(buf, dtype=torch.uint8)
-            else:
-                flat = torch.empty(0, dtype=torch.uint8)
-        tensor = flat.view(torch_dtype).reshape(entry.shape)
+        tensor = load_tensor(self.ctx.store, entry, f"{self.ctx.path}: tensor {entry.name!r}: ")
         if entry.extra.get("parameter"):
             tensor = torch.nn.Parameter(tensor, requires_grad=entry.extra.get("requires_grad", True))
         return tensor
@@ -218,7 +204,7 @@ class PytorchFormat(CheckpointFormat):
             return 2
         if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
             return 2  # a legacy (non-zip) torch.save pickle
-        return 1 if has_ext and head.startswith(ZIP_MAGIC) else 0
+        return 0
 
     def clean(self, stream: BinaryIO, ctx: Context) -> Metadata:
         path = _spool(stream, ctx)

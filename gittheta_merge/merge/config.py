@@ -27,6 +27,7 @@ from typing import Any
 
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.rules import Rule, parse_action, parse_rule
+from gittheta_merge.merge.strategies.base import parse_bool
 
 CONFIG_FILE = ".gittheta.toml"
 ATTRIBUTE = "theta-merge-strategy"
@@ -91,14 +92,10 @@ def _int(value: Any, where: str) -> int:
 
 
 def _bool(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ThetaError(f"{where}: {value!r} is not a boolean")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise ThetaError(f"{where}: {value!r} is not a boolean") from None
 
 
 def _load_toml(path: Path) -> dict[str, Any]:

@@ -58,9 +58,9 @@ class TensorInfo:
 def _as_float32(raw: bytes | bytearray, dtype: str, shape: list[int]) -> Any:
     import torch
 
-    from gittheta_merge.tensors import _to_tensor
+    from gittheta_merge.tensors import bytes_to_tensor
 
-    return _to_tensor(bytearray(raw), dtype, shape).to(torch.float32)
+    return bytes_to_tensor(bytearray(raw), dtype, shape).to(torch.float32)
 
 
 class StoreSource:
@@ -93,8 +93,10 @@ class StoreSource:
     def read_raw(self, name: str, start: int, end: int) -> bytes:
         """The bytes of rows [start, end). A range covering a whole stored block is hash-verified."""
         entry = self._entries[name]
-        row_bytes = entry.row_bytes if entry.shape else entry.nbytes
         what = f"{self.label}tensor {name!r}: "
+        if not entry.shape:  # a scalar is one object of one element
+            return self.store.read(entry.blocks[0][0], entry.nbytes, what)
+        row_bytes = entry.row_bytes
         parts: list[bytes] = []
         first = 0
         for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
@@ -103,8 +105,6 @@ class StoreSource:
                 parts.append(self.store.read(oid, size, what, offset=(lo - first) * row_bytes,
                                              length=(hi - lo) * row_bytes))
             first += rows
-        if not entry.shape:
-            return self.store.read(entry.blocks[0][0], entry.nbytes, what)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_rows(self, name: str, start: int, end: int) -> Any:
@@ -181,11 +181,11 @@ class SafetensorsSource:
         return buf  # type: ignore[return-value]
 
     def read_native(self, name: str, start: int, end: int) -> Any:
-        from gittheta_merge.tensors import _to_tensor
+        from gittheta_merge.tensors import bytes_to_tensor
 
         info = self._infos[name]
         shape = [end - start, *info.shape[1:]] if info.shape else []
-        return _to_tensor(self.read_raw(name, start, end), info.dtype, shape)
+        return bytes_to_tensor(self.read_raw(name, start, end), info.dtype, shape)
 
     def read_rows(self, name: str, start: int, end: int) -> Any:
         import torch

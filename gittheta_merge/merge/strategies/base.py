@@ -26,6 +26,18 @@ class Param:
     choices: tuple[str, ...] = ()
 
 
+def parse_bool(raw: Any) -> bool:
+    """true/false, yes/no, on/off, 1/0 (as git config spells booleans), or a real bool."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(raw)
+
+
 def parse_value(kind: str, raw: Any, where: str, choices: tuple[str, ...] = ()) -> Any:
     """Parse a parameter given as a string (CLI, git config) or already typed (Python API)."""
     try:
@@ -34,14 +46,7 @@ def parse_value(kind: str, raw: Any, where: str, choices: tuple[str, ...] = ()) 
         if kind == "int":
             return int(raw)
         if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError(raw)
+            return parse_bool(raw)
         if kind == "floats":
             if raw is None:
                 return None
