@@ -86,3 +86,16 @@ def test_git_theta_merge_three_branches_one_commit(repo: Path) -> None:
     assert torch.equal(got["l0.bias"], models[0]["l0.bias"])
     assert (repo / "other.txt").read_text() == "from t2\n" and (repo / "notes.txt").exists()
     assert git(repo, "status", "--porcelain").stdout == b""
+
+
+def test_git_theta_merge_from_the_base_averages_only_the_branches(repo: Path) -> None:
+    """HEAD = the base model (main) has no opinion, as in git: average(t0, t1), not average(base, t0, t1)."""
+    base, models = setup(repo, 2)
+    out = git(repo, "theta", "merge", "t0", "t1", "--strategy", "average")
+    assert b"unchanged from the merge base in HEAD" in out.stdout
+    got = load_file(str(repo / "model.safetensors"))
+    for k in ("l0.weight", "l1.weight"):
+        want = (models[0][k] + models[1][k]) / 2
+        assert torch.allclose(got[k], want, atol=1e-6), k
+    assert torch.equal(got["l0.bias"], models[0]["l0.bias"])
+    assert len(git(repo, "rev-list", "--parents", "-n", "1", "HEAD").stdout.split()) == 4

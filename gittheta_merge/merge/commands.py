@@ -219,15 +219,23 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         if any(m is None for m in metas):
             missing = [labels[i] for i, m in enumerate(metas) if m is None]
             raise ThetaError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
-        todo.append((path, metas, base_files.get(path), config.resolve(repo, path, cli)))
+        bmeta = base_files.get(path)
+        sides = changed_sides(metas, bmeta)
+        if len(sides) < len(metas):
+            same = ", ".join(labels[i] for i in range(len(metas)) if i not in sides)
+            echo(f"{path}: unchanged from the merge base in {same}: not merged (as git does)")
+        if len(sides) == 1:
+            continue  # only one side changed the file: git's tree merge already took that side's version
+        todo.append((path, sides, bmeta, config.resolve(repo, path, cli)))
     strategies_used: set[str] = set()
-    for path, metas, bmeta, settings in todo:  # validate everything (statistics included) before touching anything
-        options = settings.options(labels=labels)
+    for path, sides, bmeta, settings in todo:  # validate everything (statistics included) before touching anything
+        metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
+        options = settings.options(labels=side_labels)
         check_device(options.device)
         sources = [StoreSource(m, store) for m in metas]
         base_src = StoreSource(bmeta, store) if bmeta else None
-        res = resolve_statistics(metas, names, path, store, options, sources, base_src, access,
-                                 settings.allow_stale_stats, settings.missing_stats)
+        res = resolve_statistics(metas, side_names, path, store, options, sources, base_src,
+                                 _pick_stats(access, sides), settings.allow_stale_stats, settings.missing_stats)
         options.strategy, options.params = res.strategy, res.params
         plan = plan_merge(sources, base_src, options, res.access)
         strategies_used.add(options.strategy)
@@ -259,9 +267,10 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     env_index = {**os.environ, "GIT_INDEX_FILE": str(index)}
     try:
         _git_env(repo, env_index, "read-tree", tree)
-        for path, metas, bmeta, settings in todo:
-            merged, report = merge_tracked(metas, bmeta, store, settings, path, labels, names, access,
-                                           block_bytes=block)
+        for path, sides, bmeta, settings in todo:
+            metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
+            merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
+                                           _pick_stats(access, sides), block_bytes=block)
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=merged.to_bytes()).decode().strip()
             _git_env(repo, env_index, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}")
             (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(report, indent=1))
@@ -277,6 +286,32 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
     repo.git("merge", "--ff-only", "-q", commit)
     return {"paths": list(reports), "base": base, "commit": commit}
+
+
+def changed_sides(metas: list[Any], bmeta: Any) -> list[int]:
+    """Indices of the sides whose weights differ from the merge base's: a side that left the file as it was in
+    the base (typically HEAD = the base model when merging fine-tuned branches into main) has no opinion, as
+    in git's own merges, and would otherwise count as one more model (e.g. in a plain average). All sides
+    when there is no base or nothing changed."""
+    if bmeta is None:
+        return list(range(len(metas)))
+    digest = bmeta.weights_digest()
+    changed = [i for i, m in enumerate(metas) if m.weights_digest() != digest]
+    return changed or list(range(len(metas)))
+
+
+def _pick(per_rev: list[dict[str, Any]], path: str, labels: list[str], names: list[str],
+          sides: list[int]) -> tuple[list[Any], list[str], list[str]]:
+    return [per_rev[i][path] for i in sides], [labels[i] for i in sides], [names[i] for i in sides]
+
+
+def _pick_stats(access: Any, sides: list[int]) -> Any:
+    """Explicit --stats files are given one per side (HEAD first); keep those of the sides that are merged."""
+    if access is None:
+        return None
+    from gittheta_merge.merge.strategies.base import StatsAccess
+
+    return StatsAccess({kind: [srcs[i] for i in sides] for kind, srcs in access.sources.items()})
 
 
 def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...], max_block_bytes: int | None,
