@@ -72,3 +72,32 @@ def test_stats_compute_refuses_unstaged_weights(hf_repo: Path) -> None:
     proc = git(hf_repo, "theta", "stats", "compute", "model", "--kind", "gram", "--data", "train.jsonl",
                "--n-examples", "2", check=False)
     assert proc.returncode == 1 and b"not staged" in proc.stderr
+
+
+def test_weights_file_with_a_head_config_uses_the_tokenizer_beside_the_weights(hf_repo: Path) -> None:
+    """One shared tokenizer next to the weights, a config-only directory per task head (other label count)."""
+    head = hf_repo / "heads" / "three"
+    head.mkdir(parents=True)
+    cfg = transformers.BertConfig.from_pretrained(hf_repo / "model")
+    cfg.num_labels = 2
+    cfg.save_pretrained(head)
+    git(hf_repo, "add", "heads")
+    git(hf_repo, "commit", "-q", "-m", "head config")
+    out = git(hf_repo, "theta", "stats", "compute", "model/model.safetensors", "--config", "heads/three",
+              "--kind", "gram", "--data", "train.jsonl", "--n-examples", "4", "--max-length", "16")
+    assert "staged gram statistics for model/model.safetensors" in out.stdout.decode()
+    repo = Repo.discover(hf_repo)
+    meta = read_metadata(repo, ":0", "model/model.safetensors")
+    stored = statistic_from_bytes(blob_path(ObjectStore.for_repo(repo), meta, "gram", "model").read_bytes())
+    tok = transformers.AutoTokenizer.from_pretrained(hf_repo / "model")
+    model = transformers.BertForSequenceClassification.from_pretrained(hf_repo / "model")
+    direct = compute_statistic(model, tok, iter_examples(DataSpec(hf_repo / "train.jsonl")), kind="gram",
+                               task="sequence-classification", n_examples=4, batch_size=16, max_length=16)
+    for key, value in direct.tensors.items():
+        assert torch.allclose(stored.tensors[key], value, rtol=1e-10, atol=0), key
+
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (hf_repo / "model" / name).unlink(missing_ok=True)
+    proc = git(hf_repo, "theta", "stats", "compute", "model/model.safetensors", "--config", "heads/three",
+               "--kind", "gram", "--data", "train.jsonl", "--n-examples", "2", check=False)
+    assert proc.returncode == 1 and b"no usable tokenizer files" in proc.stderr, proc.stderr

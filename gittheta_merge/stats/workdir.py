@@ -16,7 +16,6 @@ from gittheta_merge.errors import ThetaError
 def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None = None) -> tuple[Any, Any]:
     """An HF directory (config + weights + tokenizer), or a weights file with `config_dir` beside it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: everything is in the working tree
-    import transformers
 
     from gittheta_merge.stats.compute import load_model
 
@@ -38,13 +37,79 @@ def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None 
             import torch
 
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        model = load_model(config_dir, task, state_dict=state)
+        model = _model_from_state(config_dir, task, state, model_path)
         tok_dir = Path(config_dir)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    except (OSError, ValueError) as exc:
-        raise ThetaError(f"{tok_dir}: no usable tokenizer files ({exc})") from None
-    return model, tokenizer
+    return model, _load_tokenizer(tok_dir, path.parent if not path.is_dir() else None)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
+                "token-classification": "AutoModelForTokenClassification",
+                "causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM"}
+
+
+def _model_from_state(config_dir: str, task: str, state: dict[str, Any], weights: str) -> Any:
+    """Build the task's model from `config_dir` and load a weights file into it.
+
+    transformers >= 5 refuses `from_pretrained(directory, state_dict=...)`, so the model is built from the config
+    and filled here, with from_pretrained's tolerance: a missing `base_model_prefix` (encoder-only weights) is
+    added, tensors absent from the file (a task head) keep their fresh initialisation with a note, tied weights
+    are re-tied; names the model does not have, or other shapes, are errors naming the file."""
+    import sys
+
+    import transformers
+
+    if task not in AUTO_CLASSES:
+        raise ThetaError(f"unknown task {task!r} (one of {', '.join(AUTO_CLASSES)})")
+    config = transformers.AutoConfig.from_pretrained(config_dir)
+    model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and sum(k in own for k in state) < sum(prefix + k in own for k in state):
+        state = {prefix + k: v for k, v in state.items()}
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ThetaError(f"{weights}: {len(unexpected)} tensors that a {type(model).__name__} built from "
+                         f"{config_dir}/config.json does not have ({', '.join(unexpected[:3])}, …); "
+                         "pass the --config directory that belongs to these weights")
+    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ThetaError(f"{weights}: shapes differ from {config_dir}/config.json ({'; '.join(wrong[:3])}); "
+                         "pass the --config directory that belongs to these weights")
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tied = {k for k, v in model.state_dict().items() if any(v is w for w in state.values())}
+    missing = [k for k in own if k not in state and k not in tied]
+    if missing:
+        print(f"git-theta: {weights}: {len(missing)} tensors not in the file keep a fresh initialisation "
+              f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})", file=sys.stderr)
+    model.eval()
+    return model
+
+
+def _load_tokenizer(tok_dir: Path, beside_weights: Path | None) -> Any:
+    """From the config directory; failing that, from the weights file's own directory: a repo that keeps one
+    shared tokenizer next to the weights and a small config per task head (different label sets) needs both."""
+    import transformers
+
+    tried: list[Path] = []
+    last = "none of " + ", ".join(TOKENIZER_FILES)
+    for where in (tok_dir, beside_weights):
+        if where is None or where in tried:
+            continue
+        tried.append(where)
+        if not any((where / f).exists() for f in TOKENIZER_FILES):
+            continue  # transformers would build an empty 5-token tokenizer from config.json alone, silently
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(where))
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+    raise ThetaError(f"{' or '.join(map(str, tried))}: no usable tokenizer files ({last}); put the "
+                     "tokenizer next to the weights or in the --config directory") from None
 
 
 def compute_statistic_from_file(model: Any, tokenizer: Any, data_path: str, *, text_field: str,
