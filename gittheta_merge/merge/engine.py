@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge import strategies
+from gittheta_merge.merge.buffers import Pool
 from gittheta_merge.merge.rules import Rule, first_match
 from gittheta_merge.merge.sources import TensorInfo
 from gittheta_merge.merge.strategies.base import Chunk, StatsAccess, Strategy
@@ -265,6 +268,7 @@ class _Runner:
         self.options = options
         self.stats = stats
         self.bytes_read = 0
+        self.pool = Pool()  # read and output buffers of streaming strategies, reused chunk after chunk
 
     def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
         import torch
@@ -273,9 +277,16 @@ class _Runner:
         assert info is not None
         srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
         whole = not strat.separable(tp.name, list(info.shape), self.stats)
-        for start, end in chunk_ranges(info, srcs, extra_bounds, self.plan.max_block_bytes, whole):
-            models = [m.read_rows(tp.name, start, end) for m in self.models]
-            base = self.base.read_rows(tp.name, start, end) if strat.needs_base and self.base else None
+        streaming = bool(strat.chunk_bytes) and not whole
+        budget = min(self.plan.max_block_bytes, strat.chunk_bytes) if streaming else self.plan.max_block_bytes
+        for start, end in chunk_ranges(info, srcs, extra_bounds, budget, whole):
+            if streaming:
+                models = [self.read_pooled(m, f"model{i}", tp.name, start, end) for i, m in enumerate(self.models)]
+                base = self.read_pooled(self.base, "base", tp.name, start, end) \
+                    if strat.needs_base and self.base else None
+            else:
+                models = [m.read_rows(tp.name, start, end) for m in self.models]
+                base = self.base.read_rows(tp.name, start, end) if strat.needs_base and self.base else None
             self.bytes_read += sum(t.numel() for t in models) * 4 + (base.numel() * 4 if base is not None else 0)
             if self.options.device != "cpu":
                 dev = torch.device(self.options.device)
@@ -283,7 +294,31 @@ class _Runner:
                 base = base.to(dev) if base is not None else None
             yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
 
+    def read_pooled(self, src: Source, slot: str, name: str, start: int, end: int) -> Any:
+        """Rows [start, end) of `name` as float32 in a reused buffer: raw bytes are read into a reused buffer
+        (no allocation) and converted in place; valid until the same slot is read again."""
+        import torch
+
+        sinfo = src.info(name)
+        assert sinfo is not None
+        shape = [end - start, *sinfo.shape[1:]] if sinfo.shape else []
+        out = self.pool.get(slot, shape, torch.float32)
+        read_into = getattr(src, "read_into", None)
+        if read_into is None:
+            out.copy_(src.read_rows(name, start, end))
+        elif sinfo.dtype == "F32":
+            read_into(name, start, end, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            raw, view = self.pool.bytes_view(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
+            read_into(name, start, end, view)
+            out.copy_(raw.view(dtypes.to_torch(sinfo.dtype)).view(shape))
+        return out
+
     def run_passes(self, strat: Strategy, owned: list[TensorPlan]) -> None:
+        with intra_op_threads(strat):
+            self._run_passes(strat, owned)
+
+    def _run_passes(self, strat: Strategy, owned: list[TensorPlan]) -> None:
         for index in range(strat.n_passes):
             strat.begin_pass(index)
             for tp in owned:
@@ -293,6 +328,27 @@ class _Runner:
                     for chunk in self.chunks(tp, strat, [], {}):
                         strat.observe(index, chunk)
             strat.end_pass(index)
+
+
+@contextmanager
+def intra_op_threads(strat: Strategy) -> Iterator[None]:
+    """Streaming strategies run torch's elementwise ops on one thread.
+
+    Their chunks are cache-sized, so an op takes ~0.1-1 ms, and torch's OpenMP threads meet at a barrier
+    after every op: on a shared machine where another process holds a core, each barrier waits for a
+    descheduled thread. Measured on the 2-core development machine under load 4: the same bf16 average
+    ran at 37-161 M elements/s with 2 intra-op threads and 566-632 M elements/s with 1 (docs/merge.md)."""
+    if not strat.chunk_bytes:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _test_pause(merged: int) -> None:
@@ -357,12 +413,19 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                     runner.run_passes(strat, [tp])
                 out_bounds = sink.begin(tp.info)
                 out_dtype = dtypes.to_torch(tp.info.dtype)
-                for chunk in runner.chunks(tp, strat, out_bounds, entry):
-                    result = strat.merge(chunk)
-                    if result.shape != chunk.models[0].shape:
-                        raise ThetaError(f"tensor {tp.name!r}: strategy {strat.name} returned shape "
-                                         f"{list(result.shape)} for a chunk of {list(chunk.models[0].shape)}")
-                    sink.write(result.to("cpu", torch.float32).to(out_dtype))
+                with intra_op_threads(strat):
+                    for chunk in runner.chunks(tp, strat, out_bounds, entry):
+                        result = strat.merge(chunk)
+                        if result.shape != chunk.models[0].shape:
+                            raise ThetaError(f"tensor {tp.name!r}: strategy {strat.name} returned shape "
+                                             f"{list(result.shape)} for a chunk of {list(chunk.models[0].shape)}")
+                        if strat.chunk_bytes:  # cast into a reused buffer (written out before the next chunk)
+                            if out_dtype == torch.float32 and result.device.type == "cpu":
+                                sink.write(result)
+                            else:
+                                sink.write(runner.pool.get("out", list(result.shape), out_dtype).copy_(result))
+                        else:
+                            sink.write(result.to("cpu", torch.float32).to(out_dtype))
                 sink.end()
                 merged_count += 1
                 _test_pause(merged_count)

@@ -16,7 +16,7 @@ from typing import Any
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.metadata import Metadata, TensorEntry
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.store import CorruptObject, ObjectStore
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
@@ -74,6 +74,9 @@ class StoreSource:
         self._infos = {
             t.name: TensorInfo(t.name, t.dtype, tuple(t.shape), tuple(t.oids)) for t in meta.tensors
         }
+        self._handle: tuple[str, Any] | None = None  # the object read last (consecutive chunks share it)
+        self._verified: set[str] = set()  # oids whose bytes were hashed during this merge
+        self._hashing: dict[str, tuple[int, Any]] = {}  # oid -> (bytes hashed so far, sha256 state)
 
     def names(self) -> list[str]:
         return [t.name for t in self.meta.tensors]
@@ -111,6 +114,53 @@ class StoreSource:
         info = self._infos[name]
         shape = [end - start, *info.shape[1:]] if info.shape else []
         return _as_float32(self.read_raw(name, start, end), info.dtype, shape)
+
+    def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
+        """Rows [start, end) into `out` (exactly their size), without allocating.
+
+        Stored blocks are hash-verified incrementally: a block read front to back in consecutive ranges
+        (what every streaming pass does) is checked when its last byte arrives, then trusted for the rest
+        of the merge, so multi-pass strategies hash each block once, not once per pass."""
+        entry = self._entries[name]
+        what = f"{self.label}tensor {name!r}: "
+        if not entry.shape:
+            self._read_block(entry.blocks[0][0], entry.nbytes, 0, out, what)
+            return
+        row_bytes = entry.row_bytes
+        pos = 0
+        first = 0
+        for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
+            lo, hi = max(start, first), min(end, first + rows)
+            if lo < hi:
+                n = (hi - lo) * row_bytes
+                self._read_block(oid, size, (lo - first) * row_bytes, out[pos: pos + n], what)
+                pos += n
+            first += rows
+
+    def _read_block(self, oid: str, size: int, offset: int, out: memoryview, what: str) -> None:
+        import hashlib
+
+        if self._handle is None or self._handle[0] != oid:
+            if self._handle is not None:
+                self._handle[1].close()
+            self._handle = (oid, self.store.open(oid, size, what))
+        _pread_exact(self._handle[1].fileno(), out, offset, what)
+        if oid in self._verified:
+            return
+        state = self._hashing.pop(oid, None)
+        if offset == 0:
+            state = (0, hashlib.sha256())
+        if state is None or state[0] != offset:
+            return  # not a front-to-back read: this range stays unverified (a later sequential pass checks it)
+        state[1].update(out)
+        done = offset + len(out)
+        if done < size:
+            self._hashing[oid] = (done, state[1])
+        elif state[1].hexdigest() == oid:
+            self._verified.add(oid)
+        else:
+            raise CorruptObject(f"{what}object {oid[:12]}… is corrupt (its sha256 does not match); "
+                                "run `git theta fsck`, then restore it from a remote")
 
 
 class SafetensorsSource:
@@ -163,22 +213,25 @@ class SafetensorsSource:
     def boundaries(self, name: str) -> list[int]:
         return [0, self._infos[name].rows]
 
-    def read_raw(self, name: str, start: int, end: int) -> bytes:
+    def _span(self, name: str, start: int, end: int) -> tuple[int, int]:
         info = self._infos[name]
         row_bytes = dtypes.nbytes(info.dtype, [info.row_elems]) if info.shape else dtypes.nbytes(info.dtype, [])
         if not info.shape:
             start, end = 0, 1
-        offset = self._data_start + self._offsets[name] + start * row_bytes
-        want = (end - start) * row_bytes
+        return self._data_start + self._offsets[name] + start * row_bytes, (end - start) * row_bytes
+
+    def read_raw(self, name: str, start: int, end: int) -> bytes:
+        _, want = self._span(name, start, end)
         buf = bytearray(want)
-        view = memoryview(buf)
-        got = 0
-        while got < want:
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise ThetaError(f"{self.path}: tensor {name!r}: file ended early")
-            got += n
+        self.read_into(name, start, end, memoryview(buf))
         return buf  # type: ignore[return-value]
+
+    def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
+        """The bytes of rows [start, end) into `out` (exactly their size): no allocation."""
+        offset, want = self._span(name, start, end)
+        if len(out) != want:
+            raise ValueError(f"read_into: buffer of {len(out)} bytes for {want}")
+        _pread_exact(self._fd, out, offset, f"{self.path}: tensor {name!r}: ")
 
     def read_native(self, name: str, start: int, end: int) -> Any:
         from gittheta_merge.tensors import bytes_to_tensor
@@ -191,6 +244,16 @@ class SafetensorsSource:
         import torch
 
         return self.read_native(name, start, end).to(torch.float32)
+
+
+def _pread_exact(fd: int, out: memoryview, offset: int, what: str) -> None:
+    got = 0
+    want = len(out)
+    while got < want:
+        n = os.preadv(fd, [out[got:]], offset + got)
+        if n <= 0:
+            raise ThetaError(f"{what}file ended early")
+        got += n
 
 
 def dtype_itemsize(dtype: str) -> int:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 
 class Average(Strategy):
     name = "average"
+    chunk_bytes = STREAM_CHUNK_BYTES
     params_spec = {
         "weights": Param(None, "floats", "one weight per model (default uniform)"),
         "normalize": Param(True, "bool", "divide by the sum of the weights"),

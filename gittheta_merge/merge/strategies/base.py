@@ -15,6 +15,11 @@ from typing import Any
 
 from gittheta_merge.errors import ThetaError
 
+# float32 working size per chunk of the streaming (elementwise) strategies: small enough that a chunk and
+# its temporaries stay in the CPU caches, large enough that per-chunk Python overhead is noise
+# (docs/merge.md, "Chunk size", has the measurements)
+STREAM_CHUNK_BYTES = 4 << 20
+
 
 @dataclass
 class Param:
@@ -132,11 +137,19 @@ class Strategy:
     needs_base: bool = False
     row_separable: bool = True  # False: the engine hands over the whole tensor as one chunk
     n_passes: int = 0  # statistics passes before the merge pass
+    # Streaming (elementwise) strategies set a float32 working size per chunk, e.g. 4 MiB: the engine then
+    # chunks at min(max_block_bytes, chunk_bytes) and hands over REUSED buffers (a strategy must not keep a
+    # chunk's tensors after observe/merge returns; it may overwrite them). None: fresh tensors per chunk of
+    # max_block_bytes.
+    chunk_bytes: int | None = None
     pass_scope: str = "model"  # "model": passes run over every tensor first; "tensor": per tensor
     params_spec: dict[str, Param] = {}
 
     def __init__(self, params: dict[str, Any] | None = None, n_models: int = 2) -> None:
+        from gittheta_merge.merge.buffers import Pool
+
         self.n_models = n_models
+        self.pool = Pool()  # temporaries reused across chunks (see chunk_bytes)
         self.params = self.parse_params(params or {})
         self.validate()
 

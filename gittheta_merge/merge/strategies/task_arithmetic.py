@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 
 class TaskArithmetic(Strategy):
     name = "task_arithmetic"
     needs_base = True
+    chunk_bytes = STREAM_CHUNK_BYTES
     params_spec = {
         "lambda": Param(1.0, "float", "scale applied to the sum of the task vectors"),
         "weights": Param(None, "floats", "per-model task-vector weights (default 1 each)"),

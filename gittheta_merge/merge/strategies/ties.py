@@ -17,11 +17,12 @@ calls this "ties"); a different method, hence a different name.
 
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 from typing import Any
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 BINS = 1 << 16
 
@@ -31,19 +32,27 @@ def keep_count(total: int, density: float) -> int:
     return int(total * Fraction(repr(float(density))))
 
 
-def abs_bits(tau: Any) -> Any:
-    """The int32 bit patterns of |tau| (float32): monotone in the value for non-negative floats."""
+def below(threshold: float) -> float:
+    """The largest float32 below a positive float32 `threshold`: for float32 x, |x| >= threshold exactly
+    when |x| > below(threshold), which is what hardshrink tests (one fused op instead of abs, compare, mul)."""
+    bits = struct.unpack("<I", struct.pack("<f", threshold))[0]
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+
+
+def trim_(tau: Any, threshold: float) -> Any:
+    """tau * (|tau| >= threshold), in place."""
     import torch
 
-    return tau.abs().contiguous().view(torch.int32)
-
-
-def trim(tau: Any, threshold: float) -> Any:
-    return tau * (tau.abs() >= threshold)
+    if threshold > 0:
+        torch.hardshrink(tau, below(threshold), out=tau)
+    return tau
 
 
 def elect_and_merge(trimmed: Any, majority: float) -> tuple[Any, Any, Any]:
-    """Sign election (mass) with zeros -> majority, then the disjoint mean. Returns (tau*, sign, mask)."""
+    """Sign election (mass) with zeros -> majority, then the disjoint mean. Returns (tau*, sign, mask).
+
+    The straightforward form on a stacked [M, ...] tensor (DARE's elect=true uses it); TIES itself runs the
+    equivalent buffer-reusing form in Ties.merge."""
     import torch
 
     sign = torch.sign(trimmed.sum(dim=0))
@@ -55,13 +64,35 @@ def elect_and_merge(trimmed: Any, majority: float) -> tuple[Any, Any, Any]:
     return selected.sum(dim=0) / torch.clamp(counts, min=1), sign, mask
 
 
+def _sum_into(out: Any, parts: list[Any]) -> Any:
+    """out = ((p0 + p1) + p2) + ..., the order a sum over a stacked first dimension uses."""
+    import torch
+
+    if len(parts) == 1:
+        return out.copy_(parts[0])
+    torch.add(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        out.add_(part)
+    return out
+
+
+def _count_sum(values: Any) -> int:
+    """Exact sum of a float tensor of small integers (float32 is exact below 2**24 elements)."""
+    import torch
+
+    if values.numel() < (1 << 24):
+        return int(values.sum())
+    return int(values.sum(dtype=torch.float64))
+
+
 class _Selector:
     """Exact k-th smallest |tau| per model by two histogram passes over float32 bit patterns."""
 
-    def __init__(self, n_models: int) -> None:
+    def __init__(self, n_models: int, pool: Any) -> None:
         import torch
 
         self.n = n_models
+        self.pool = pool
         self.total = 0
         self.hist = [torch.zeros(BINS, dtype=torch.int64) for _ in range(n_models)]
         self.high_bin = [0] * n_models
@@ -69,12 +100,19 @@ class _Selector:
         self.thresholds: list[float] = [0.0] * n_models
         self.keep_all = False
 
+    def _high(self, tau: Any) -> tuple[Any, Any]:
+        """(|tau| bits, their high 16 bits), flat; |tau| is taken in place."""
+        import torch
+
+        bits = tau.abs_().view(-1).view(torch.int32)
+        return bits, torch.bitwise_right_shift(bits, 16, out=self.pool.like("high", bits))
+
     def observe_high(self, taus: list[Any]) -> None:
         import torch
 
         self.total += taus[0].numel()
         for i, tau in enumerate(taus):
-            self.hist[i] += torch.bincount((abs_bits(tau) >> 16).flatten(), minlength=BINS)
+            self.hist[i] += torch.bincount(self._high(tau)[1], minlength=BINS)
 
     def zeros_high(self, numel: int) -> None:
         self.total += numel
@@ -96,15 +134,18 @@ class _Selector:
             hist.zero_()
 
     def observe_low(self, taus: list[Any]) -> None:
+        """Histogram of the low 16 bits of the entries in the boundary high bin. No boolean indexing (10x
+        slower): key = bits - (first bit pattern of the bin - 1), clamped to [0, 65537], so entries below the
+        bin count in bin 0, above it in 65537, and the boundary bin's entries land in 1..65536."""
         import torch
 
         if self.keep_all:
             return
         for i, tau in enumerate(taus):
-            bits = abs_bits(tau).flatten()
-            low = bits[(bits >> 16) == self.high_bin[i]] & 0xFFFF
-            if low.numel():
-                self.hist[i] += torch.bincount(low, minlength=BINS)
+            bits = tau.abs_().view(-1).view(torch.int32)
+            key = torch.sub(bits, (self.high_bin[i] << 16) - 1, out=self.pool.like("high", bits))
+            counts = torch.bincount(key.clamp_(0, BINS + 1), minlength=BINS + 2)
+            self.hist[i] += counts[1: BINS + 1]
 
     def zeros_low(self, numel: int) -> None:
         for i, hist in enumerate(self.hist):
@@ -130,6 +171,7 @@ class Ties(Strategy):
     needs_base = True
     n_passes = 3
     pass_scope = "model"
+    chunk_bytes = STREAM_CHUNK_BYTES
     params_spec = {
         "density": Param(0.2, "float", "fraction of each task vector kept (K/100; paper default 0.2)"),
         "lambda": Param(1.0, "float", "scale of the merged task vector (paper default without validation: 1)"),
@@ -139,30 +181,33 @@ class Ties(Strategy):
         super().validate()
         if not 0.0 <= self.params["density"] <= 1.0:
             raise ThetaError(f"strategy {self.name}: density must be in [0, 1], got {self.params['density']}")
-        self._selector = _Selector(self.n_models)
+        self._selector = _Selector(self.n_models, self.pool)
         self.majority = 0.0
         self._sign_total = 0
 
     @staticmethod
     def _taus(chunk: Chunk) -> list[Any]:
-        return [model - chunk.base for model in chunk.models]
+        """tau_i = theta_i - theta_0, in place (the engine's chunk buffers are ours to overwrite)."""
+        return [model.sub_(chunk.base) for model in chunk.models]
 
     def begin_pass(self, index: int) -> None:
         if index == 0:
-            self._selector = _Selector(self.n_models)
+            self._selector = _Selector(self.n_models, self.pool)
             self._sign_total = 0
 
-    def observe(self, index: int, chunk: Chunk) -> None:
-        import torch
+    def _trimmed_sum(self, taus: list[Any]) -> Any:
+        for tau, th in zip(taus, self._selector.thresholds):
+            trim_(tau, th)
+        return _sum_into(self.pool.like("sum", taus[0]), taus)
 
+    def observe(self, index: int, chunk: Chunk) -> None:
         taus = self._taus(chunk)
         if index == 0:
             self._selector.observe_high(taus)
         elif index == 1:
             self._selector.observe_low(taus)
         else:
-            trimmed = torch.stack([trim(t, th) for t, th in zip(taus, self._selector.thresholds)])
-            self._sign_total += int(torch.sign(trimmed.sum(dim=0)).sum(dtype=torch.int64))
+            self._sign_total += _count_sum(self._trimmed_sum(taus).sign_())
 
     def observe_zero(self, index: int, name: str, numel: int) -> None:
         if index == 0:
@@ -183,18 +228,40 @@ class Ties(Strategy):
         return list(self._selector.thresholds)
 
     def merge(self, chunk: Chunk) -> Any:
+        """elect_and_merge's result, in float ops on reused buffers (no stacking, no boolean masks):
+        sigma = +1 where the elected sign (zeros -> majority) is > 0, else -1 (s <= 0 selects negative
+        entries, as in the reference); y_i = sigma * trimmed_i is > 0 where model i agrees and < 0 where it
+        conflicts; tau* = sigma * sum_i relu(y_i) / max(#{i: y_i > 0}, 1). Every step is exact (sign flips,
+        relu), so the result equals the reference's masked sum and division."""
         import torch
 
         taus = self._taus(chunk)
-        trimmed = torch.stack([trim(t, th) for t, th in zip(taus, self._selector.thresholds)])
-        merged, sign, mask = elect_and_merge(trimmed, self.majority)
-        nonzero = trimmed != 0
+        sigma = self._trimmed_sum(taus).sign_()
+        # sign(2 s + majority - 1/2): s = +-1 keeps its sign; s = 0 takes the majority's, or -1 if that is 0
+        sigma.mul_(2).add_(self.majority - 0.5).sign_()
+        for y in taus:
+            y.mul_(sigma)
+        # report counters in float ops (count_nonzero is ~10x slower than sign + abs + sum here)
+        low = self.pool.like("min", taus[0])
         chunk.add("elements", float(chunk.numel))
-        chunk.add("kept", float(nonzero.sum()) / self.n_models)
-        # a sign conflict: an entry kept in some task whose sign disagrees with the elected sign
-        conflict = (nonzero & ~mask).any(dim=0)
-        chunk.add("sign_conflicts", float(conflict.sum()))
-        return chunk.base + self.params["lambda"] * merged
+        chunk.add("kept", sum(_count_sum(torch.sign(y, out=low).abs_()) for y in taus) / self.n_models)
+        # a sign conflict: an entry kept in some task whose sign disagrees with the elected sign (y_i < 0)
+        if len(taus) == 1:
+            low.copy_(taus[0])
+        else:
+            torch.minimum(taus[0], taus[1], out=low)
+            for y in taus[2:]:
+                torch.minimum(low, y, out=low)
+        chunk.add("sign_conflicts", -_count_sum(low.clamp_(max=0).sign_()))
+        for y in taus:
+            y.clamp_(min=0)
+        merged = _sum_into(self.pool.like("agree", taus[0]), taus)
+        counts = _sum_into(low, [y.sign_() for y in taus]).clamp_(min=1)
+        merged.div_(counts).mul_(sigma)
+        lam = self.params["lambda"]
+        if lam != 1.0:
+            merged.mul_(lam)
+        return merged.add_(chunk.base)
 
     def summary(self) -> dict[str, Any]:
         return {"thresholds": self.thresholds, "majority_sign": self.majority,
