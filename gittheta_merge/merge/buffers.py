@@ -21,21 +21,21 @@ class Pool:
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, Any], Any] = {}
 
-    def get(self, name: str, shape: list[int] | tuple[int, ...], dtype: Any) -> Any:
+    def get(self, name: str, shape: list[int] | tuple[int, ...], dtype: Any, device: Any = None) -> Any:
         import torch
 
         numel = 1
         for d in shape:
             numel *= d
-        key = (name, dtype)
+        key = (name, dtype, str(device or "cpu"))
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype)
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
             self._bufs[key] = buf
         return buf[:numel].view(list(shape))
 
     def like(self, name: str, other: Any, dtype: Any = None) -> Any:
-        return self.get(name, tuple(other.shape), dtype or other.dtype)
+        return self.get(name, tuple(other.shape), dtype or other.dtype, other.device)
 
     def bytes_view(self, name: str, nbytes: int) -> tuple[Any, memoryview]:
         """A uint8 tensor of `nbytes` and a writable memoryview of the same memory (for preadv)."""
@@ -44,5 +44,22 @@ class Pool:
         t = self.get(name, (nbytes,), torch.uint8)
         return t, memoryview(t.numpy()).cast("B") if nbytes else memoryview(bytearray())
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+    def get_np(self, name: str, shape: list[int] | tuple[int, ...], dtype: Any) -> Any:
+        """The numpy counterpart of `get` (the torch-free merge path)."""
+        import numpy as np
+
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (name, np.dtype(dtype).str)
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < numel:
+            buf = np.empty(max(numel, 1), dtype=dtype)
+            self._bufs[key] = buf
+        return buf[:numel].reshape(shape)
+
+    def bytes_view_np(self, name: str, nbytes: int) -> tuple[Any, memoryview]:
+        import numpy as np
+
+        arr = self.get_np(name, (nbytes,), np.uint8)
+        return arr, memoryview(arr)

@@ -76,6 +76,8 @@ def _branch_names(repo: Repo) -> tuple[str, str]:
 
 def check_device(device: str) -> str:
     """Refuse a device this machine lacks before any work (a CUDA merge on a CPU box fails clearly)."""
+    if device.strip().lower() == "cpu":
+        return "cpu"  # without importing torch: a merge on the torch-free path never needs it
     import torch
 
     try:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.merge import strategies
+from gittheta_merge.merge import npkernels, strategies
 from gittheta_merge.merge.buffers import Pool
 from gittheta_merge.merge.rules import Rule, first_match
 from gittheta_merge.merge.sources import TensorInfo
@@ -65,6 +65,7 @@ class MergeOptions:
     labels: list[str] | None = None
     progress: bool | None = None
     check_stats: bool = True  # False: plan without the statistics checks (to learn which kinds are needed)
+    numpy_kernels: bool = True  # False: never take the torch-free path (tests compare the two)
 
 
 @dataclass
@@ -314,6 +315,79 @@ class _Runner:
             out.copy_(raw.view(dtypes.to_torch(sinfo.dtype)).view(shape))
         return out
 
+    def chunks_np(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
+        """chunks() for the torch-free path: numpy float32 arrays in reused buffers."""
+        info = tp.info
+        assert info is not None
+        srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
+        budget = min(self.plan.max_block_bytes, strat.chunk_bytes or self.plan.max_block_bytes)
+        for start, end in chunk_ranges(info, srcs, extra_bounds, budget, False):
+            models = [self.read_np(m, f"model{i}", tp.name, start, end) for i, m in enumerate(self.models)]
+            base = self.read_np(self.base, "base", tp.name, start, end) if strat.needs_base and self.base else None
+            self.bytes_read += sum(a.size for a in models) * 4 + (base.size * 4 if base is not None else 0)
+            yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
+
+    def read_np(self, src: Source, slot: str, name: str, start: int, end: int) -> Any:
+        import numpy as np
+
+        sinfo = src.info(name)
+        assert sinfo is not None
+        shape = [end - start, *sinfo.shape[1:]] if sinfo.shape else []
+        out = self.pool.get_np(slot, shape, np.float32)
+        if sinfo.dtype == "F32":
+            src.read_into(name, start, end, memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
+        else:
+            raw, view = self.pool.bytes_view_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
+            src.read_into(name, start, end, view)  # type: ignore[attr-defined]
+            npkernels.to_f32(raw, sinfo.dtype, out.reshape(-1))
+        return out
+
+    def uses_numpy(self) -> bool:
+        """True when every merged tensor can take the torch-free path: CPU, strategies with merge_np and no
+        passes, sources with read_into, F32/F16/BF16 inputs and outputs."""
+        if not (self.options.numpy_kernels and self.options.device == "cpu" and npkernels.AVAILABLE):
+            return False
+        for tp in self.plan.tensors:
+            if tp.action != "merge":
+                continue
+            strat = self.plan.strategies[tp.strategy]  # type: ignore[index]
+            if not strat.numpy_merge or strat.n_passes or not strat.chunk_bytes or tp.info is None \
+                    or tp.info.dtype not in npkernels.DTYPES:
+                return False
+            for src in [*self.models, *([self.base] if strat.needs_base and self.base else [])]:
+                sinfo = src.info(tp.name)
+                if not hasattr(src, "read_into") or sinfo is None or sinfo.dtype not in npkernels.DTYPES:
+                    return False
+        return True
+
+    def merge_tensor(self, tp: TensorPlan, strat: Strategy, sink: Sink, entry: dict[str, Any],
+                     use_numpy: bool) -> None:
+        """Stream one merged tensor into the sink."""
+        assert tp.info is not None
+        out_bounds = sink.begin(tp.info)
+        if use_numpy:
+            for chunk in self.chunks_np(tp, strat, out_bounds, entry):
+                result = strat.merge_np(chunk)
+                _check_shape(tp, strat, list(result.shape), list(chunk.models[0].shape))
+                sink.write(npkernels.from_f32(result, tp.info.dtype, self.pool))
+            sink.end()
+            return
+        import torch
+
+        out_dtype = dtypes.to_torch(tp.info.dtype)
+        with intra_op_threads(strat):
+            for chunk in self.chunks(tp, strat, out_bounds, entry):
+                result = strat.merge(chunk)
+                _check_shape(tp, strat, list(result.shape), list(chunk.models[0].shape))
+                if strat.chunk_bytes:  # cast into a reused buffer (written out before the next chunk)
+                    if out_dtype == torch.float32 and result.device.type == "cpu":
+                        sink.write(result)
+                    else:
+                        sink.write(self.pool.get("out", list(result.shape), out_dtype).copy_(result))
+                else:
+                    sink.write(result.to("cpu", torch.float32).to(out_dtype))
+        sink.end()
+
     def run_passes(self, strat: Strategy, owned: list[TensorPlan]) -> None:
         with intra_op_threads(strat):
             self._run_passes(strat, owned)
@@ -328,6 +402,11 @@ class _Runner:
                     for chunk in self.chunks(tp, strat, [], {}):
                         strat.observe(index, chunk)
             strat.end_pass(index)
+
+
+def _check_shape(tp: TensorPlan, strat: Strategy, got: list[int], want: list[int]) -> None:
+    if got != want:
+        raise ThetaError(f"tensor {tp.name!r}: strategy {strat.name} returned shape {got} for a chunk of {want}")
 
 
 @contextmanager
@@ -369,14 +448,13 @@ def _test_pause(merged: int) -> None:
 def merge_models(models: list[Source], base: Source | None, sink: Sink, options: MergeOptions | None = None,
                  stats: StatsAccess | None = None, plan: MergePlan | None = None) -> MergeResult:
     """Merge `models` (model 0 = ours/target) against `base` into `sink`; returns the plan and report."""
-    import torch
-
     from gittheta_merge.progress import Progress
 
     options = options or MergeOptions()
     stats = stats or StatsAccess()
     plan = plan or plan_merge(models, base, options, stats)
     runner = _Runner(models, base, plan, options, stats)
+    use_numpy = runner.uses_numpy()  # then torch is never imported
     started = time.monotonic()
     for key, strat in plan.strategies.items():
         owned_all = [(t.name, list(t.info.shape)) for t in plan.tensors  # type: ignore[union-attr]
@@ -411,22 +489,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                 entry["strategy"] = strat.name
                 if strat.n_passes and strat.pass_scope == "tensor":
                     runner.run_passes(strat, [tp])
-                out_bounds = sink.begin(tp.info)
-                out_dtype = dtypes.to_torch(tp.info.dtype)
-                with intra_op_threads(strat):
-                    for chunk in runner.chunks(tp, strat, out_bounds, entry):
-                        result = strat.merge(chunk)
-                        if result.shape != chunk.models[0].shape:
-                            raise ThetaError(f"tensor {tp.name!r}: strategy {strat.name} returned shape "
-                                             f"{list(result.shape)} for a chunk of {list(chunk.models[0].shape)}")
-                        if strat.chunk_bytes:  # cast into a reused buffer (written out before the next chunk)
-                            if out_dtype == torch.float32 and result.device.type == "cpu":
-                                sink.write(result)
-                            else:
-                                sink.write(runner.pool.get("out", list(result.shape), out_dtype).copy_(result))
-                        else:
-                            sink.write(result.to("cpu", torch.float32).to(out_dtype))
-                sink.end()
+                runner.merge_tensor(tp, strat, sink, entry, use_numpy)
                 merged_count += 1
                 _test_pause(merged_count)
                 done_bytes += dtypes.nbytes(tp.info.dtype, list(tp.info.shape))
@@ -456,6 +519,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
         "max_block_bytes": plan.max_block_bytes,
         "peak_formula": plan.peak_formula(),
         "bytes_read_fp32": runner.bytes_read,
+        "kernels": "numpy" if use_numpy else "torch",
         "seconds": round(time.monotonic() - started, 6),
         "statistics_passes_seconds": round(passes_s, 6),
         "strategies": {s.name: s.summary() for s in plan.strategies.values()

@@ -22,11 +22,20 @@ from gittheta_merge.store import ObjectStore
 COPY_CHUNK_BYTES = 64 << 20
 
 
-def tensor_bytes(tensor: Any) -> bytes:
+def byte_view(rows: Any) -> memoryview:
+    """The bytes of a torch tensor or a numpy array (the torch-free merge path), without a copy if contiguous."""
+    if not hasattr(rows, "numel"):  # numpy
+        import numpy as np
+
+        return memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
     import torch
 
-    flat = tensor.contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    flat = rows.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def tensor_bytes(tensor: Any) -> bytes:
+    return byte_view(tensor).tobytes()
 
 
 class StoreSink:
@@ -159,11 +168,9 @@ class SafetensorsSink:
         return [0, info.rows]
 
     def write(self, rows: Any) -> None:
-        import torch
-
-        flat = rows.contiguous().reshape(-1)
-        if flat.numel():
-            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))  # no bytes copy
+        view = byte_view(rows)
+        if len(view):
+            self._fh.write(view)  # no bytes copy
 
     def end(self) -> None:
         pass

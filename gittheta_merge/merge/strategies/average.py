@@ -15,6 +15,7 @@ from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Para
 class Average(Strategy):
     name = "average"
     chunk_bytes = STREAM_CHUNK_BYTES
+    numpy_merge = True
     params_spec = {
         "weights": Param(None, "floats", "one weight per model (default uniform)"),
         "normalize": Param(True, "bool", "divide by the sum of the weights"),
@@ -25,10 +26,32 @@ class Average(Strategy):
         if self.params["normalize"] and abs(sum(self.model_weights())) < 1e-12:
             raise ThetaError("strategy average: the weights sum to 0; set normalize=false or change them")
 
-    def merge(self, chunk: Chunk) -> Any:
+    def _scales(self) -> list[float]:
         weights = self.model_weights()
         total = sum(weights) if self.params["normalize"] else 1.0
-        out = chunk.models[0].mul_(weights[0] / total)  # in place: the engine hands over fresh chunks
-        for w, model in zip(weights[1:], chunk.models[1:]):
-            out.add_(model, alpha=w / total)
+        return [w / total for w in weights]
+
+    def merge(self, chunk: Chunk) -> Any:
+        # in place (the engine hands over chunks we may overwrite); the same float32 operations in the same
+        # order as merge_np (each product rounded, then added: no fused multiply-add), so both paths agree
+        # bit for bit
+        scales = self._scales()
+        out = chunk.models[0]
+        if scales[0] != 1.0:
+            out.mul_(scales[0])
+        for scale, model in zip(scales[1:], chunk.models[1:]):
+            out.add_(model.mul_(scale) if scale != 1.0 else model)
+        return out
+
+    def merge_np(self, chunk: Chunk) -> Any:
+        import numpy as np
+
+        scales = self._scales()
+        out = chunk.models[0]
+        if scales[0] != 1.0:
+            np.multiply(out, scales[0], out=out)
+        for scale, model in zip(scales[1:], chunk.models[1:]):
+            if scale != 1.0:
+                np.multiply(model, scale, out=model)
+            np.add(out, model, out=out)
         return out

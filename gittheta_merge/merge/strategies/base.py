@@ -142,6 +142,9 @@ class Strategy:
     # chunk's tensors after observe/merge returns; it may overwrite them). None: fresh tensors per chunk of
     # max_block_bytes.
     chunk_bytes: int | None = None
+    # True: the strategy also implements merge_np (the same float32 operations on numpy arrays), so a merge
+    # whose tensors are all F32/F16/BF16 on the CPU runs without importing torch (merge/npkernels.py)
+    numpy_merge: bool = False
     pass_scope: str = "model"  # "model": passes run over every tensor first; "tensor": per tensor
     params_spec: dict[str, Param] = {}
 
@@ -205,6 +208,10 @@ class Strategy:
 
     def merge(self, chunk: Chunk) -> Any:
         """The merged rows (float32, same shape as chunk.models[0])."""
+        raise NotImplementedError
+
+    def merge_np(self, chunk: Chunk) -> Any:
+        """merge() on numpy float32 arrays (only called when numpy_merge is True)."""
         raise NotImplementedError
 
     def summary(self) -> dict[str, Any]:

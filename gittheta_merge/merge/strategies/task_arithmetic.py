@@ -17,6 +17,7 @@ class TaskArithmetic(Strategy):
     name = "task_arithmetic"
     needs_base = True
     chunk_bytes = STREAM_CHUNK_BYTES
+    numpy_merge = True
     params_spec = {
         "lambda": Param(1.0, "float", "scale applied to the sum of the task vectors"),
         "weights": Param(None, "floats", "per-model task-vector weights (default 1 each)"),
@@ -24,11 +25,35 @@ class TaskArithmetic(Strategy):
 
     def merge(self, chunk: Chunk) -> Any:
         # in place, one output buffer: base + lam * (sum_i w_i m_i - (sum_i w_i) base); the chunks are ours
-        # to overwrite, and temporaries per model cost as much time as the arithmetic at this size
+        # to overwrite. Same float32 operations in the same order as merge_np (no fused multiply-add).
+        import torch
+
         lam = self.params["lambda"]
         weights = self.model_weights()
-        total = chunk.models[0].mul_(weights[0]) if weights[0] != 1.0 else chunk.models[0]
+        total = chunk.models[0]
+        if weights[0] != 1.0:
+            total.mul_(weights[0])
         for w, model in zip(weights[1:], chunk.models[1:]):
-            total.add_(model, alpha=w)
-        total.sub_(chunk.base, alpha=sum(weights))
-        return total.mul_(lam).add_(chunk.base)
+            total.add_(model.mul_(w) if w != 1.0 else model)
+        total.sub_(torch.mul(chunk.base, sum(weights), out=self.pool.like("scaled_base", chunk.base)))
+        if lam != 1.0:
+            total.mul_(lam)
+        return total.add_(chunk.base)
+
+    def merge_np(self, chunk: Chunk) -> Any:
+        import numpy as np
+
+        lam = self.params["lambda"]
+        weights = self.model_weights()
+        total = chunk.models[0]
+        if weights[0] != 1.0:
+            np.multiply(total, weights[0], out=total)
+        for w, model in zip(weights[1:], chunk.models[1:]):
+            if w != 1.0:
+                np.multiply(model, w, out=model)
+            np.add(total, model, out=total)
+        scaled = self.pool.get_np("scaled_base", chunk.base.shape, np.float32)
+        np.subtract(total, np.multiply(chunk.base, sum(weights), out=scaled), out=total)
+        if lam != 1.0:
+            np.multiply(total, lam, out=total)
+        return np.add(total, chunk.base, out=total)
