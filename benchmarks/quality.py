@@ -423,7 +423,7 @@ def merge_all(g: Git, tasks: list[Task], strategy: str, params: dict[str, Any]) 
     return g("rev-parse", "HEAD").strip(), time.time() - t0
 
 
-def run(s: Settings, workdir: Path, out_dir: Path | None) -> dict[str, Any]:
+def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> dict[str, Any]:
     import transformers
 
     started = time.time()
@@ -434,7 +434,8 @@ def run(s: Settings, workdir: Path, out_dir: Path | None) -> dict[str, Any]:
         shutil.rmtree(workdir)
     g = Git(workdir / "repo")
     data_dir = workdir / "data"
-    result: dict[str, Any] = {"settings": vars(s), "tasks": {}, "strategies": {}, "git_merge_check": {}}
+    result: dict[str, Any] = {"command": command, "settings": vars(s), "tasks": {}, "strategies": {},
+                              "git_merge_check": {}}
     tasks = [load_task(name, s.seed, s.n_train, s.n_val, s.n_test) for name in s.tasks]
     tok = transformers.AutoTokenizer.from_pretrained(model_dir())
     setup_repo(g, s)
@@ -538,8 +539,8 @@ def write_outputs(r: dict[str, Any], out: Path) -> None:
     names = list(r["tasks"])
     s = r["settings"]
     lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git", "",
-             "Produced by `python benchmarks/quality.py` " + ("(smoke settings)" if s["grid"] != "full" else "")
-             + f"in {r['wall_seconds'] / 60:.1f} min; every number is in quality.json, the chosen merges' "
+             f"Produced by `{r['command'] or 'python benchmarks/quality.py'}` in {r['wall_seconds'] / 60:.1f} min "
+             f"({r['versions']['threads']} CPU threads); every number is in quality.json, the chosen merges' "
              "reports in reports/.", "",
              "## Test accuracy (hyperparameters chosen on the validation split)", "",
              "| method | " + " | ".join(names) + " | mean | normalised mean |",
@@ -623,7 +624,7 @@ def main() -> None:
                  n_test=a.n_test, epochs=a.epochs, seed=a.seed, git_check=not a.no_git_check)
     if a.smoke:
         s = smoke_settings(seed=a.seed)
-    run(s, Path(a.workdir), Path(a.out))
+    run(s, Path(a.workdir), Path(a.out), command=" ".join(["python benchmarks/quality.py", *sys.argv[1:]]))
     print(Path(a.out, "quality.md").read_text())
 
 
