@@ -235,8 +235,11 @@ def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--text-pair-field", default=None)
 @click.option("--label-field", default="label", show_default=True)
-@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="accumulation dtype")
+@click.option("--dtype", type=click.Choice(["float64", "float64-exact", "float32"]), default="float64",
+              show_default=True,
+              help="accumulation: float64 running sums of products formed in the model's dtype (float32 for a "
+                   "float32 model) over blocks of <= 2048 rows; float64-exact forms every product in float64 "
+                   "too (slower on CPU); float32 (sums too)")
 @click.option("--diagonal-only", is_flag=True, help="gram/kfac: store only the diagonal (d instead of d² numbers)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -405,9 +405,11 @@ def test_blob_roundtrip_and_provenance(tok, tmp_path: Path) -> None:
     assert statistic_from_bytes(statistic_to_bytes(stat)).provenance == back.provenance
     kind, prov = read_provenance(p)
     assert kind == "gram" and prov["data_digest"] == digest and prov["n_examples"] == len(SENTENCES)
-    for field in ("task", "tokens", "masking", "accumulate_dtype", "tool", "model_weight_names", "sharing", "counts",
-                  "weights"):
+    for field in ("task", "tokens", "masking", "accumulate_dtype", "accumulation", "product_dtype", "tool",
+                  "model_weight_names", "sharing", "counts", "weights"):
         assert field in prov, field
+    assert prov["accumulation"] == "fp64" and prov["accumulate_dtype"] == "float64"
+    assert prov["product_dtype"] == "float64"  # a float64 model's products are float64 under the default
     w = "bert.encoder.layer.0.attention.self.query.weight"
     assert len(prov["weights"][w]["sha256"]) == 64
 
@@ -462,15 +464,61 @@ def test_vmap_failure_falls_back_to_loop(tok, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_gram_symmetric_panels_equal_full_product(tok, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large Grams accumulate only upper panels and mirror at the end; force that path on the tiny model."""
+    """Large Grams accumulate only upper-triangle blocks and mirror at the end; force that path on the tiny
+    model."""
     import gittheta_merge.stats.compute as compute
 
     model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3), seed=11)
     exs = seqcls_examples()
     kw = dict(kind="gram", task="sequence-classification", batch_size=3, progress=False)
     full = compute_statistic(model, tok, exs, **kw)
-    monkeypatch.setattr(compute, "_PANEL", 7)
+    monkeypatch.setattr(compute, "_LEAF", 7)
     panels = compute_statistic(model, tok, exs, **kw)
     for k, v in full.tensors.items():
         assert torch.equal(panels.tensors[k], panels.tensors[k].T)
         assert rel_err(panels.tensors[k], v) <= 1e-12, k
+
+
+def test_gram_buffered_blocks_equal_per_batch(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are held in a buffer and multiplied per block; blocks smaller than a batch (the batch goes straight to
+    a product) and blocks spanning several batches give the same sums (float64 model: float64 products)."""
+    import gittheta_merge.stats.compute as compute
+
+    model = make(transformers.BertForMaskedLM, bert_config(), seed=13)
+    exs = [Example(text=s) for s in SENTENCES]
+    kw = dict(kind="gram", task="masked-lm", batch_size=3, progress=False)
+    ref = compute_statistic(model, tok, exs, **kw)
+    for rows in (5, 40):
+        monkeypatch.setattr(compute, "_BUFFER_ROWS", rows)
+        got = compute_statistic(model, tok, exs, **kw)
+        assert got.counts == ref.counts
+        for k, v in ref.tensors.items():
+            assert torch.equal(got.tensors[k], got.tensors[k].T), k  # mirrored exactly
+            assert rel_err(got.tensors[k], v) <= 1e-12, (rows, k)
+
+
+def test_gram_float32_model_float32_products_within_bound(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default for a float32 model: float32 products per block of rows, float64 running sums. Every entry is
+    within the float32 dot-product bound K·2⁻²⁴·sqrt(G_ii G_jj) of the all-float64 sum of the same activations
+    (K = rows in one product block; docs/statistics.md, "Accumulation precision"), and fp64-exact is selectable."""
+    import gittheta_merge.stats.compute as compute
+
+    model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3), seed=12).float()
+    exs = seqcls_examples() * 3
+    kw = dict(kind="gram", task="sequence-classification", batch_size=4, progress=False)
+    exact = compute_statistic(model, tok, exs, accumulate_dtype="float64-exact", **kw)
+    monkeypatch.setattr(compute, "_BUFFER_ROWS", 16)  # several blocks, and batches taller than the buffer
+    monkeypatch.setattr(compute, "_LEAF", 7)  # triangle blocks too
+    mixed = compute_statistic(model, tok, exs, **kw)
+    assert (mixed.provenance["accumulation"], mixed.provenance["product_dtype"]) == ("fp64", "float32")
+    assert (exact.provenance["accumulation"], exact.provenance["product_dtype"]) == ("fp64-exact", "float64")
+    assert mixed.provenance["accumulate_dtype"] == exact.provenance["accumulate_dtype"] == "float64"
+    K = mixed.provenance["tokens"]  # no block holds more rows than the whole data set
+    for k, v in exact.tensors.items():
+        got = mixed.tensors[k]
+        assert got.dtype == torch.float64 and torch.equal(got, got.T), k
+        s = torch.diagonal(v).sqrt()
+        assert ((got - v).abs() <= K * 2.0 ** -24 * s[:, None] * s[None, :]).all(), k
+        assert 0 < rel_err(got, v) <= 1e-6, k  # float32 rounding is there, and small
+    with pytest.raises(ValueError, match="accumulate_dtype"):
+        compute_statistic(model, tok, exs, accumulate_dtype="fp16", **kw)

@@ -298,50 +298,172 @@ def _weight_name(module_name: str) -> str:
     return f"{module_name}.weight" if module_name else "weight"
 
 
-def _rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The rows of a module input/output that are real tokens, and how they were chosen."""
-    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask], "attention_mask"
-    if x.dim() == 2 and x.shape[0] == mask.shape[0]:
-        return x, "per-example"  # pooled inputs (BERT pooler / classifier): one row per example, nothing to mask
-    return x.reshape(-1, x.shape[-1]), "none"
+class _RowIndex:
+    """Which rows of a module input/output are real tokens (attention mask 1). The flat index is computed once
+    per batch and shared by every hook (a boolean-mask index per module redoes the nonzero scan and is several
+    times slower)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._idx: torch.Tensor | None = None
+        self.all_real = bool(mask.all())
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """(2D rows, index of the real rows or None for all of them, how they were chosen)."""
+        mask = self.mask
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            flat = x.reshape(-1, x.shape[-1])
+            if self.all_real:
+                return flat, None, "attention_mask"
+            if self._idx is None:
+                self._idx = mask.reshape(-1).nonzero().squeeze(1)
+            return flat, self._idx, "attention_mask"
+        if x.dim() == 2 and x.shape[0] == mask.shape[0]:
+            return x, None, "per-example"  # pooled inputs (BERT pooler / classifier): one row per example
+        return x.reshape(-1, x.shape[-1]), None, "none"
 
 
-_PANEL = 384
+_LEAF = 96
+_BUFFER_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class _Precision:
+    """How sums are accumulated: `sum` is the dtype of the running sum (what is stored); products (X^T X over a
+    block of rows, squared gradients) are formed in `product`, or, when `product` is None, in the dtype of the data
+    itself (at least float32, at most `sum`): float32 for a float32 model. A float32 product over K rows rounds
+    with relative error ≈ sqrt(K)·2⁻²⁴ (at most K·2⁻²⁴ of sqrt(G_ii G_jj)); the float64 running sum adds no
+    error that grows with the number of rows (docs/statistics.md, "Accumulation precision")."""
+
+    sum: torch.dtype
+    product: torch.dtype | None
+
+    def product_dtype(self, data: torch.dtype) -> torch.dtype:
+        if self.product is not None:
+            return self.product
+        p = torch.promote_types(data, torch.float32)
+        return p if p.itemsize <= self.sum.itemsize else self.sum
+
+    @property
+    def name(self) -> str:
+        return "fp32" if self.sum == torch.float32 else ("fp64-exact" if self.product == torch.float64 else "fp64")
+
+
+def _blocks(d: int) -> list[tuple[int, int, int, int, int]]:
+    """The blocks of the upper triangle of a symmetric d x d matrix that are multiplied, as (row start, row end,
+    column start, column end, offset in the packed layout): split the range in halves, keep the off-diagonal
+    rectangle, recurse into the two halves down to diagonal blocks of at most _LEAF (multiplied whole). At
+    d = 1536 that is 53 % of the full product's work in 31 well-shaped products (row-panel strips doing the same
+    work are thin products and run slower)."""
+    out: list[tuple[int, int, int, int, int]] = []
+    off = 0
+
+    def split(lo: int, hi: int) -> None:
+        nonlocal off
+        if hi - lo <= _LEAF:
+            out.append((lo, hi, lo, hi, off))
+            off += (hi - lo) ** 2
+            return
+        mid = (lo + hi) // 2
+        split(lo, mid)
+        out.append((lo, mid, mid, hi, off))
+        off += (mid - lo) * (hi - mid)
+        split(mid, hi)
+
+    split(0, d)
+    return out
 
 
 class _OuterAcc:
-    """Running sum of r r^T (or of r*r with diagonal_only) over rows, in the accumulation dtype, on the device."""
+    """Running sum of r r^T (or of r*r with diagonal_only) over rows, in the accumulation dtype, on the device.
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> None:
+    Rows are gathered (padding dropped) into a row buffer in the product dtype; when it is full (or at the end)
+    one product over the buffered block is added to the sum: fewer, taller products run faster than one per batch,
+    and a product formed in a narrower dtype is widened into the sum once per block, in one operation. The matrix
+    is symmetric, so only the blocks of its upper triangle are multiplied and kept, packed one after another
+    (`_blocks`); `result()` unpacks and mirrors them."""
+
+    def __init__(self, dim: int, precision: _Precision, device: torch.device, diagonal_only: bool) -> None:
+        self.dim = dim
         self.diagonal_only = diagonal_only
-        self.dtype = dtype
-        self.sum = torch.zeros((dim,) if diagonal_only else (dim, dim), dtype=dtype, device=device)
+        self.precision = precision
+        self.dtype = precision.sum
+        self.device = device
+        self.blocks = _blocks(dim) if not diagonal_only else []
+        packed = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in self.blocks) if not diagonal_only else dim
+        self.sum = torch.zeros(packed, dtype=self.dtype, device=device)
         self.count = 0
         self.masking: set[str] = set()
+        self.product_dtypes: set[torch.dtype] = set()
+        self._buf: torch.Tensor | None = None  # up to _BUFFER_ROWS rows held back, in the product dtype
+        self._held = 0
+        self._scratch: torch.Tensor | None = None  # a block's product when narrower than the sum (packed)
 
     def result(self) -> torch.Tensor:
-        """The full sum (the accumulation only fills the upper panels of large matrices)."""
-        if self.diagonal_only or self.sum.shape[0] < 2 * _PANEL:
-            return self.sum
-        upper = torch.triu(self.sum)
-        return upper + torch.triu(self.sum, 1).T
-
-    def add(self, rows: torch.Tensor, how: str, count: bool = True) -> None:
-        r = rows.detach().to(self.dtype)
+        """The full sum: diagonal vector, or the symmetric matrix built from the packed upper blocks."""
+        self.flush()
         if self.diagonal_only:
-            self.sum.add_(r.square().sum(0))
-        else:
-            d = r.shape[1]
-            if d < 2 * _PANEL:
-                self.sum.addmm_(r.T, r)
-            else:  # symmetric: only the upper panels (≈ 5/8 of the work at d = 4·panel); mirrored in result()
-                for i in range(0, d, _PANEL):
-                    j = min(i + _PANEL, d)
-                    self.sum[i:j, i:].addmm_(r[:, i:j].T, r[:, i:])
+            return self.sum
+        d = self.dim
+        full = torch.empty(d, d, dtype=self.dtype, device=self.device)
+        for r0, r1, c0, c1, off in self.blocks:
+            block = self.sum[off:off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            if r0 == c0:  # a diagonal block: its upper triangle is mirrored (the result is exactly symmetric)
+                full[r0:r1, c0:c1] = torch.triu(block)
+                full[r0:r1, c0:c1] += torch.triu(block, 1).T
+            else:  # above the diagonal, and its mirror image below
+                full[r0:r1, c0:c1] = block
+                full[c0:c1, r0:r1] = block.T
+        return full
+
+    def add(self, x: torch.Tensor, how: str, index: torch.Tensor | None = None, count: bool = True) -> None:
+        """Add the rows `x[index]` (all rows of the 2D `x` when index is None)."""
+        x = x.detach()
+        k = x.shape[0] if index is None else index.shape[0]
+        pd = self.precision.product_dtype(x.dtype)
+        self.product_dtypes.add(pd)
         if count:  # the exact policy adds several weighted terms per token row; the row counts once
-            self.count += rows.shape[0]
+            self.count += k
         self.masking.add(how)
+        if k == 0:
+            return
+        if self.diagonal_only:
+            r = (x if index is None else x.index_select(0, index)).to(pd)
+            self.sum.add_(torch.sum(r * r, 0, dtype=self.dtype))
+            return
+        if self._buf is not None and (self._buf.dtype != pd or self._held + k > _BUFFER_ROWS):
+            self.flush()
+        if k > _BUFFER_ROWS:  # a block taller than the buffer goes straight to a product
+            self._product((x if index is None else x.index_select(0, index)).to(pd))
+            return
+        if self._buf is None or self._buf.dtype != pd:
+            self._buf = torch.empty(_BUFFER_ROWS, self.dim, dtype=pd, device=self.device)
+        dst = self._buf[self._held:self._held + k]
+        if index is None:
+            dst.copy_(x)
+        elif x.dtype == pd:
+            torch.index_select(x, 0, index, out=dst)
+        else:
+            dst.copy_(x.index_select(0, index))
+        self._held += k
+
+    def flush(self) -> None:
+        if self._buf is not None and self._held:
+            self._product(self._buf[:self._held])
+        self._held = 0
+
+    def _product(self, r: torch.Tensor) -> None:
+        """sum += the upper blocks of r^T r, formed in r's dtype."""
+        if r.dtype == self.dtype:
+            for r0, r1, c0, c1, off in self.blocks:
+                self.sum[off:off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0).addmm_(r[:, r0:r1].T, r[:, c0:c1])
+            return
+        if self._scratch is None or self._scratch.dtype != r.dtype:
+            self._scratch = torch.empty(self.sum.shape[0], dtype=r.dtype, device=self.device)
+        for r0, r1, c0, c1, off in self.blocks:
+            torch.mm(r[:, r0:r1].T, r[:, c0:c1], out=self._scratch[off:off + (r1 - r0) * (c1 - c0)].view(
+                r1 - r0, c1 - c0))
+        self.sum.add_(self._scratch)  # widened while adding: one operation for the whole block
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -407,14 +529,14 @@ class _Runner:
 
 
 def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner: _Runner,
-                  modules: dict[str, nn.Module], acc_dtype: torch.dtype, diagonal_only: bool,
+                  modules: dict[str, nn.Module], precision: _Precision, diagonal_only: bool,
                   max_dim: int | None) -> tuple[dict[str, _OuterAcc], dict[str, str], list[str], int, int]:
     """Shared hook machinery. Returns (accumulators by tensor key, weight→key sharing, skipped modules, n, tokens)."""
     device = runner.device
     accs: dict[str, _OuterAcc] = {}
     leader_of: dict[str, str] = {}
     skipped: list[str] = []
-    state: dict[str, Any] = {"mask": None, "seen": {}, "outs": []}
+    state: dict[str, Any] = {"rows": None, "seen": {}, "outs": []}
     handles = []
 
     def make_hook(name: str, mod: nn.Module) -> Callable[..., None]:
@@ -436,15 +558,15 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
                     return
                 acc = accs.get(key)
                 if acc is None:
-                    acc = accs[key] = _OuterAcc(d_in, acc_dtype, device, diagonal_only)
-                rows, how = _rows(x, state["mask"])
-                acc.add(rows, how)
+                    acc = accs[key] = _OuterAcc(d_in, precision, device, diagonal_only)
+                rows, index, how = state["rows"].select(x)
+                acc.add(rows, how, index)
             else:
                 if not isinstance(output, torch.Tensor) or not output.requires_grad:
                     return
                 leader_of[key] = key
                 if key not in accs:
-                    accs[key] = _OuterAcc(d_out, acc_dtype, device, diagonal_only)
+                    accs[key] = _OuterAcc(d_out, precision, device, diagonal_only)
                 state["outs"].append((key, output))
         return fwd_hook
 
@@ -458,7 +580,7 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
     try:
         for cpu_batch in batches:
             batch = cpu_batch.to(device)
-            state["mask"] = batch.attention_mask
+            state["rows"] = row_index = _RowIndex(batch.attention_mask)
             state["seen"] = {}
             state["outs"] = []
             if kind == "gram":
@@ -480,8 +602,8 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
                                                     allow_unused=True)
                         for (key, _), g in zip(outs, grads):
                             if g is not None:
-                                rows, how = _rows(g, batch.attention_mask)
-                                accs[key].add(rows, how, count=i == 0)
+                                rows, index, how = row_index.select(g)
+                                accs[key].add(rows, how, index, count=i == 0)
             state["seen"] = {}
             state["outs"] = []
             n += batch.n
@@ -494,7 +616,7 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
 
 
 def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names: list[str],
-            acc_dtype: torch.dtype, per_example: str, chunk: int | None) -> tuple[dict[str, torch.Tensor], str,
+            precision: _Precision, per_example: str, chunk: int | None) -> tuple[dict[str, torch.Tensor], str,
                                                                                 str | None, int, int]:
     """Per-example squared gradients summed over examples. Returns (sums, method, fallback reason, n, tokens)."""
     from torch.func import functional_call, grad, vmap
@@ -509,6 +631,7 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     p_vmap = {k: v for k, v in sel_detached.items() if k != emb_name}
     rest = {k: v.detach() for k, v in params.items() if k not in sel}
     buffers = dict(model.named_buffers())
+    acc_dtype = precision.sum
     acc = {k: torch.zeros(v.shape, dtype=acc_dtype, device=device) for k, v in sel.items()}
     causal = _is_causal(model, runner.task)
     method = "loop" if per_example == "loop" else "vmap"
@@ -519,10 +642,11 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     n = tokens = 0
 
     def add_sq(k: str, g: torch.Tensor, batched: bool) -> None:
+        g = g.to(precision.product_dtype(g.dtype))  # squares in the product dtype, summed in the sum dtype
         if batched:
             acc[k].add_(torch.sum(g.square(), 0, dtype=acc_dtype))
         else:
-            acc[k].add_(g.to(acc_dtype).square())
+            acc[k].add_(g.square())
 
     def one(p: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], cls: int | None, pos: int | None,
             policy: str) -> torch.Tensor:
@@ -687,12 +811,28 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def _dtype(d: torch.dtype | str) -> torch.dtype:
-    if isinstance(d, str):
-        d = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}[d]
-    if d not in (torch.float32, torch.float64):
-        raise ValueError("statistics accumulate in float32 or float64 (half precision underflows, §10)")
-    return d
+ACCUMULATIONS = {
+    "fp64": "running sums in float64; products (X^T X over blocks of at most 2048 rows or one batch, squared "
+            "gradients) in the data's dtype (at least float32)",
+    "fp64-exact": "running sums and every product in float64",
+    "fp32": "running sums and products in float32",
+}
+
+
+def _precision(d: torch.dtype | str) -> _Precision:
+    """`accumulate_dtype`: fp64 (default; float64 sums of products formed in the data's dtype, i.e.
+    float32 for a float32 model), fp64-exact (every product in float64 too) or fp32; float64 / float32 /
+    float64-exact and torch dtypes are accepted as spellings."""
+    if isinstance(d, torch.dtype):
+        if d not in (torch.float32, torch.float64):
+            raise ValueError("statistics accumulate in float32 or float64 (half precision underflows, §10)")
+        return _Precision(d, None)
+    name = {"float32": "fp32", "float64": "fp64", "float64-exact": "fp64-exact"}.get(d, d)
+    if name not in ACCUMULATIONS:
+        raise ValueError(f"unknown accumulate_dtype {d!r} (one of {', '.join(ACCUMULATIONS)}; half precision "
+                         f"underflows, §10)")
+    return _Precision(torch.float32, None) if name == "fp32" else \
+        _Precision(torch.float64, torch.float64 if name == "fp64-exact" else None)
 
 
 def compute_statistic(
@@ -742,7 +882,8 @@ def compute_statistic(
         raise ValueError("per_example is auto, vmap or loop")
     if diagonal_only and kind == "fisher":
         raise ValueError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
-    acc_dtype = _dtype(accumulate_dtype)
+    precision = _precision(accumulate_dtype)
+    acc_dtype = precision.sum
     dev = torch.device(device)
     model.to(dev)
     model.eval()
@@ -757,7 +898,8 @@ def compute_statistic(
     t0 = time.monotonic()
     prov: dict[str, Any] = {
         "kind": kind, "task": task, "tool": f"gittheta-merge {__version__}", "torch": torch.__version__,
-        "accumulate_dtype": str(acc_dtype).removeprefix("torch."), "seed": seed, "max_length": max_length,
+        "accumulate_dtype": str(acc_dtype).removeprefix("torch."), "accumulation": precision.name,
+        "accumulation_detail": ACCUMULATIONS[precision.name], "seed": seed, "max_length": max_length,
         "batch_size": batch_size, "dropout": "off (eval mode)", "data_digest": data_digest,
         "data_source": dict(data_source) if data_source else None, "model_class": type(model).__name__,
     }
@@ -783,7 +925,7 @@ def compute_statistic(
                      and (include is None or re.search(include, k)) and not (exclude and re.search(exclude, k))]
             if not names:
                 raise ValueError("no parameters selected for the Fisher")
-            sums, method, reason, n, tokens = _fisher(model, batches, runner, names, acc_dtype, per_example,
+            sums, method, reason, n, tokens = _fisher(model, batches, runner, names, precision, per_example,
                                                        per_example_chunk)
             tensors = sums
             sharing = {k: k for k in names}
@@ -796,16 +938,19 @@ def compute_statistic(
             if reason:
                 prov["per_example_fallback"] = reason
             prov["normalisation"] = "sum of per-example squared gradients; divide by counts[key] = n examples"
+            float_dtype = next((p.dtype for p in params.values() if p.dtype.is_floating_point), torch.float32)
+            product_dtypes = {precision.product_dtype(float_dtype)}
         else:
             modules = _linear_modules(model, include, exclude)
             if kind == "kfac" and max_dim is None:
                 max_dim = 8192
-            accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, acc_dtype,
+            accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, precision,
                                                                 diagonal_only, max_dim)
             tensors = {k: a.result() for k, a in accs.items()}
             sharing = {w: k for w, k in leader_of.items() if k in accs}
             counts = {k: a.count for k, a in accs.items()}
             masking = {k: sorted(a.masking) for k, a in accs.items()}
+            product_dtypes = {d for a in accs.values() for d in a.product_dtypes}
             odd = {k: m for k, m in masking.items() if m != ["attention_mask"]}
             prov["masking"] = "padding excluded via the attention mask (sum over unpadded tokens)"
             if odd:
@@ -823,6 +968,8 @@ def compute_statistic(
                 prov["kfac_exact_counts"] = "token rows counted once per (class, position) term"
         if n == 0:
             raise ValueError("no examples were read")
+        # the dtype the products (X^T X, squared gradients) were formed in, as actually run
+        prov["product_dtype"] = ",".join(sorted(str(d).removeprefix("torch.") for d in product_dtypes))
     finally:
         bar.close()
     prov.update(n_examples=n, tokens=tokens, counts=counts, sharing=sharing, seconds=round(time.monotonic() - t0, 3),
