@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,16 +36,23 @@ METHODS = {  # our strategy, its --set parameters, mergekit's method name
 }
 
 
-def llama_shapes(size: float) -> dict[str, tuple[int, ...]]:
-    """State-dict names/shapes of a Llama with about `size` parameters (hidden 1536, GQA 12/4 heads, ff 4096,
-    vocab 32000, untied head; layers scaled to hit the size: 12 layers = 400.3M)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(size: float):
+    """A Llama with about `size` parameters (hidden 1536, GQA 12/4 heads, ff 4096, vocab 32000, untied head;
+    layers scaled to hit the size: 12 layers = 400.3M)."""
+    from transformers import LlamaConfig
 
     per_layer = 2 * 1536 * 1536 + 2 * 1536 * 512 + 3 * 1536 * 4096
     layers = max(1, round((size - 2 * 32000 * 1536) / per_layer))
-    cfg = LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=12,
-                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    return LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+
+
+def llama_shapes(size: float) -> dict[str, tuple[int, ...]]:
+    """State-dict names/shapes of llama_config(size)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(size)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -72,15 +80,29 @@ def make_models(work: Path, size: float, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def timed(cmd: list[str] | str, cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one process tree member (the command itself) via /usr/bin/time."""
+def load() -> float:
+    """The 1-minute load average (the machine is shared: every figure carries the load it ran under)."""
+    return os.getloadavg()[0]
+
+
+def timed(cmd: list[str] | str, cwd: Path | None = None, env: dict[str, str] | None = None,
+          fresh: Path | None = None) -> dict:
+    """Wall seconds and peak RSS (GB) of one command via /usr/bin/time, with the load average before and after.
+    `fresh`: deleted first (outside the timing), so every command writes a new file: replacing an existing
+    0.8 GB file costs ~1 s of page-cache freeing, which would otherwise land in whichever command runs next."""
+    if fresh is not None:
+        if fresh.is_dir():
+            shutil.rmtree(fresh)
+        elif fresh.exists():
+            fresh.unlink()
     shell = isinstance(cmd, str)
     full = ["/usr/bin/time", "-f", "%e %M"] + (["sh", "-c", cmd] if shell else cmd)
+    before = load()
     proc = subprocess.run(full, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     wall, rss_kb = proc.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(rss_kb) * 1024 / 1e9
+    return {"wall_s": float(wall), "rss_gb": int(rss_kb) * 1024 / 1e9, "load_before": before, "load_after": load()}
 
 
 def git(repo: Path, *args: str) -> None:
@@ -109,25 +131,27 @@ def setup_repo(work: Path, paths: dict[str, Path]) -> Path:
     return repo
 
 
-def mergekit_run(venv: Path, work: Path, paths: dict[str, Path], method: str) -> tuple[float, float]:
-    """mergekit-yaml on the same files (each model in its own directory with a config.json)."""
+def mergekit_run(venv: Path, work: Path, paths: dict[str, Path], method: str, size: float) -> dict:
+    """mergekit-yaml on the same files (each model in its own directory with the model's config.json)."""
+    cfg_json = llama_config(size).to_dict()
+    cfg_json.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16")
     dirs = {}
     for n, p in paths.items():
         d = work / "mk" / n
         d.mkdir(parents=True, exist_ok=True)
         if not (d / "model.safetensors").exists():
             os.link(p, d / "model.safetensors")
-        (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+        (d / "config.json").write_text(json.dumps(cfg_json))
         dirs[n] = d
     params = {"linear": "weight: 1.0", "task_arithmetic": "weight: 1.0", "ties": "weight: 1.0\n      density: 0.2"}
     cfg = work / "mk" / f"{method}.yaml"
     base_line = "" if method == "linear" else f"base_model: {dirs['base']}\n"
+    # defaults: linear normalises the weights (= average), ties normalises (= the disjoint mean), lambda 1
     cfg.write_text(f"merge_method: {method}\n{base_line}dtype: bfloat16\nmodels:\n"
                    + "".join(f"  - model: {dirs[n]}\n    parameters:\n      {params[method]}\n"
                              for n in ("ft1", "ft2")))
     out = work / "mk" / f"out-{method}"
-    shutil.rmtree(out, ignore_errors=True)
-    return timed([str(venv / "bin" / "mergekit-yaml"), str(cfg), str(out)])
+    return timed([str(venv / "bin" / "mergekit-yaml"), str(cfg), str(out)], fresh=out)
 
 
 def main() -> None:
@@ -137,6 +161,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-git", action="store_true")
     ap.add_argument("--mergekit-venv", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds; each round runs every row once, in order")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -147,49 +172,79 @@ def main() -> None:
     info = json.loads((work / "info.json").read_text())
     one_model_gb = info["bytes"] / 1e9
     print(f"model: {info['params'] / 1e6:.1f}M params, {info['tensors']} tensors, {one_model_gb:.2f} GB bf16 "
-          f"(built in {time.monotonic() - t0:.0f} s) in {work}", flush=True)
+          f"(built in {time.monotonic() - t0:.0f} s) in {work}; load {load():.2f}", flush=True)
     gt = [sys.executable, "-m", "gittheta_merge"]
-    rows: list[dict] = []
     out = work / "out.safetensors"
-    cat_s, cat_rss = timed(f"cat {paths['base']} {paths['ft1']} {paths['ft2']} > /dev/null")
-    cp_s, _ = timed(["cp", str(paths["ft1"]), str(out)])
-    floor = cat_s + cp_s
-    rows.append({"tool": "floor", "method": "read 3 + write 1", "wall_s": floor, "rss_gb": cat_rss})
-    print(f"floor: cat {cat_s:.2f} s + cp {cp_s:.2f} s = {floor:.2f} s", flush=True)
     methods = [m for m in args.methods.split(",") if m]
+    jobs: list[tuple[str, str, object]] = []  # (tool, method, () -> result)
+    jobs.append(("floor: cat", "read base+ft1+ft2",
+                 lambda: timed(f"cat {paths['base']} {paths['ft1']} {paths['ft2']} > /dev/null")))
+    jobs.append(("floor: cp", "write one model", lambda: timed(["cp", str(paths["ft1"]), str(out)], fresh=out)))
     for m in methods:
         strategy, sets, _ = METHODS[m]
         cmd = [*gt, "merge-files", str(paths["ft1"]), str(paths["ft2"]), "--base", str(paths["base"]),
                "-o", str(out), "--strategy", strategy, *[a for s in sets for a in ("--set", s)]]
-        wall, rss = timed(cmd)
-        rows.append({"tool": "merge-files", "method": m, "wall_s": wall, "rss_gb": rss})
-        print(f"merge-files {m}: {wall:.2f} s, {rss:.3f} GB", flush=True)
+        jobs.append(("merge-files", m, lambda cmd=cmd: timed(cmd, fresh=out)))
+    if args.mergekit_venv:
+        for m in methods:
+            if m != "ties_local":
+                jobs.append(("mergekit 0.1.5", m, lambda m=m: mergekit_run(args.mergekit_venv, work, paths,
+                                                                          METHODS[m][2], args.size)))
     if not args.skip_git:
         t1 = time.monotonic()
         repo = setup_repo(work, paths)
         print(f"repo set up in {time.monotonic() - t1:.0f} s", flush=True)
-        for m in methods:
+
+        def git_merge(m: str) -> dict:
             strategy, sets, _ = METHODS[m]
             git(repo, "reset", "-q", "--hard", "main")
-            cmd = [*gt, "merge", "ft1", "ft2", "--strategy", strategy, *[a for s in sets for a in ("--set", s)]]
-            wall, rss = timed(cmd, cwd=repo)
-            rows.append({"tool": "git theta merge", "method": m, "wall_s": wall, "rss_gb": rss})
-            print(f"git theta merge {m}: {wall:.2f} s, {rss:.3f} GB", flush=True)
-    if args.mergekit_venv:
+            return timed([*gt, "merge", "ft1", "ft2", "--strategy", strategy,
+                          *[a for s in sets for a in ("--set", s)]], cwd=repo)
+
         for m in methods:
-            if m == "ties_local":
-                continue
-            wall, rss = mergekit_run(args.mergekit_venv, work, paths, METHODS[m][2])
-            rows.append({"tool": "mergekit 0.1.5", "method": m, "wall_s": wall, "rss_gb": rss})
-            print(f"mergekit {m}: {wall:.2f} s, {rss:.3f} GB", flush=True)
+            jobs.append(("git theta merge", m, lambda m=m: git_merge(m)))
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for rnd in range(args.repeat):
+        for tool, method, fn in jobs:
+            r = fn()  # type: ignore[operator]
+            runs.setdefault((tool, method), []).append(r)
+            print(f"round {rnd + 1}: {tool} {method}: {r['wall_s']:.2f} s, {r['rss_gb']:.3f} GB, "
+                  f"load {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
+
+    def med(key: tuple[str, str], field: str = "wall_s") -> float:
+        return statistics.median(r[field] for r in runs[key])
+
+    floors = [c["wall_s"] + p["wall_s"] for c, p in zip(runs[("floor: cat", "read base+ft1+ft2")],
+                                                         runs[("floor: cp", "write one model")])]
+    floor = statistics.median(floors)
+    rows = []
+    for (tool, method), rs in runs.items():
+        if tool.startswith("floor"):
+            continue
+        row = {"tool": tool, "method": method, "wall_s": med((tool, method)), "rss_gb": med((tool, method), "rss_gb"),
+               "walls": [r["wall_s"] for r in rs], "loads": [r["load_before"] for r in rs]}
+        row["x_floor"] = row["wall_s"] / floor
+        mk = runs.get(("mergekit 0.1.5", method))
+        if mk and tool != "mergekit 0.1.5":
+            # speed-up against mergekit within the same rounds (same load conditions), median over rounds
+            row["x_faster_than_mergekit"] = statistics.median(m["wall_s"] / r["wall_s"] for m, r in zip(mk, rs))
+        rows.append(row)
     print()
-    print("| tool | method | wall (s) | × floor | peak RSS (GB) | RSS / one model |")
-    print("|---|---|---|---|---|---|")
+    print(f"floor (cat 3 inputs + cp 1 output, fresh file): median {floor:.2f} s over {len(floors)} rounds "
+          f"({', '.join(f'{f:.2f}' for f in floors)})")
+    print("| tool | method | wall (s), median | runs (s) | load at start | × floor | × faster than mergekit "
+          "| peak RSS (GB) | RSS / one model |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tool']} | {r['method']} | {r['wall_s']:.1f} | {r['wall_s'] / floor:.2f} | "
-              f"{r['rss_gb']:.2f} | {r['rss_gb'] / one_model_gb:.2f} |")
+        speed = f"{r['x_faster_than_mergekit']:.2f}" if "x_faster_than_mergekit" in r else "—"
+        print(f"| {r['tool']} | {r['method']} | {r['wall_s']:.1f} | {', '.join(f'{w:.1f}' for w in r['walls'])} | "
+              f"{', '.join(f'{x:.1f}' for x in r['loads'])} | {r['x_floor']:.2f} | {speed} | {r['rss_gb']:.2f} | "
+              f"{r['rss_gb'] / one_model_gb:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"model": info, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"model": info, "floor_s": floors, "rows": rows,
+                                         "runs": [{"tool": t, "method": m, "runs": rs}
+                                                  for (t, m), rs in runs.items()]}, indent=1))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -122,3 +122,16 @@ def test_torch_threads_restored(tmp_path: Path) -> None:
     with engine.intra_op_threads(ties.Ties({}, 2)):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("strategy,params", STREAMING)
+def test_prefetch_thread_gives_identical_results(tmp_path: Path, monkeypatch, strategy, params) -> None:
+    _set_chunk(monkeypatch, 1000)  # several chunks per tensor, so the helper thread really runs ahead
+    base, models = family(3, seed=26, dtype=torch.bfloat16, shapes=SHAPES)
+    want, rep_want = _run(tmp_path, "plain", base, models, strategy, params)
+    got, rep = _run(tmp_path, "prefetch", base, models, strategy, params, prefetch=True)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert rep.get("strategies") == rep_want.get("strategies")
+    strip = lambda r: [{k: v for k, v in t.items() if k != "seconds"} for t in r["tensors"]]  # noqa: E731
+    assert strip(rep) == strip(rep_want)

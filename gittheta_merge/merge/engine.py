@@ -14,6 +14,11 @@ never straddle a stored input block or an output block, the M+1 chunks upcast to
 back to the output dtype (model 0's) and appended to the output block. Peak tensor memory is therefore
 about (M + 1 + k) x max_block_bytes plus one output block, where k (~2-4) counts a strategy's
 temporaries; strategies that are not row-separable (MaTS' CG couples all rows) take whole tensors.
+
+Streaming strategies (elementwise: average, task arithmetic, TIES; `Strategy.chunk_bytes`) use cache-sized
+chunks (1 MiB float32) in buffers reused from chunk to chunk, with torch's ops on one thread; average and
+task arithmetic over F32/F16/BF16 on the CPU run on numpy kernels and never import torch. docs/merge.md,
+"Performance", has the measurements behind each of these choices.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class MergeOptions:
     progress: bool | None = None
     check_stats: bool = True  # False: plan without the statistics checks (to learn which kinds are needed)
     numpy_kernels: bool = True  # False: never take the torch-free path (tests compare the two)
+    prefetch: bool = False  # read + convert the next chunk on a helper thread (docs/merge.md: measured)
 
 
 @dataclass
@@ -98,10 +104,12 @@ class MergePlan:
 
     def peak_formula(self) -> str:
         m = self.n_models
-        block = self.max_block_bytes
+        used = [self.strategies[t.strategy] for t in self.tensors if t.action == "merge" and t.strategy]
+        block = max([min(self.max_block_bytes, s.chunk_bytes or self.max_block_bytes) for s in used]
+                    or [self.max_block_bytes])
         whole = [t for t in self.tensors if t.action == "merge" and t.strategy and t.info is not None
                  and not self.strategies[t.strategy].row_separable]
-        text = (f"peak ≈ (M+1) × max_block_bytes × ~3 (float32 chunks + temporaries) = "
+        text = (f"peak ≈ (M+1) × chunk × ~3 (float32 chunks + temporaries) = "
                 f"({m}+1) × {block / 1e6:.1f} MB × 3 ≈ {(m + 1) * block * 3 / 1e6:.1f} MB")
         if whole:
             largest = max(t.info.numel * 4 for t in whole if t.info)  # type: ignore[union-attr]
@@ -270,6 +278,7 @@ class _Runner:
         self.stats = stats
         self.bytes_read = 0
         self.pool = Pool()  # read and output buffers of streaming strategies, reused chunk after chunk
+        self._executor: Any = None  # the prefetch thread (options.prefetch)
 
     def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
         import torch
@@ -280,20 +289,52 @@ class _Runner:
         whole = not strat.separable(tp.name, list(info.shape), self.stats)
         streaming = bool(strat.chunk_bytes) and not whole
         budget = min(self.plan.max_block_bytes, strat.chunk_bytes) if streaming else self.plan.max_block_bytes
-        for start, end in chunk_ranges(info, srcs, extra_bounds, budget, whole):
+        ranges = chunk_ranges(info, srcs, extra_bounds, budget, whole)
+        with_base = strat.needs_base and self.base is not None
+
+        def read(suffix: str, start: int, end: int) -> tuple[list[Any], Any]:
             if streaming:
-                models = [self.read_pooled(m, f"model{i}", tp.name, start, end) for i, m in enumerate(self.models)]
-                base = self.read_pooled(self.base, "base", tp.name, start, end) \
-                    if strat.needs_base and self.base else None
-            else:
-                models = [m.read_rows(tp.name, start, end) for m in self.models]
-                base = self.base.read_rows(tp.name, start, end) if strat.needs_base and self.base else None
+                return ([self.read_pooled(m, f"model{i}{suffix}", tp.name, start, end)
+                         for i, m in enumerate(self.models)],
+                        self.read_pooled(self.base, "base" + suffix, tp.name, start, end) if with_base else None)
+            return ([m.read_rows(tp.name, start, end) for m in self.models],
+                    self.base.read_rows(tp.name, start, end) if with_base else None)  # type: ignore[union-attr]
+
+        for start, end, models, base in self._stream(ranges, read, streaming):
             self.bytes_read += sum(t.numel() for t in models) * 4 + (base.numel() * 4 if base is not None else 0)
             if self.options.device != "cpu":
                 dev = torch.device(self.options.device)
                 models = [t.to(dev) for t in models]
                 base = base.to(dev) if base is not None else None
             yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
+
+    def _stream(self, ranges: list[tuple[int, int]], read: Any, reuse: bool) -> Iterator[tuple[int, int, Any, Any]]:
+        """(start, end, models, base) per row range. With options.prefetch (and reused buffers), a helper
+        thread reads and converts range k+1 into a second buffer set while the caller merges range k."""
+        if not (self.options.prefetch and reuse and len(ranges) > 1):
+            for start, end in ranges:
+                yield (start, end, *read("", start, end))
+            return
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch",
+                                                initializer=_one_intra_op_thread)
+        fut = self._executor.submit(read, ".0", *ranges[0])
+        try:
+            for k, (start, end) in enumerate(ranges):
+                models, base = fut.result()
+                if k + 1 < len(ranges):
+                    fut = self._executor.submit(read, f".{(k + 1) % 2}", *ranges[k + 1])
+                yield start, end, models, base
+        finally:
+            if not fut.done():  # abandoned mid-tensor: the helper must not still write into the buffers
+                fut.exception()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
     def read_pooled(self, src: Source, slot: str, name: str, start: int, end: int) -> Any:
         """Rows [start, end) of `name` as float32 in a reused buffer: raw bytes are read into a reused buffer
@@ -321,9 +362,14 @@ class _Runner:
         assert info is not None
         srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
         budget = min(self.plan.max_block_bytes, strat.chunk_bytes or self.plan.max_block_bytes)
-        for start, end in chunk_ranges(info, srcs, extra_bounds, budget, False):
-            models = [self.read_np(m, f"model{i}", tp.name, start, end) for i, m in enumerate(self.models)]
-            base = self.read_np(self.base, "base", tp.name, start, end) if strat.needs_base and self.base else None
+        with_base = strat.needs_base and self.base is not None
+
+        def read(suffix: str, start: int, end: int) -> tuple[list[Any], Any]:
+            return ([self.read_np(m, f"model{i}{suffix}", tp.name, start, end) for i, m in enumerate(self.models)],
+                    self.read_np(self.base, "base" + suffix, tp.name, start, end) if with_base else None)
+
+        ranges = chunk_ranges(info, srcs, extra_bounds, budget, False)
+        for start, end, models, base in self._stream(ranges, read, True):
             self.bytes_read += sum(a.size for a in models) * 4 + (base.size * 4 if base is not None else 0)
             yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
 
@@ -409,6 +455,14 @@ def _check_shape(tp: TensorPlan, strat: Strategy, got: list[int], want: list[int
         raise ThetaError(f"tensor {tp.name!r}: strategy {strat.name} returned shape {got} for a chunk of {want}")
 
 
+def _one_intra_op_thread() -> None:
+    """The prefetch thread's torch ops run on one thread too (OpenMP's thread count is per calling thread)."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 @contextmanager
 def intra_op_threads(strat: Strategy) -> Iterator[None]:
     """Streaming strategies run torch's elementwise ops on one thread.
@@ -456,15 +510,19 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     runner = _Runner(models, base, plan, options, stats)
     use_numpy = runner.uses_numpy()  # then torch is never imported
     started = time.monotonic()
-    for key, strat in plan.strategies.items():
-        owned_all = [(t.name, list(t.info.shape)) for t in plan.tensors  # type: ignore[union-attr]
-                     if t.strategy == key and (t.action == "merge" or t.zero)]
-        if owned_all:
-            strat.prepare(owned_all, stats)
-        if strat.n_passes and strat.pass_scope == "model":
-            owned = [t for t in plan.tensors if t.strategy == key and (t.action == "merge" or t.zero)]
-            if any(t.action == "merge" for t in owned):
-                runner.run_passes(strat, owned)
+    try:
+        for key, strat in plan.strategies.items():
+            owned_all = [(t.name, list(t.info.shape)) for t in plan.tensors  # type: ignore[union-attr]
+                         if t.strategy == key and (t.action == "merge" or t.zero)]
+            if owned_all:
+                strat.prepare(owned_all, stats)
+            if strat.n_passes and strat.pass_scope == "model":
+                owned = [t for t in plan.tensors if t.strategy == key and (t.action == "merge" or t.zero)]
+                if any(t.action == "merge" for t in owned):
+                    runner.run_passes(strat, owned)
+    except BaseException:
+        runner.close()
+        raise
     passes_s = time.monotonic() - started
 
     outputs = plan.outputs
@@ -507,6 +565,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
         sink.finish()
     finally:
         bar.close()
+        runner.close()
     for tp in plan.tensors:
         if tp.action in {"exclude", "absent"}:
             reports.append({"name": tp.name, "action": tp.action, "reason": tp.reason})

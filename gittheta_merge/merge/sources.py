@@ -115,36 +115,48 @@ class StoreSource:
         shape = [end - start, *info.shape[1:]] if info.shape else []
         return _as_float32(self.read_raw(name, start, end), info.dtype, shape)
 
+    def _pieces(self, name: str, start: int, end: int) -> list[tuple[str, int, int, int]]:
+        """(oid, object size, offset in the object, length) of each stored block rows [start, end) touch."""
+        entry = self._entries[name]
+        if not entry.shape:
+            return [(entry.blocks[0][0], entry.nbytes, 0, entry.nbytes)]
+        row_bytes = entry.row_bytes
+        out = []
+        first = 0
+        for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
+            lo, hi = max(start, first), min(end, first + rows)
+            if lo < hi:
+                out.append((oid, size, (lo - first) * row_bytes, (hi - lo) * row_bytes))
+            first += rows
+        return out
+
     def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
         """Rows [start, end) into `out` (exactly their size), without allocating.
 
         Stored blocks are hash-verified incrementally: a block read front to back in consecutive ranges
         (what every streaming pass does) is checked when its last byte arrives, then trusted for the rest
-        of the merge, so multi-pass strategies hash each block once, not once per pass."""
-        entry = self._entries[name]
+        of the merge, so multi-pass strategies hash each block once, not once per pass. (Reading through
+        mmap windows instead of os.pread was measured: no faster here, 0.32-0.34 s vs 0.27-0.30 s per 0.8 GB
+        bf16 file including the fp32 conversion, and a truncated file would be a SIGBUS, not an error.)"""
         what = f"{self.label}tensor {name!r}: "
-        if not entry.shape:
-            self._read_block(entry.blocks[0][0], entry.nbytes, 0, out, what)
-            return
-        row_bytes = entry.row_bytes
         pos = 0
-        first = 0
-        for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
-            lo, hi = max(start, first), min(end, first + rows)
-            if lo < hi:
-                n = (hi - lo) * row_bytes
-                self._read_block(oid, size, (lo - first) * row_bytes, out[pos: pos + n], what)
-                pos += n
-            first += rows
+        for oid, size, offset, n in self._pieces(name, start, end):
+            view = out[pos: pos + n]
+            _pread_exact(self._open(oid, size, what), view, offset, what)
+            self._verify(oid, size, offset, view, what)
+            pos += n
 
-    def _read_block(self, oid: str, size: int, offset: int, out: memoryview, what: str) -> None:
-        import hashlib
-
+    def _open(self, oid: str, size: int, what: str) -> int:
+        """A file descriptor of the object (the one read last stays open: consecutive chunks share it)."""
         if self._handle is None or self._handle[0] != oid:
             if self._handle is not None:
                 self._handle[1].close()
             self._handle = (oid, self.store.open(oid, size, what))
-        _pread_exact(self._handle[1].fileno(), out, offset, what)
+        return self._handle[1].fileno()
+
+    def _verify(self, oid: str, size: int, offset: int, data: memoryview, what: str) -> None:
+        import hashlib
+
         if oid in self._verified:
             return
         state = self._hashing.pop(oid, None)
@@ -152,8 +164,8 @@ class StoreSource:
             state = (0, hashlib.sha256())
         if state is None or state[0] != offset:
             return  # not a front-to-back read: this range stays unverified (a later sequential pass checks it)
-        state[1].update(out)
-        done = offset + len(out)
+        state[1].update(data)
+        done = offset + len(data)
         if done < size:
             self._hashing[oid] = (done, state[1])
         elif state[1].hexdigest() == oid:

@@ -18,7 +18,7 @@ from gittheta_merge.errors import ThetaError
 # float32 working size per chunk of the streaming (elementwise) strategies: small enough that a chunk and
 # its temporaries stay in the CPU caches, large enough that per-chunk Python overhead is noise
 # (docs/merge.md, "Chunk size", has the measurements)
-STREAM_CHUNK_BYTES = 4 << 20
+STREAM_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -137,7 +137,7 @@ class Strategy:
     needs_base: bool = False
     row_separable: bool = True  # False: the engine hands over the whole tensor as one chunk
     n_passes: int = 0  # statistics passes before the merge pass
-    # Streaming (elementwise) strategies set a float32 working size per chunk, e.g. 4 MiB: the engine then
+    # Streaming (elementwise) strategies set a float32 working size per chunk, e.g. 1 MiB: the engine then
     # chunks at min(max_block_bytes, chunk_bytes) and hands over REUSED buffers (a strategy must not keep a
     # chunk's tensors after observe/merge returns; it may overwrite them). None: fresh tensors per chunk of
     # max_block_bytes.
