@@ -351,9 +351,10 @@ class _Runner:
         elif sinfo.dtype == "F32":
             read_into(name, start, end, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
         else:
-            raw, view = self.pool.bytes_view(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
+            view, typed = self.pool.raw(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape),
+                                        dtypes.to_torch(sinfo.dtype), shape)
             read_into(name, start, end, view)
-            out.copy_(raw.view(dtypes.to_torch(sinfo.dtype)).view(shape))
+            out.copy_(typed)
         return out
 
     def chunks_np(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
@@ -383,7 +384,7 @@ class _Runner:
         if sinfo.dtype == "F32":
             src.read_into(name, start, end, memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
         else:
-            raw, view = self.pool.bytes_view_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
+            raw, view = self.pool.raw_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
             src.read_into(name, start, end, view)  # type: ignore[attr-defined]
             npkernels.to_f32(raw, sinfo.dtype, out.reshape(-1))
         return out
