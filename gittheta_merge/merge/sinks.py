@@ -85,7 +85,7 @@ class StoreSink:
         row_bytes = dtypes.nbytes(info.dtype, [info.row_elems]) if info.shape else dtypes.nbytes(info.dtype, [])
         self._block_size = rows * row_bytes
 
-    def _write_bytes(self, data: bytes) -> None:
+    def _write_bytes(self, data: bytes | memoryview) -> None:
         self._buf += data
         while self._buf and len(self._buf) >= self._block_size and len(self._blocks) < len(self._plan):
             piece = memoryview(self._buf)[: self._block_size]
@@ -97,7 +97,7 @@ class StoreSink:
                 self._next_block()
 
     def write(self, rows: Any) -> None:
-        self._write_bytes(tensor_bytes(rows))
+        self._write_bytes(byte_view(rows))  # appended to the block buffer: no intermediate bytes copy
 
     def end(self) -> None:
         info = self._info

@@ -227,13 +227,12 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
     normalisation if on; the sum is then not exact for a later merge, which renormalises). Token / example
     counts are summed. Exactness fails for tensors one side kept as is (one-sided changes): they are listed.
     """
+    kind = DERIVABLE.get(strategy.name)
+    if kind is None or not access.has_kind(kind):
+        return None  # before importing torch: a merge on the numpy path never needs it
     import torch
 
     from gittheta_merge.merge.sinks import SafetensorsSink
-
-    kind = DERIVABLE.get(strategy.name)
-    if kind is None or not access.has_kind(kind):
-        return None
     files = access.sources.get(kind, [])
     if len(files) != len(metas) or any(not isinstance(f, StatFile) for f in files):
         return None  # plain tensors without names/provenance: nothing sound to derive from
