@@ -13,6 +13,11 @@ Measured, each as a separate process under /usr/bin/time (wall seconds, peak RSS
 
     python benchmarks/merge.py                       # 400M, everything but mergekit
     python benchmarks/merge.py --size 1.3e9 --skip-git
+    python benchmarks/merge.py --workdir W --mergekit-venv /tmp/mkvenv --repeat 2   # the docs' table
+    python benchmarks/merge.py --workdir W --sweep chunk --methods ties,linear --repeat 2
+    python benchmarks/merge.py --workdir W --sweep variants --variants base,omp2,prefetch --methods ties --repeat 3
+    python benchmarks/merge.py --workdir W --sweep variants --variants base,torch --methods linear --repeat 3
+    python benchmarks/merge.py --workdir W --sweep opmix --repeat 3
 """
 
 from __future__ import annotations
@@ -154,6 +159,100 @@ def mergekit_run(venv: Path, work: Path, paths: dict[str, Path], method: str, si
     return timed([str(venv / "bin" / "mergekit-yaml"), str(cfg), str(out)], fresh=out)
 
 
+SWEEP_CHILD = r"""
+import contextlib, json, os, sys
+from gittheta_merge.merge import engine
+from gittheta_merge.merge.api import merge_files
+from gittheta_merge.merge.strategies import average, task_arithmetic, ties
+work, strategy, variant, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+kw = {}
+if chunk:
+    for cls in (average.Average, task_arithmetic.TaskArithmetic, ties.Ties):
+        cls.chunk_bytes = chunk
+    kw["max_block_bytes"] = max(chunk, 64 << 20)
+if variant == "omp2":  # torch's own 2 intra-op threads instead of 1
+    import torch
+    engine.intra_op_threads = lambda strat: contextlib.nullcontext()
+    torch.set_num_threads(2)
+elif variant == "prefetch":
+    kw["prefetch"] = True
+elif variant == "torch":
+    kw["numpy_kernels"] = False
+params = {"density": 0.2} if strategy.startswith("ties") else {}
+out = os.path.join(work, "sweep-out.safetensors")
+if os.path.exists(out):
+    os.unlink(out)
+load = os.getloadavg()[0]
+rep = merge_files([os.path.join(work, "ft1.safetensors"), os.path.join(work, "ft2.safetensors")], out,
+                  base=os.path.join(work, "base.safetensors"), strategy=strategy, params=params, progress=False, **kw)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]  # this exec's peak (ru_maxrss
+print(json.dumps({"seconds": rep["seconds"], "load": load, "kernels": rep["kernels"],  # keeps the parent's)
+                  "rss_gb": int(hwm[0].split()[1]) * 1024 / 1e9}))
+"""
+
+OPMIX_CHILD = r"""
+import os, sys, threading, time
+import torch
+mode, n, chunks = sys.argv[1], 1 << 20, 200
+torch.set_num_threads(2 if mode == "omp2" else 1)
+
+def work(k):
+    torch.set_num_threads(2 if mode == "omp2" else 1)  # per thread (OpenMP's count is per calling thread)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, generator=g).to(torch.bfloat16) for _ in range(3))
+    fa, fb, fc, s, t = (torch.empty(n) for _ in range(5))
+    o = torch.empty(n, dtype=torch.bfloat16)
+    for _ in range(k):  # the TIES merge pass, op for op
+        fa.copy_(a); fb.copy_(b); fc.copy_(c); fa.sub_(fc); fb.sub_(fc)
+        torch.hardshrink(fa, 0.5, out=fa); torch.hardshrink(fb, 0.5, out=fb)
+        torch.add(fa, fb, out=s); s.sign_().mul_(2).add_(0.5).sign_(); fa.mul_(s); fb.mul_(s)
+        torch.minimum(fa, fb, out=t); t.clamp_(max=0).sign_().sum()
+        fa.clamp_(min=0); fb.clamp_(min=0); torch.add(fa, fb, out=t); fa.sign_(); fb.sign_()
+        fa.add_(fb).clamp_(min=1); t.div_(fa).mul_(s).add_(fc); o.copy_(t)
+
+load = os.getloadavg()[0]
+t0 = time.perf_counter()
+if mode == "threads2":
+    ths = [threading.Thread(target=work, args=(chunks // 2,)) for _ in range(2)]
+    [x.start() for x in ths]
+    [x.join() for x in ths]
+else:
+    work(chunks)
+print(f"{time.perf_counter() - t0:.3f} {load:.2f}")
+"""
+
+
+def sweep(args: argparse.Namespace, work: Path) -> None:
+    """In-process variants of one merge (merge seconds from the report: no import time), interleaved round by
+    round, one process per run. --sweep chunk: --chunks sizes in MiB; --sweep variants: base (default), omp2
+    (2 torch intra-op threads), prefetch (helper read thread), torch (no numpy kernels); --sweep opmix: the TIES
+    op mix on 200 chunks of 1M elements with 1 thread, a pool of 2 Python threads, or 2 OpenMP threads."""
+    if args.sweep == "opmix":
+        modes = ["omp1", "threads2", "omp2"]
+        for rnd in range(args.repeat):
+            for mode in modes:
+                out = subprocess.run([sys.executable, "-c", OPMIX_CHILD, mode], capture_output=True, text=True,
+                                     check=True).stdout.split()
+                print(f"round {rnd + 1}: op mix {mode:8s} {float(out[0]):6.2f} s  load {out[1]}", flush=True)
+        return
+    if args.sweep == "chunk":
+        cases = [("base", int(float(c) * (1 << 20))) for c in args.chunks.split(",")]
+    else:
+        cases = [(v, 0) for v in args.variants.split(",")]
+    for m in args.methods.split(","):
+        strategy = METHODS[m][0]
+        for rnd in range(args.repeat):
+            for variant, chunk in cases:
+                proc = subprocess.run([sys.executable, "-c", SWEEP_CHILD, str(work), strategy, variant, str(chunk)],
+                                      capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(proc.stderr[-2000:])
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                what = f"{chunk / (1 << 20):g} MiB" if chunk else variant
+                print(f"round {rnd + 1}: {m} {what:9s} {r['seconds']:7.2f} s  peak RSS {r['rss_gb']:.3f} GB  "
+                      f"load {r['load']:.2f}  ({r['kernels']} kernels)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=400e6, help="parameters (default 400e6)")
@@ -163,6 +262,10 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="rounds; each round runs every row once, in order")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--sweep", choices=["chunk", "variants", "opmix"], default=None,
+                    help="in-process sweeps behind docs/merge.md's Performance section (see sweep())")
+    ap.add_argument("--chunks", default="0.25,1,4,16,64", help="--sweep chunk: MiB")
+    ap.add_argument("--variants", default="base,omp2,prefetch", help="--sweep variants")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
@@ -173,6 +276,9 @@ def main() -> None:
     one_model_gb = info["bytes"] / 1e9
     print(f"model: {info['params'] / 1e6:.1f}M params, {info['tensors']} tensors, {one_model_gb:.2f} GB bf16 "
           f"(built in {time.monotonic() - t0:.0f} s) in {work}; load {load():.2f}", flush=True)
+    if args.sweep:
+        sweep(args, work)
+        return
     gt = [sys.executable, "-m", "gittheta_merge"]
     out = work / "out.safetensors"
     methods = [m for m in args.methods.split(",") if m]

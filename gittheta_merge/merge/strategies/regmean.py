@@ -11,8 +11,8 @@ model carry no information; their columns of W* are the weighted average of the 
 reference code's inverse fallback would leave them 0, which destroys weights of unused features).
 The rest is solved by Cholesky; if that fails (singular), a ridge of 1e-8 x mean(diag) is added; if that
 still fails, a least-squares (pseudo-inverse) solve is used. The report records the method and, for
-d_in <= 4096, the condition number (estimated, see estimate_condition). alpha defaults to 1 (no shrink: the paper's formula and the RegMean
-code's GLUE setting); alpha < 1 is itself a regulariser.
+d_in <= 4096, the condition number (estimated, see estimate_condition). alpha defaults to 1 (no shrink:
+the paper's formula and the RegMean code's GLUE setting); alpha < 1 is itself a regulariser.
 
 Row-separable for the usual [out, in] layout: each output row needs only the (cached) factorisation,
 so large weights stream in row chunks; the M Grams of the current tensor stay in memory.
