@@ -10,6 +10,7 @@ output cast and the strategies' own temporaries (`Pool`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -25,21 +26,24 @@ class Pool:
         self._last: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def get(self, name: str, shape: list[int] | tuple[int, ...], dtype: Any, device: Any = None) -> Any:
-        key = (name, dtype, device)
+        import torch
+
+        return self._view((name, dtype, device), shape,
+                          lambda n: torch.empty(n, dtype=dtype, device=device))
+
+    def _view(self, key: tuple[Any, ...], shape: list[int] | tuple[int, ...], alloc: Any) -> Any:
+        """The cached view for `key` if the shape matches, else a view of the (grown) 1-D buffer. `alloc(n)`
+        makes a 1-D torch tensor or numpy array; both slice with [:n] and reshape without copying."""
         shape = tuple(shape)
         last = self._last.get(key)
         if last is not None and last[0] == shape:
             return last[1]
-        import torch
-
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         buf = self._bufs.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        if buf is None or len(buf) < numel:
+            buf = alloc(max(numel, 1))
             self._bufs[key] = buf
-        view = buf[:numel].view(shape)
+        view = buf[:numel].reshape(shape)
         self._last[key] = (shape, view)
         return view
 
@@ -62,23 +66,9 @@ class Pool:
 
     def get_np(self, name: str, shape: list[int] | tuple[int, ...], dtype: Any) -> Any:
         """The numpy counterpart of `get` (the torch-free merge path)."""
-        key = (name, "np", dtype)
-        shape = tuple(shape)
-        last = self._last.get(key)
-        if last is not None and last[0] == shape:
-            return last[1]
         import numpy as np
 
-        numel = 1
-        for d in shape:
-            numel *= d
-        buf = self._bufs.get(key)
-        if buf is None or buf.size < numel:
-            buf = np.empty(max(numel, 1), dtype=dtype)
-            self._bufs[key] = buf
-        view = buf[:numel].reshape(shape)
-        self._last[key] = (shape, view)
-        return view
+        return self._view((name, "np", dtype), shape, lambda n: np.empty(n, dtype=dtype))
 
     def raw_np(self, name: str, nbytes: int) -> tuple[Any, memoryview]:
         key = (name, "rawnp")

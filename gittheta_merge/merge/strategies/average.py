@@ -32,26 +32,33 @@ class Average(Strategy):
         return [w / total for w in weights]
 
     def merge(self, chunk: Chunk) -> Any:
-        # in place (the engine hands over chunks we may overwrite); the same float32 operations in the same
-        # order as merge_np (each product rounded, then added: no fused multiply-add), so both paths agree
-        # bit for bit
-        scales = self._scales()
-        out = chunk.models[0]
-        if scales[0] != 1.0:
-            out.mul_(scales[0])
-        for scale, model in zip(scales[1:], chunk.models[1:]):
-            out.add_(model.mul_(scale) if scale != 1.0 else model)
-        return out
+        return weighted_sum_(chunk.models, self._scales())
 
     def merge_np(self, chunk: Chunk) -> Any:
-        import numpy as np
+        return weighted_sum_np(chunk.models, self._scales())
 
-        scales = self._scales()
-        out = chunk.models[0]
-        if scales[0] != 1.0:
-            np.multiply(out, scales[0], out=out)
-        for scale, model in zip(scales[1:], chunk.models[1:]):
-            if scale != 1.0:
-                np.multiply(model, scale, out=model)
-            np.add(out, model, out=out)
-        return out
+
+def weighted_sum_(models: list[Any], scales: list[float]) -> Any:
+    """sum_i s_i m_i into models[0], in place (the engine hands over chunks we may overwrite; models[1:] are
+    scaled in place too). Each product is rounded, then added (no fused multiply-add), in the same order as
+    weighted_sum_np, so the torch and numpy paths agree bit for bit. Shared with task arithmetic."""
+    out = models[0]
+    if scales[0] != 1.0:
+        out.mul_(scales[0])
+    for scale, model in zip(scales[1:], models[1:]):
+        out.add_(model.mul_(scale) if scale != 1.0 else model)
+    return out
+
+
+def weighted_sum_np(models: list[Any], scales: list[float]) -> Any:
+    """The numpy twin of weighted_sum_ (the torch-free path): same operations, same order."""
+    import numpy as np
+
+    out = models[0]
+    if scales[0] != 1.0:
+        np.multiply(out, scales[0], out=out)
+    for scale, model in zip(scales[1:], models[1:]):
+        if scale != 1.0:
+            np.multiply(model, scale, out=model)
+        np.add(out, model, out=out)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gittheta_merge.merge.strategies.average import weighted_sum_, weighted_sum_np
 from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 
@@ -30,11 +31,7 @@ class TaskArithmetic(Strategy):
 
         lam = self.params["lambda"]
         weights = self.model_weights()
-        total = chunk.models[0]
-        if weights[0] != 1.0:
-            total.mul_(weights[0])
-        for w, model in zip(weights[1:], chunk.models[1:]):
-            total.add_(model.mul_(w) if w != 1.0 else model)
+        total = weighted_sum_(chunk.models, weights)
         total.sub_(torch.mul(chunk.base, sum(weights), out=self.pool.like("scaled_base", chunk.base)))
         if lam != 1.0:
             total.mul_(lam)
@@ -45,13 +42,7 @@ class TaskArithmetic(Strategy):
 
         lam = self.params["lambda"]
         weights = self.model_weights()
-        total = chunk.models[0]
-        if weights[0] != 1.0:
-            np.multiply(total, weights[0], out=total)
-        for w, model in zip(weights[1:], chunk.models[1:]):
-            if w != 1.0:
-                np.multiply(model, w, out=model)
-            np.add(total, model, out=total)
+        total = weighted_sum_np(chunk.models, weights)
         scaled = self.pool.get_np("scaled_base", chunk.base.shape, np.float32)
         np.subtract(total, np.multiply(chunk.base, sum(weights), out=scaled), out=total)
         if lam != 1.0:
