@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import time_command  # benchmarks/ is the script directory
+
 METHODS = {  # our strategy, its --set parameters, mergekit's method name
     "linear": ("average", [], "linear"),
     "task_arithmetic": ("task_arithmetic", ["lambda=1.0"], "task_arithmetic"),
@@ -100,14 +102,10 @@ def timed(cmd: list[str] | str, cwd: Path | None = None, env: dict[str, str] | N
             shutil.rmtree(fresh)
         elif fresh.exists():
             fresh.unlink()
-    shell = isinstance(cmd, str)
-    full = ["/usr/bin/time", "-f", "%e %M"] + (["sh", "-c", cmd] if shell else cmd)
     before = load()
-    proc = subprocess.run(full, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    wall, rss_kb = proc.stderr.strip().splitlines()[-1].split()
-    return {"wall_s": float(wall), "rss_gb": int(rss_kb) * 1024 / 1e9, "load_before": before, "load_after": load()}
+    wall, rss_kb = time_command(["sh", "-c", cmd] if isinstance(cmd, str) else cmd, cwd,
+                                {**os.environ, **(env or {})})
+    return {"wall_s": wall, "rss_gb": rss_kb * 1024 / 1e9, "load_before": before, "load_after": load()}
 
 
 def git(repo: Path, *args: str) -> None:

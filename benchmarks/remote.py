@@ -19,22 +19,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from measure import dir_bytes, time_command
 from safetensors.torch import save_file
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of a command, via /usr/bin/time."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], cwd=cwd, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    lines = proc.stderr.decode().strip().splitlines()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n" + "\n".join(lines[-15:]))
-    seconds, kb = lines[-1].split()
-    return float(seconds), int(kb) / 1024
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    """(seconds, peak RSS MB) of a command."""
+    seconds, kib = time_command(cmd, cwd, env)
+    return seconds, kib / 1024
 
 
 def write_model(path: Path, n: int, rows: int, cols: int, changed: int = 0, seed: int = 0) -> None:

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from measure import dir_bytes
 
 MB = 1_000_000
 KB_PER_MB = 1000 / 1024  # /usr/bin/time and VmHWM report KiB; tables show MB (10^6 bytes)
@@ -395,18 +396,6 @@ class Runner:
 # --------------------------------------------------------------------------------------------------
 # One tool's workflow
 # --------------------------------------------------------------------------------------------------
-
-
-def dir_bytes(path: Path) -> int:
-    """Apparent size of a directory tree (like `du -sb`)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def settle_index(repo: Path, env: dict[str, str]) -> None:
