@@ -210,12 +210,10 @@ def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
     from gittheta_merge.stats import attach
 
     repo = Repo.discover()
-    data = Path(blob).read_bytes()
-    provenance = attach.provenance_from_blob(data) if len(data) >= 8 else {}
+    provenance = attach.provenance_from_blob(Path(blob), blob)
     provenance.setdefault("source", Path(blob).name)
-    for path in _expand_tracked(repo, paths):
-        info = attach.attach(repo, path, kind, data, provenance, blob_where=blob)
-        click.echo(f"staged {kind} statistics for {path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
+    for info in attach.attach(repo, _expand_tracked(repo, paths), kind, Path(blob), provenance, blob_where=blob):
+        click.echo(f"staged {kind} statistics for {info.path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
     click.echo("commit to version them with the weights")
 
 
@@ -248,7 +246,10 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
                   text_pair_field: str | None, label_field: str, dtype: str, diagonal_only: bool, device: str,
                   seed: int) -> None:
     """Compute a statistic of a model in the working tree and stage it next to its weights."""
-    from gittheta_merge.stats import attach, workdir
+    import tempfile
+
+    from gittheta_merge.stats import attach, save_statistic, workdir
+    from gittheta_merge.store import ObjectStore
 
     repo = Repo.discover()
     tracked = _expand_tracked(repo, (model_path,))
@@ -260,13 +261,15 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
         batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
         diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
         label_field=label_field)
-    from gittheta_merge.stats.blobs import statistic_to_bytes
-
-    blob = statistic_to_bytes(stat)
     summary = {k: v for k, v in stat.provenance.items() if isinstance(v, (str, int, float, bool))}
-    for path in tracked:
-        info = attach.attach(repo, path, kind, blob, summary, blob_where=f"{kind} statistics of {model_path}")
-        click.echo(f"staged {kind} statistics for {path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
+    tmp_dir = ObjectStore.for_repo(repo).tmp_dir
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="stats-") as tmp:
+        blob = Path(tmp) / f"{kind}.safetensors"
+        save_statistic(stat, blob)  # written straight to disk: the blob is never a second copy in memory
+        for info in attach.attach(repo, tracked, kind, blob, summary,
+                                  blob_where=f"{kind} statistics of {model_path}"):
+            click.echo(f"staged {kind} statistics for {info.path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
     click.echo("commit to version them with the weights")
 
 
@@ -366,7 +369,6 @@ def smudge(path: str) -> None:
     from gittheta_merge.filter import single_shot
 
     sys.exit(single_shot("smudge", path))
-
 
 
 if __name__ == "__main__":

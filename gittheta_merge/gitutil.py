@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,11 +18,13 @@ from gittheta_merge.errors import ThetaError
 
 
 def run_git(*args: str, cwd: str | Path | None = None, input: bytes | None = None,
-            check: bool = True) -> bytes:
-    """Run a git command and return its stdout; a ThetaError with git's message on failure."""
+            check: bool = True, env: Mapping[str, str] | None = None) -> bytes:
+    """Run a git command and return its stdout; a ThetaError with git's message on failure. `env`: variables
+    set on top of this process's environment."""
     try:
         proc = subprocess.run(
-            ["git", *args], cwd=cwd, input=input, capture_output=True, check=False
+            ["git", *args], cwd=cwd, input=input, capture_output=True, check=False,
+            env={**os.environ, **env} if env else None,
         )
     except FileNotFoundError:
         raise ThetaError("git is not installed or not on PATH") from None
@@ -60,8 +62,9 @@ class Repo:
         top, git_dir, common = _repo_paths(str(Path(cwd or os.getcwd()).resolve()))
         return cls(Path(top), Path(git_dir), Path(common))
 
-    def git(self, *args: str, input: bytes | None = None, check: bool = True) -> bytes:
-        return run_git(*args, cwd=self.root, input=input, check=check)
+    def git(self, *args: str, input: bytes | None = None, check: bool = True,
+            env: Mapping[str, str] | None = None) -> bytes:
+        return run_git(*args, cwd=self.root, input=input, check=check, env=env)
 
     def config_get(self, key: str, default: str | None = None) -> str | None:
         out = run_git("config", "--get", key, cwd=self.root, check=False).decode().strip()

@@ -10,6 +10,7 @@ in "file". Everything read from a metadata file is validated: it may come from a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -138,8 +139,6 @@ class Metadata:
     def weights_digest(self) -> str:
         """A digest of exactly which tensor bytes this file holds: statistics computed on these
         weights record it, and are stale once it changes."""
-        import hashlib
-
         digest = hashlib.sha256()
         for t in sorted(self.tensors, key=lambda t: t.name):
             digest.update(f"{t.name}\0{t.dtype}\0{t.shape}\0{','.join(t.oids)}\n".encode())

@@ -22,8 +22,9 @@ class PktReader:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
 
-    def read_packet(self) -> bytes | None:
-        """One packet's payload, or None for a flush packet. EOFError when git closed the pipe."""
+    def _payload_size(self) -> int | None:
+        """The next packet's payload size (its header read), or None for a flush packet. EOFError when git
+        closed the pipe."""
         head = self._stream.read(4)
         if not head:
             raise EOFError
@@ -34,10 +35,31 @@ class PktReader:
             return None
         if size < 4:
             raise ProtocolError(f"invalid pkt-line length {size}")
-        payload = self._stream.read(size - 4)
-        if len(payload) != size - 4:
+        return size - 4
+
+    def read_packet(self) -> bytes | None:
+        """One packet's payload, or None for a flush packet. EOFError when git closed the pipe."""
+        size = self._payload_size()
+        if size is None:
+            return None
+        payload = self._stream.read(size)
+        if len(payload) != size:
             raise ProtocolError("truncated pkt-line payload")
         return payload
+
+    def read_packet_into(self, view: memoryview) -> int | None:
+        """Read one packet's payload straight into `view` (room for the largest packet, no intermediate copy):
+        its size, or None for a flush packet."""
+        size = self._payload_size()
+        if size is None:
+            return None
+        got = 0
+        while got < size:
+            n = self._stream.readinto(view[got:size])  # type: ignore[attr-defined]
+            if not n:
+                raise ProtocolError("truncated pkt-line payload")
+            got += n
+        return size
 
     def read_text_list(self) -> list[str]:
         """Text packets up to the next flush, newline stripped."""
@@ -97,29 +119,16 @@ class ContentStream:
         return filled
 
     def _read_packet_into(self, view: memoryview) -> int | None:
-        """Read the next packet straight into `view` when it fits (no intermediate copy).
+        """Read the next packet straight into `view` when any packet fits (no intermediate copy).
 
-        Returns its size, 0 when it does not fit (nothing consumed: the caller buffers it), or None at
+        Returns its size, 0 when it might not fit (nothing consumed: the caller buffers it), or None at
         the flush packet that ends the content."""
-        if self._done or len(view) < 65520:
+        if self._done or len(view) < MAX_PAYLOAD + 4:
             return 0
-        stream = self._reader._stream
-        head = stream.read(4)
-        if len(head) != 4:
-            raise ProtocolError("truncated pkt-line header")
-        size = int(head, 16)
-        if size == 0:
+        size = self._reader.read_packet_into(view)
+        if size is None:
             self._done = True
-            return None
-        if size < 4:
-            raise ProtocolError(f"invalid pkt-line length {size}")
-        got = 0
-        while got < size - 4:
-            n = stream.readinto(view[got : size - 4])  # type: ignore[attr-defined]
-            if not n:
-                raise ProtocolError("truncated pkt-line payload")
-            got += n
-        return size - 4
+        return size
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:

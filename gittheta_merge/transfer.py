@@ -148,8 +148,7 @@ def fetch_objects(repo: Repo, wanted: list[Needed], remote: str | None = None, c
     identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "gittheta-merge"), ("EMAIL", "gittheta-merge@localhost"),
                                     ("DATE", "1970-01-01T00:00:00Z"))}  # works with no user identity set
-    commit = subprocess.run(["git", "commit-tree", tree, "-m", "gittheta-merge object fetch"], cwd=repo.root,
-                            env={**os.environ, **identity}, capture_output=True, check=True).stdout.decode().strip()
+    commit = repo.git("commit-tree", tree, "-m", "gittheta-merge object fetch", env=identity).decode().strip()
     env = {**os.environ, "GIT_TERMINAL_PROMPT": os.environ.get("GIT_TERMINAL_PROMPT", "0")}
     total = sum(n.size for n in missing)
     sys.stderr.write(f"git-theta: downloading {len(missing)} tensor object(s), {total / 1e6:,.1f} MB "

@@ -199,8 +199,7 @@ class PytorchFormat(CheckpointFormat):
     extensions = (".pt", ".pth", ".bin", ".ckpt")
 
     def sniff(self, path: str, head: bytes) -> int:
-        has_ext = path.endswith(self.extensions)
-        if head.startswith(ZIP_MAGIC) and has_ext:
+        if head.startswith(ZIP_MAGIC) and path.endswith(self.extensions):
             return 2
         if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
             return 2  # a legacy (non-zip) torch.save pickle

@@ -4,8 +4,8 @@
     report = merge_files(["a.safetensors", "b.safetensors"], "merged.safetensors",
                          base="base.safetensors", strategy="ties", params={"density": 0.2})
 
-Files are read lazily (safe_open slices), so memory stays at a few chunks whatever the model size; the
-output is written header-first and renamed into place only when complete.
+Files are read lazily (positioned reads of the rows in each chunk), so memory stays at a few chunks
+whatever the model size; the output is written header-first and renamed into place only when complete.
 """
 
 from __future__ import annotations

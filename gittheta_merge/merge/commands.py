@@ -51,8 +51,9 @@ def report_dir(repo: Repo) -> Path:
     return path
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+def _write_report(repo: Repo, path: str, report: dict[str, Any]) -> None:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path)
+    (report_dir(repo) / f"{name}.json").write_text(json.dumps(report, indent=1))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -67,9 +68,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _current_branch(repo: Repo) -> str:
+    return repo.git("symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip() or "HEAD"
+
+
 def _branch_names(repo: Repo) -> tuple[str, str]:
     """Names for ours/theirs in messages: the current branch, and the one git is merging (GITHEAD_<sha>)."""
-    ours = repo.git("symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip() or "HEAD"
+    ours = _current_branch(repo)
     theirs = [v for k, v in os.environ.items() if k.startswith("GITHEAD_") and v and v != "HEAD"]
     return ours, (theirs[0] if len(theirs) == 1 else "the merged commit")
 
@@ -89,15 +94,13 @@ def check_device(device: str) -> str:
     return str(dev)
 
 
-def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path: str, labels: list[str],
-                  names: list[str], explicit: Any = None, block_bytes: int = 64 << 20,
-                  progress: bool | None = None) -> tuple[Any, dict[str, Any]]:
-    """Merge tracked checkpoints of one path with statistics found in their metadata; the merged metadata
-    carries the statistics derived for it where that is exact (merge/statsflow.py). Returns (metadata, report).
-    `labels` are the sides' short names (ours/theirs, HEAD/branch), `names` how messages call them."""
-    from gittheta_merge.merge.api import merge_metadata
+def resolve_merge(metas: list[Any], bmeta: Any, store: Any, settings: Any, path: str, labels: list[str],
+                  names: list[str], explicit: Any = None, progress: bool | None = None) -> tuple[Any, Any]:
+    """The merge options of one path with its statistics resolved (merge/statsflow.py): (options, resolution).
+    A fallback for missing statistics replaces the strategy for the whole file, so per-tensor strategy
+    rules are dropped with it."""
     from gittheta_merge.merge.sources import StoreSource
-    from gittheta_merge.merge.statsflow import derive_statistics, resolve_statistics
+    from gittheta_merge.merge.statsflow import resolve_statistics
 
     options = settings.options(labels=labels, progress=progress)
     check_device(options.device)
@@ -108,16 +111,30 @@ def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path:
     options.strategy, options.params = res.strategy, res.params
     if res.fallback:
         options.rules = [r for r in options.rules if r.action != "merge"]
+    return options, res
+
+
+def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path: str, labels: list[str],
+                  names: list[str], explicit: Any = None, block_bytes: int = 64 << 20,
+                  progress: bool | None = None, resolved: tuple[Any, Any] | None = None
+                  ) -> tuple[Any, dict[str, Any]]:
+    """Merge tracked checkpoints of one path with statistics found in their metadata; the merged metadata
+    carries the statistics derived for it where that is exact (merge/statsflow.py). Returns (metadata, report).
+    `labels` are the sides' short names (ours/theirs, HEAD/branch), `names` how messages call them;
+    `resolved` is resolve_merge's result when the caller already has it."""
+    from gittheta_merge.merge.api import merge_metadata
+    from gittheta_merge.merge.statsflow import derive_statistics
+
+    options, res = resolved or resolve_merge(metas, bmeta, store, settings, path, labels, names, explicit,
+                                             progress)
     merged, result = merge_metadata(metas, bmeta, store, options, res.access, block_bytes=block_bytes)
     report = result.report
     report["statistics"] = res.report()
-    derived = None
-    for strat in result.plan.strategies.values():
-        if strat.name == options.strategy and any(t.action == "merge" for t in result.plan.tensors):
-            derived = derive_statistics(merged, metas, names, result.plan, res.access, strat, store)
-            break
-    if derived:
-        report["statistics"]["derived"] = derived
+    if any(t.action == "merge" for t in result.plan.tensors):
+        strat = next((s for s in result.plan.strategies.values() if s.name == options.strategy), None)
+        derived = strat and derive_statistics(merged, metas, names, result.plan, res.access, strat, store)
+        if derived:
+            report["statistics"]["derived"] = derived
     if res.fallback:
         print(f"git-theta: {path}: {res.fallback}", file=sys.stderr)
     return merged, report
@@ -147,7 +164,7 @@ def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | No
                                        [f"ours ({ours_name})", f"theirs ({theirs_name})"], block_bytes=block,
                                        progress=False)
         _atomic_write(Path(ours), merged.to_bytes())
-        (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(report, indent=1))
+        _write_report(repo, path, report)
         print(f"git-theta: {path}: {summary_text(report)}", file=sys.stderr)
         return 0
     except ThetaError as exc:
@@ -195,7 +212,6 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     from gittheta_merge.merge.api import load_stats
     from gittheta_merge.merge.engine import plan_merge, summary_text
     from gittheta_merge.merge.sources import StoreSource
-    from gittheta_merge.merge.statsflow import resolve_statistics
     from gittheta_merge.store import ObjectStore
 
     if not branches:
@@ -204,9 +220,8 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     commits = [_rev(repo, b) for b in branches]
     base_out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
     base = base_out[0] if base_out else None
-    current_branch = repo.git("symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip() or "HEAD"
     labels = ["HEAD", *branches]
-    names = [current_branch, *branches]
+    names = [_current_branch(repo), *branches]
     revs = [head, *commits]
     per_rev = [tracked_files(repo, r) for r in revs]
     base_files = tracked_files(repo, base) if base else {}
@@ -216,11 +231,12 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     todo = []
     for path in paths:
         metas = [f.get(path) for f in per_rev]
-        if all(m is not None and m.to_bytes() == metas[0].to_bytes() for m in metas):  # type: ignore[union-attr]
-            continue
-        if any(m is None for m in metas):
-            missing = [labels[i] for i, m in enumerate(metas) if m is None]
+        missing = [labels[i] for i, m in enumerate(metas) if m is None]
+        if missing:
             raise ThetaError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
+        first = metas[0].to_bytes()  # type: ignore[union-attr]
+        if all(m.to_bytes() == first for m in metas[1:]):  # type: ignore[union-attr]
+            continue
         bmeta = base_files.get(path)
         sides = changed_sides(metas, bmeta)
         if len(sides) < len(metas):
@@ -230,16 +246,13 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
             continue  # only one side changed the file: git's tree merge already took that side's version
         todo.append((path, sides, bmeta, config.resolve(repo, path, cli)))
     strategies_used: set[str] = set()
+    resolved = {}
     for path, sides, bmeta, settings in todo:  # validate everything (statistics included) before touching anything
         metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
-        options = settings.options(labels=side_labels)
-        check_device(options.device)
-        sources = [StoreSource(m, store) for m in metas]
-        base_src = StoreSource(bmeta, store) if bmeta else None
-        res = resolve_statistics(metas, side_names, path, store, options, sources, base_src,
-                                 _pick_stats(access, sides), settings.allow_stale_stats, settings.missing_stats)
-        options.strategy, options.params = res.strategy, res.params
-        plan = plan_merge(sources, base_src, options, res.access)
+        options, res = resolved[path] = resolve_merge(metas, bmeta, store, settings, path, side_labels, side_names,
+                                                      _pick_stats(access, sides))
+        base_src = StoreSource(bmeta, store) if bmeta is not None else None
+        plan = plan_merge([StoreSource(m, store) for m in metas], base_src, options, res.access)
         strategies_used.add(options.strategy)
         echo(f"{path}: strategy {options.strategy}" + (f" ({res.fallback})" if res.fallback else ""))
         for line in plan.summary_lines():
@@ -272,10 +285,10 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         for path, sides, bmeta, settings in todo:
             metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
             merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
-                                           _pick_stats(access, sides), block_bytes=block)
+                                           block_bytes=block, resolved=resolved[path])
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=merged.to_bytes()).decode().strip()
             _git_env(repo, env_index, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}")
-            (report_dir(repo) / f"{_safe(path)}.json").write_text(json.dumps(report, indent=1))
+            _write_report(repo, path, report)
             reports[path] = report
             echo(f"{path}: {summary_text(report)}")
         final_tree = _git_env(repo, env_index, "write-tree").decode().strip()

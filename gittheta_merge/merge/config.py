@@ -52,12 +52,10 @@ class MergeSettings:
 
     def apply(self, layer: dict[str, Any], where: str) -> None:
         """Overlay one layer (see the module docstring for the semantics)."""
-        strategy = layer.get("strategy")
-        if strategy is not None and str(strategy).replace("-", "_") != self.strategy:
-            self.strategy = str(strategy).replace("-", "_")
-            self.params = {}
-            self.origin["strategy"] = where
-        elif strategy is not None:
+        if layer.get("strategy") is not None:
+            strategy = str(layer["strategy"]).replace("-", "_")
+            if strategy != self.strategy:
+                self.strategy, self.params = strategy, {}
             self.origin["strategy"] = where
         if layer.get("params"):
             self.params.update(layer["params"])
@@ -215,6 +213,5 @@ def resolve(repo: Any, path: str | None, cli: dict[str, Any] | None = None) -> M
     settings.apply(git_config_layer(repo), "git config")
     if cli:
         settings.apply(cli, "command line")
-    if settings.missing_stats != "error":
-        settings.missing_stats = settings.missing_stats.replace("-", "_")
+    settings.missing_stats = settings.missing_stats.replace("-", "_")
     return settings

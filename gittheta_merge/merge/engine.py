@@ -24,6 +24,7 @@ task arithmetic over F32/F16/BF16 on the CPU run on numpy kernels and never impo
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ class Source(Protocol):
     def info(self, name: str) -> TensorInfo | None: ...
     def boundaries(self, name: str) -> list[int]: ...
     def read_rows(self, name: str, start: int, end: int) -> Any: ...
+    def read_raw(self, name: str, start: int, end: int) -> Any: ...  # stored bytes (sinks copy kept tensors)
 
 
 class Sink(Protocol):
@@ -99,8 +101,7 @@ class MergePlan:
         return [t for t in self.tensors if t.action in {"keep", "merge"} and t.info is not None]
 
     def merged_bytes(self) -> int:
-        return sum(dtypes.nbytes(t.info.dtype, list(t.info.shape)) for t in self.tensors
-                   if t.action == "merge" and t.info is not None)
+        return sum(t.info.nbytes for t in self.tensors if t.action == "merge" and t.info is not None)
 
     def peak_formula(self) -> str:
         m = self.n_models
@@ -112,7 +113,7 @@ class MergePlan:
         text = (f"peak ≈ (M+1) × chunk × ~3 (float32 chunks + temporaries) = "
                 f"({m}+1) × {block / 1e6:.1f} MB × 3 ≈ {(m + 1) * block * 3 / 1e6:.1f} MB")
         if whole:
-            largest = max(t.info.numel * 4 for t in whole if t.info)  # type: ignore[union-attr]
+            largest = max(t.info.numel * 4 for t in whole)  # type: ignore[union-attr]
             text += f"; whole-tensor strategies: (M+1) × {largest / 1e6:.1f} MB"
         return text
 
@@ -245,8 +246,6 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
 
 
 def _escape(name: str) -> str:
-    import re
-
     return re.escape(name).replace("'", "\\'")
 
 
@@ -280,33 +279,43 @@ class _Runner:
         self.pool = Pool()  # read and output buffers of streaming strategies, reused chunk after chunk
         self._executor: Any = None  # the prefetch thread (options.prefetch)
 
-    def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
-        import torch
+    def _inputs(self, strat: Strategy) -> list[Source]:
+        """The sources a strategy reads: the models, then the base if it needs one."""
+        return [*self.models, *([self.base] if strat.needs_base and self.base is not None else [])]
 
+    def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any],
+               use_numpy: bool = False):
+        """The Chunks of one tensor: float32 torch tensors (numpy arrays with use_numpy), in buffers reused
+        from chunk to chunk for streaming strategies, fresh ones of up to max_block_bytes otherwise."""
         info = tp.info
         assert info is not None
-        srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
-        whole = not strat.separable(tp.name, list(info.shape), self.stats)
+        base = self.base if strat.needs_base else None
+        whole = not use_numpy and not strat.separable(tp.name, list(info.shape), self.stats)
         streaming = bool(strat.chunk_bytes) and not whole
         budget = min(self.plan.max_block_bytes, strat.chunk_bytes) if streaming else self.plan.max_block_bytes
-        ranges = chunk_ranges(info, srcs, extra_bounds, budget, whole)
-        with_base = strat.needs_base and self.base is not None
+        ranges = chunk_ranges(info, self._inputs(strat), extra_bounds, budget, whole)
+        if use_numpy:
+            reader = self.read_np
+        elif streaming:
+            reader = self.read_pooled
+        else:
+            def reader(src: Source, slot: str, name: str, start: int, end: int) -> Any:
+                return src.read_rows(name, start, end)
 
         def read(suffix: str, start: int, end: int) -> tuple[list[Any], Any]:
-            if streaming:
-                return ([self.read_pooled(m, f"model{i}{suffix}", tp.name, start, end)
-                         for i, m in enumerate(self.models)],
-                        self.read_pooled(self.base, "base" + suffix, tp.name, start, end) if with_base else None)
-            return ([m.read_rows(tp.name, start, end) for m in self.models],
-                    self.base.read_rows(tp.name, start, end) if with_base else None)  # type: ignore[union-attr]
+            return ([reader(m, f"model{i}{suffix}", tp.name, start, end) for i, m in enumerate(self.models)],
+                    reader(base, "base" + suffix, tp.name, start, end) if base is not None else None)
 
-        for start, end, models, base in self._stream(ranges, read, streaming):
-            self.bytes_read += sum(t.numel() for t in models) * 4 + (base.numel() * 4 if base is not None else 0)
+        n_inputs = len(self.models) + (base is not None)
+        for start, end, models, base_rows in self._stream(ranges, read, streaming):
+            self.bytes_read += n_inputs * 4 * ((end - start) * info.row_elems if info.shape else 1)
             if self.options.device != "cpu":
+                import torch
+
                 dev = torch.device(self.options.device)
                 models = [t.to(dev) for t in models]
-                base = base.to(dev) if base is not None else None
-            yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
+                base_rows = base_rows.to(dev) if base_rows is not None else None
+            yield Chunk(tp.name, list(info.shape), start, end, base_rows, models, self.stats, report)
 
     def _stream(self, ranges: list[tuple[int, int]], read: Any, reuse: bool) -> Iterator[tuple[int, int, Any, Any]]:
         """(start, end, models, base) per row range. With options.prefetch (and reused buffers), a helper
@@ -357,23 +366,6 @@ class _Runner:
             out.copy_(typed)
         return out
 
-    def chunks_np(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any]):
-        """chunks() for the torch-free path: numpy float32 arrays in reused buffers."""
-        info = tp.info
-        assert info is not None
-        srcs = [*self.models, *([self.base] if strat.needs_base and self.base else [])]
-        budget = min(self.plan.max_block_bytes, strat.chunk_bytes or self.plan.max_block_bytes)
-        with_base = strat.needs_base and self.base is not None
-
-        def read(suffix: str, start: int, end: int) -> tuple[list[Any], Any]:
-            return ([self.read_np(m, f"model{i}{suffix}", tp.name, start, end) for i, m in enumerate(self.models)],
-                    self.read_np(self.base, "base" + suffix, tp.name, start, end) if with_base else None)
-
-        ranges = chunk_ranges(info, srcs, extra_bounds, budget, False)
-        for start, end, models, base in self._stream(ranges, read, True):
-            self.bytes_read += sum(a.size for a in models) * 4 + (base.size * 4 if base is not None else 0)
-            yield Chunk(tp.name, list(info.shape), start, end, base, models, self.stats, report)
-
     def read_np(self, src: Source, slot: str, name: str, start: int, end: int) -> Any:
         import numpy as np
 
@@ -401,7 +393,7 @@ class _Runner:
             if not strat.numpy_merge or strat.n_passes or not strat.chunk_bytes or tp.info is None \
                     or tp.info.dtype not in npkernels.DTYPES:
                 return False
-            for src in [*self.models, *([self.base] if strat.needs_base and self.base else [])]:
+            for src in self._inputs(strat):
                 sinfo = src.info(tp.name)
                 if not hasattr(src, "read_into") or sinfo is None or sinfo.dtype not in npkernels.DTYPES:
                     return False
@@ -413,7 +405,7 @@ class _Runner:
         assert tp.info is not None
         out_bounds = sink.begin(tp.info)
         if use_numpy:
-            for chunk in self.chunks_np(tp, strat, out_bounds, entry):
+            for chunk in self.chunks(tp, strat, out_bounds, entry, use_numpy=True):
                 result = strat.merge_np(chunk)
                 _check_shape(tp, strat, list(result.shape), list(chunk.models[0].shape))
                 sink.write(npkernels.from_f32(result, tp.info.dtype, self.pool))
@@ -513,14 +505,11 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     started = time.monotonic()
     try:
         for key, strat in plan.strategies.items():
-            owned_all = [(t.name, list(t.info.shape)) for t in plan.tensors  # type: ignore[union-attr]
-                         if t.strategy == key and (t.action == "merge" or t.zero)]
-            if owned_all:
-                strat.prepare(owned_all, stats)
-            if strat.n_passes and strat.pass_scope == "model":
-                owned = [t for t in plan.tensors if t.strategy == key and (t.action == "merge" or t.zero)]
-                if any(t.action == "merge" for t in owned):
-                    runner.run_passes(strat, owned)
+            owned = [t for t in plan.tensors if t.strategy == key and (t.action == "merge" or t.zero)]
+            if owned:
+                strat.prepare([(t.name, list(t.info.shape)) for t in owned], stats)  # type: ignore[union-attr]
+            if strat.n_passes and strat.pass_scope == "model" and any(t.action == "merge" for t in owned):
+                runner.run_passes(strat, owned)
     except BaseException:
         runner.close()
         raise
@@ -529,6 +518,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     outputs = plan.outputs
     sink.start([t.info for t in outputs])  # type: ignore[misc]
     bar = Progress("git-theta merge", len(outputs), plan.merged_bytes(), enabled=options.progress)
+    labels = options.labels or []
     reports: list[dict[str, Any]] = []
     done_bytes = 0
     merged_count = 0
@@ -538,10 +528,11 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
             t0 = time.monotonic()
             entry: dict[str, Any] = {"name": tp.name, "action": tp.action, "reason": tp.reason}
             if tp.action == "keep":
-                src = base if tp.source == -1 else models[tp.source or 0]
-                entry["source"] = "base" if tp.source == -1 else (options.labels or [])[tp.source or 0] \
-                    if options.labels and tp.source is not None and tp.source < len(options.labels) \
-                    else tp.source
+                index = tp.source or 0
+                if index == -1:
+                    src, entry["source"] = base, "base"
+                else:
+                    src, entry["source"] = models[index], labels[index] if index < len(labels) else tp.source
                 sink.keep(tp.name, src, tp.info)
             else:
                 strat = plan.strategies[tp.strategy]  # type: ignore[index]
@@ -551,7 +542,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                 runner.merge_tensor(tp, strat, sink, entry, use_numpy)
                 merged_count += 1
                 _test_pause(merged_count)
-                done_bytes += dtypes.nbytes(tp.info.dtype, list(tp.info.shape))
+                done_bytes += tp.info.nbytes
                 elements = entry.pop("elements", None)
                 if elements:
                     if "kept" in entry:
@@ -574,7 +565,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
         "n_models": len(models),
         "labels": options.labels,
         "strategy": options.strategy,
-        "params": {k: v for k, v in options.params.items()},
+        "params": dict(options.params),
         "rules": [r.pattern + "=" + r.describe() for r in options.rules],
         "max_block_bytes": plan.max_block_bytes,
         "peak_formula": plan.peak_formula(),
@@ -582,8 +573,8 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
         "kernels": "numpy" if use_numpy else "torch",
         "seconds": round(time.monotonic() - started, 6),
         "statistics_passes_seconds": round(passes_s, 6),
-        "strategies": {s.name: s.summary() for s in plan.strategies.values()
-                       if s.pass_scope == "model" and s.summary()},
+        "strategies": {s.name: summ for s in plan.strategies.values()
+                       if s.pass_scope == "model" and (summ := s.summary())},
         "tensors": reports,
     }
     return MergeResult(plan, report)

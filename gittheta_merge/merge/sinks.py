@@ -8,12 +8,12 @@ plan knows every output dtype and shape), then streams each tensor's bytes in or
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
 from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
@@ -34,10 +34,6 @@ def byte_view(rows: Any) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def tensor_bytes(tensor: Any) -> bytes:
-    return byte_view(tensor).tobytes()
-
-
 class StoreSink:
     """Collects TensorEntries for merged metadata; new tensor bytes become store objects."""
 
@@ -46,10 +42,9 @@ class StoreSink:
         self.block_bytes = block_bytes
         self.entries: list[TensorEntry] = []
         self._info: TensorInfo | None = None
-        self._plan: list[int] = []
-        self._blocks: list[tuple[str, int]] = []
-        self._buf = bytearray()
-        self._block_size = 0
+        self._plan: list[int] = []  # rows of each output block of the tensor being written
+        self._blocks: list[tuple[str, int]] = []  # the blocks stored so far
+        self._buf = bytearray()  # bytes of the block being filled
 
     def start(self, outputs: list[TensorInfo]) -> None:
         self.entries = []
@@ -62,8 +57,7 @@ class StoreSink:
             return
         bounds = self.begin(info)
         for lo, hi in zip(bounds, bounds[1:]):
-            self._write_bytes(source.read_raw(name, lo, hi) if hasattr(source, "read_raw")
-                              else tensor_bytes(source.read_native(name, lo, hi)))
+            self._write_bytes(source.read_raw(name, lo, hi))
         self.end()
 
     def begin(self, info: TensorInfo) -> list[int]:
@@ -71,30 +65,24 @@ class StoreSink:
         self._plan = plan_row_blocks(info.dtype, list(info.shape), self.block_bytes)
         self._blocks = []
         self._buf = bytearray()
-        bounds = [0]
-        for rows in self._plan:
-            bounds.append(bounds[-1] + rows)
-        self._next_block()
-        return bounds
+        return list(itertools.accumulate(self._plan, initial=0))
 
-    def _next_block(self) -> None:
-        info = self._info
-        assert info is not None
-        index = len(self._blocks)
-        rows = self._plan[index] if index < len(self._plan) else 0
-        row_bytes = dtypes.nbytes(info.dtype, [info.row_elems]) if info.shape else dtypes.nbytes(info.dtype, [])
-        self._block_size = rows * row_bytes
-
-    def _write_bytes(self, data: bytes | memoryview) -> None:
+    def _write_bytes(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
-        while self._buf and len(self._buf) >= self._block_size and len(self._blocks) < len(self._plan):
-            piece = memoryview(self._buf)[: self._block_size]
-            oid, _ = self.store.put(piece)
-            del piece
-            self._blocks.append((oid, self._plan[len(self._blocks)]))
-            self._buf = self._buf[self._block_size:]
-            if len(self._blocks) < len(self._plan):
-                self._next_block()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Store every complete block in the buffer (a zero-byte tensor's one block is empty: complete)."""
+        assert self._info is not None
+        while len(self._blocks) < len(self._plan):
+            rows = self._plan[len(self._blocks)]
+            size = rows * self._info.row_bytes
+            if len(self._buf) < size:
+                return
+            with memoryview(self._buf)[:size] as piece:
+                oid, _ = self.store.put(piece)
+            del self._buf[:size]
+            self._blocks.append((oid, rows))
 
     def write(self, rows: Any) -> None:
         self._write_bytes(byte_view(rows))  # appended to the block buffer: no intermediate bytes copy
@@ -102,9 +90,7 @@ class StoreSink:
     def end(self) -> None:
         info = self._info
         assert info is not None
-        if self._block_size == 0 and len(self._blocks) < len(self._plan):  # empty tensor
-            oid, _ = self.store.put(b"")
-            self._blocks.append((oid, self._plan[0]))
+        self._flush()  # a zero-byte tensor may have had nothing written
         if len(self._blocks) != len(self._plan) or self._buf:
             raise ThetaError(f"tensor {info.name!r}: merged output has the wrong size (internal error)")
         self.entries.append(TensorEntry(info.name, info.dtype, list(info.shape), self._blocks))
@@ -129,8 +115,10 @@ class StoreSink:
             file_info.pop("header_size", None)
             order = file_info.get("header_order")
             if isinstance(order, list):
-                kept = [k for k in order if k in set(new) or k == "__metadata__"]
-                file_info["header_order"] = kept + [n for n in new if n not in set(kept)]
+                new_names = set(new)
+                kept = [k for k in order if k in new_names or k == "__metadata__"]
+                kept_names = set(kept)
+                file_info["header_order"] = kept + [n for n in new if n not in kept_names]
         extra = dict(template.extra)
         extra.pop("stats", None)  # ours' statistics describe ours' weights, not the merge (see merge/statsflow.py)
         return Metadata(template.format, self.entries, file_info, extra)
@@ -156,13 +144,9 @@ class SafetensorsSink:
         self._fh.write(header)
 
     def keep(self, name: str, source: Any, info: TensorInfo) -> None:
-        per = max(1, COPY_CHUNK_BYTES // max(dtypes.nbytes(info.dtype, [info.row_elems]), 1))
+        per = max(1, COPY_CHUNK_BYTES // max(info.row_bytes, 1))
         for lo in range(0, info.rows, per):
-            hi = min(info.rows, lo + per)
-            if hasattr(source, "read_raw"):
-                self._fh.write(source.read_raw(name, lo, hi))
-            else:
-                self._fh.write(tensor_bytes(source.read_native(name, lo, hi)))
+            self._fh.write(source.read_raw(name, lo, min(info.rows, lo + per)))
 
     def begin(self, info: TensorInfo) -> list[int]:
         return [0, info.rows]

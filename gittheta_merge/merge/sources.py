@@ -1,13 +1,16 @@
 """Where the merge engine reads tensors from: git-theta metadata + object store, or safetensors files.
 
 Both expose the same three things: per-name facts from metadata alone (`info`), the row boundaries of
-how the bytes are stored (so a chunk never straddles two stored objects and whole-object reads can be
-hash-verified), and `read_rows`. `key` is a content identity known without reading data (the oids),
+how the bytes are stored (so a chunk never straddles two stored objects and each object read front to
+back is hash-verified), and reads of row ranges (`read_into` a caller's buffer; `read_raw`, `read_native`
+and `read_rows` are built on it). `key` is a content identity known without reading data (the oids),
 which is what lets trivial merges skip tensor data entirely.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +39,20 @@ class TensorInfo:
 
     @property
     def row_elems(self) -> int:
-        n = 1
-        for d in self.shape[1:]:
-            n *= d
-        return n
+        return math.prod(self.shape[1:])
 
     @property
     def numel(self) -> int:
-        return self.rows * self.row_elems if self.shape else 1
+        return math.prod(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one leading-dimension row (of the one element, for a scalar)."""
+        return dtypes.nbytes(self.dtype, list(self.shape[1:]))
+
+    @property
+    def nbytes(self) -> int:
+        return dtypes.nbytes(self.dtype, list(self.shape))
 
     @property
     def is_float(self) -> bool:
@@ -55,15 +64,43 @@ class TensorInfo:
         return (self.dtype, self.shape, self.key) == (other.dtype, other.shape, other.key)
 
 
-def _as_float32(raw: bytes | bytearray, dtype: str, shape: list[int]) -> Any:
-    import torch
+class _RowSource:
+    """What both sources share: names and facts from `_infos` (in the file's tensor order), and every read
+    built on the subclass' `read_into` (the raw bytes of a row range into a caller's buffer)."""
 
-    from gittheta_merge.tensors import bytes_to_tensor
+    _infos: dict[str, TensorInfo]
 
-    return bytes_to_tensor(bytearray(raw), dtype, shape).to(torch.float32)
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo | None:
+        return self._infos.get(name)
+
+    def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
+        raise NotImplementedError
+
+    def read_raw(self, name: str, start: int, end: int) -> bytearray:
+        """The bytes of rows [start, end) (a scalar: its one element) in a new buffer."""
+        info = self._infos[name]
+        buf = bytearray(info.row_bytes * (end - start if info.shape else 1))
+        self.read_into(name, start, end, memoryview(buf))
+        return buf
+
+    def read_native(self, name: str, start: int, end: int) -> Any:
+        """Rows [start, end) as a torch tensor of the stored dtype (viewing the read buffer: no copy)."""
+        from gittheta_merge.tensors import bytes_to_tensor
+
+        info = self._infos[name]
+        shape = [end - start, *info.shape[1:]] if info.shape else []
+        return bytes_to_tensor(self.read_raw(name, start, end), info.dtype, shape)
+
+    def read_rows(self, name: str, start: int, end: int) -> Any:
+        import torch
+
+        return self.read_native(name, start, end).to(torch.float32)
 
 
-class StoreSource:
+class StoreSource(_RowSource):
     """A tracked checkpoint: its metadata plus the object store holding the tensors' bytes."""
 
     def __init__(self, meta: Metadata, store: ObjectStore, label: str = "") -> None:
@@ -78,12 +115,6 @@ class StoreSource:
         self._verified: set[str] = set()  # oids whose bytes were hashed during this merge
         self._hashing: dict[str, tuple[int, Any]] = {}  # oid -> (bytes hashed so far, sha256 state)
 
-    def names(self) -> list[str]:
-        return [t.name for t in self.meta.tensors]
-
-    def info(self, name: str) -> TensorInfo | None:
-        return self._infos.get(name)
-
     def entry(self, name: str) -> TensorEntry:
         return self._entries[name]
 
@@ -92,28 +123,6 @@ class StoreSource:
         for _, rows in self._entries[name].blocks:
             out.append(out[-1] + rows)
         return out
-
-    def read_raw(self, name: str, start: int, end: int) -> bytes:
-        """The bytes of rows [start, end). A range covering a whole stored block is hash-verified."""
-        entry = self._entries[name]
-        what = f"{self.label}tensor {name!r}: "
-        if not entry.shape:  # a scalar is one object of one element
-            return self.store.read(entry.blocks[0][0], entry.nbytes, what)
-        row_bytes = entry.row_bytes
-        parts: list[bytes] = []
-        first = 0
-        for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
-            lo, hi = max(start, first), min(end, first + rows)
-            if lo < hi or (rows == 0 and start == end == first):
-                parts.append(self.store.read(oid, size, what, offset=(lo - first) * row_bytes,
-                                             length=(hi - lo) * row_bytes))
-            first += rows
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def read_rows(self, name: str, start: int, end: int) -> Any:
-        info = self._infos[name]
-        shape = [end - start, *info.shape[1:]] if info.shape else []
-        return _as_float32(self.read_raw(name, start, end), info.dtype, shape)
 
     def _pieces(self, name: str, start: int, end: int) -> list[tuple[str, int, int, int]]:
         """(oid, object size, offset in the object, length) of each stored block rows [start, end) touch."""
@@ -125,7 +134,7 @@ class StoreSource:
         first = 0
         for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
             lo, hi = max(start, first), min(end, first + rows)
-            if lo < hi:
+            if lo < hi or (rows == 0 and start == end == first):  # an empty tensor's object is still opened
                 out.append((oid, size, (lo - first) * row_bytes, (hi - lo) * row_bytes))
             first += rows
         return out
@@ -155,8 +164,6 @@ class StoreSource:
         return self._handle[1].fileno()
 
     def _verify(self, oid: str, size: int, offset: int, data: memoryview, what: str) -> None:
-        import hashlib
-
         if oid in self._verified:
             return
         state = self._hashing.pop(oid, None)
@@ -175,7 +182,7 @@ class StoreSource:
                                 "run `git theta fsck`, then restore it from a remote")
 
 
-class SafetensorsSource:
+class SafetensorsSource(_RowSource):
     """A plain .safetensors file read with positioned reads (os.pread) of exactly the rows asked for.
 
     Not mmap (safe_open): pages of a mapped file count toward the process' RSS once touched, so streaming
@@ -199,13 +206,11 @@ class SafetensorsSource:
         self._data_start = 8 + n
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
-        self._order: list[str] = []
         for name, dtype, shape, start, end in tensors:
             if self._data_start + end > size:
                 raise ThetaError(f"{self.path}: truncated (tensor {name!r} ends past the end of the file)")
             self._infos[name] = TensorInfo(name, dtype, tuple(shape), None)
             self._offsets[name] = start
-            self._order.append(name)
         self.file_metadata = file_meta
 
     def __del__(self) -> None:
@@ -216,46 +221,19 @@ class SafetensorsSource:
             except OSError:
                 pass
 
-    def names(self) -> list[str]:
-        return list(self._order)
-
-    def info(self, name: str) -> TensorInfo | None:
-        return self._infos.get(name)
-
     def boundaries(self, name: str) -> list[int]:
         return [0, self._infos[name].rows]
 
-    def _span(self, name: str, start: int, end: int) -> tuple[int, int]:
-        info = self._infos[name]
-        row_bytes = dtypes.nbytes(info.dtype, [info.row_elems]) if info.shape else dtypes.nbytes(info.dtype, [])
-        if not info.shape:
-            start, end = 0, 1
-        return self._data_start + self._offsets[name] + start * row_bytes, (end - start) * row_bytes
-
-    def read_raw(self, name: str, start: int, end: int) -> bytes:
-        _, want = self._span(name, start, end)
-        buf = bytearray(want)
-        self.read_into(name, start, end, memoryview(buf))
-        return buf  # type: ignore[return-value]
-
     def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
         """The bytes of rows [start, end) into `out` (exactly their size): no allocation."""
-        offset, want = self._span(name, start, end)
+        info = self._infos[name]
+        if not info.shape:
+            start, end = 0, 1
+        want = (end - start) * info.row_bytes
         if len(out) != want:
             raise ValueError(f"read_into: buffer of {len(out)} bytes for {want}")
+        offset = self._data_start + self._offsets[name] + start * info.row_bytes
         _pread_exact(self._fd, out, offset, f"{self.path}: tensor {name!r}: ")
-
-    def read_native(self, name: str, start: int, end: int) -> Any:
-        from gittheta_merge.tensors import bytes_to_tensor
-
-        info = self._infos[name]
-        shape = [end - start, *info.shape[1:]] if info.shape else []
-        return bytes_to_tensor(self.read_raw(name, start, end), info.dtype, shape)
-
-    def read_rows(self, name: str, start: int, end: int) -> Any:
-        import torch
-
-        return self.read_native(name, start, end).to(torch.float32)
 
 
 def _pread_exact(fd: int, out: memoryview, offset: int, what: str) -> None:
@@ -266,7 +244,3 @@ def _pread_exact(fd: int, out: memoryview, offset: int, what: str) -> None:
         if n <= 0:
             raise ThetaError(f"{what}file ended early")
         got += n
-
-
-def dtype_itemsize(dtype: str) -> int:
-    return dtypes.itemsize(dtype)

@@ -35,9 +35,7 @@ from gittheta_merge.merge.strategies.base import StatsAccess
 # the merge strategies' name for a statistic kind -> the kind name attached to checkpoints (stats compute)
 ATTACHED_KIND = {"fisher": "fisher", "gram": "gram", "grad_gram": "kfac"}
 PROVENANCE_KEYS = ("gittheta.stats", "provenance")  # compute's blobs, then plain files with a JSON provenance
-BLOB_FORMAT = "gittheta-stats/1"
 DERIVABLE = {"regmean": "gram", "fisher": "fisher"}
-COMPUTE_COMMAND = "git theta stats compute {path} --kind {kind} --data DATA.jsonl"
 
 
 class StatFile:
@@ -75,27 +73,15 @@ class StatFile:
         key = self.sharing.get(name)
         return key if key is not None and self.src.info(key) is not None else None
 
-    def names(self) -> list[str]:
-        return sorted(set(self.src.names()) | {w for w in self.sharing if self.resolve(w)})
-
     def info(self, name: str) -> TensorInfo | None:
         key = self.resolve(name)
         return None if key is None else self.src.info(key)
 
-    def boundaries(self, name: str) -> list[int]:
-        return self.src.boundaries(self._key(name))
-
     def read_rows(self, name: str, start: int, end: int) -> Any:
-        return self.src.read_rows(self._key(name), start, end)
-
-    def read_native(self, name: str, start: int, end: int) -> Any:
-        return self.src.read_native(self._key(name), start, end)
-
-    def _key(self, name: str) -> str:
         key = self.resolve(name)
         if key is None:
             raise ThetaError(f"{self.path}: no statistic for {name!r}")
-        return key
+        return self.src.read_rows(key, start, end)
 
 
 @dataclass
@@ -145,7 +131,7 @@ def _attached(store: Any, meta: Any, kind: str, where: str, allow_stale: bool, h
         raise ThetaError(
             f"{where}: its {kind} statistics were computed on different weights (stale): the weights changed "
             "after `git theta stats compute`. Recompute them there "
-            f"({COMPUTE_COMMAND.format(path=hint_path, kind=kind)}), or pass --allow-stale-stats "
+            f"({attach.COMPUTE_HINT.format(path=hint_path, kind=kind)}), or pass --allow-stale-stats "
             "(git config theta.merge.allowStaleStats true) to use them anyway")
     return attach.blob_path(store, meta, kind, where, allow_stale=True)
 
@@ -194,10 +180,12 @@ def resolve_statistics(metas: list[Any], labels: list[str], path: str, store: An
             for kind in kinds:
                 access.sources.pop(kind, None)
             return res
+        from gittheta_merge.stats.attach import COMPUTE_HINT
+
         first_label, first_kind = absent[0]
         raise ThetaError(
             f"{path}: {who}. Compute them on that branch: `git checkout {first_label.split(' ')[0]} && "
-            f"{COMPUTE_COMMAND.format(path=path, kind=first_kind)} && git commit`, then merge again; or pass them "
+            f"{COMPUTE_HINT.format(path=path, kind=first_kind)} && git commit`, then merge again; or pass them "
             f"as files (--stats {[k for k, v in ATTACHED_KIND.items() if v == first_kind][0]}=FILE,FILE), or choose "
             "a fallback: `git config theta.merge.missingStats average` (or missing_stats in .gittheta.toml)")
     return res
@@ -208,14 +196,6 @@ def model_counts(access: StatsAccess, kind: str, n: int) -> list[int]:
     srcs = access.sources.get(kind, [])
     return [int(getattr(srcs[i], "merged_models", 1)) if i < len(srcs) and srcs[i] is not None else 1
             for i in range(n)]
-
-
-def _store_tmp(store: Any) -> str:
-    tmp = getattr(store, "tmp_dir", None)
-    if tmp is not None:
-        Path(tmp).mkdir(parents=True, exist_ok=True)
-        return str(tmp)
-    return tempfile.gettempdir()
 
 
 def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: Any, access: StatsAccess,
@@ -232,7 +212,10 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
         return None  # before importing torch: a merge on the numpy path never needs it
     import torch
 
+    from gittheta_merge import dtypes
     from gittheta_merge.merge.sinks import SafetensorsSink
+    from gittheta_merge.stats.blobs import FORMAT, METADATA_KEY
+
     files = access.sources.get(kind, [])
     if len(files) != len(metas) or any(not isinstance(f, StatFile) for f in files):
         return None  # plain tensors without names/provenance: nothing sound to derive from
@@ -244,12 +227,11 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
     else:
         coeffs = [c / nm for c, nm in zip(strategy.model_weights(), strategy.norms)]
         floor = strategy.params["floor"]
-    keys = [k for k in files[0].keys() if all(f.resolve(k) is not None for f in files[1:])]
-    infos = []
-    for k in keys:
-        shapes = {tuple(f.info(k).shape) for f in files}  # type: ignore[union-attr]
-        if len(shapes) == 1:
-            infos.append(files[0].info(k))
+    infos = []  # the keys every input has, with one shape
+    for k in files[0].keys():
+        found = [f.info(k) for f in files]
+        if all(i is not None for i in found) and len({i.shape for i in found}) == 1:  # type: ignore[union-attr]
+            infos.append(found[0])
     keys = [i.name for i in infos]  # type: ignore[union-attr]
     if not keys:
         return None
@@ -261,7 +243,7 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
             c = (f.provenance.get("counts") or {}).get(f.resolve(k) or "")
             total += int(c) if isinstance(c, (int, float)) else 0
         counts[k] = total
-    sharing = {w: key for w, key in files[0].sharing.items() if key in set(keys)}
+    sharing = {w: key for w, key in files[0].sharing.items() if key in counts}
     stat_names = set(keys) | set(sharing)
     inexact = sorted(tp.name for tp in plan.tensors if tp.name in stat_names and tp.action == "keep"
                      and tp.source is not None and tp.source >= 0)
@@ -290,9 +272,10 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
     for key in ("task", "label_policy", "masking", "normalisation", "diagonal_only"):
         if key in prov0:
             provenance[key] = prov0[key]
-    meta_text = {"format": BLOB_FORMAT, "kind": kind,
-                 "gittheta.stats": json.dumps(provenance, sort_keys=True, separators=(",", ":"))}
-    fd, tmp = tempfile.mkstemp(dir=_store_tmp(store), prefix="derived-stats-", suffix=".safetensors")
+    meta_text = {"format": FORMAT, "kind": kind,
+                 METADATA_KEY: json.dumps(provenance, sort_keys=True, separators=(",", ":"))}
+    store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=store.tmp_dir, prefix="derived-stats-", suffix=".safetensors")
     os.close(fd)
     sink = SafetensorsSink(tmp, meta_text)
     try:
@@ -305,8 +288,6 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
                 if floor is not None and (i == 0 or not strategy.params["favor_target"]):
                     t = torch.clamp(t, min=floor)
                 total = c * t if total is None else total + c * t
-            from gittheta_merge import dtypes
-
             sink.write(total.to(dtypes.to_torch(info.dtype)))  # type: ignore[union-attr]
         sink.finish()
         size = os.path.getsize(sink.path)

@@ -12,16 +12,16 @@ under "stats" together with the digest of the exact weights it describes, so:
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header
 from gittheta_merge.gitutil import Repo
 from gittheta_merge.inspect_cmds import INDEX, read_metadata
 from gittheta_merge.metadata import Metadata
+from gittheta_merge.stats.blobs import blob_header, provenance_in
 from gittheta_merge.store import ObjectStore
 
 COMPUTE_HINT = "git theta stats compute {path} --kind {kind} --data DATA.jsonl"
@@ -39,19 +39,6 @@ class StatInfo:
     provenance: dict[str, Any]
 
 
-def blob_tensor_names(data: bytes, where: str) -> list[str]:
-    """Validate a statistic blob (a safetensors file) and list its tensor names."""
-    if len(data) < 8:
-        raise ThetaError(f"{where}: not a safetensors file")
-    n = int.from_bytes(data[:8], "little")
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise ThetaError(f"{where}: not a safetensors file (header length {n})")
-    _, tensors, _ = parse_header(data[8 : 8 + n], where)
-    if tensors and tensors[-1][4] != len(data) - 8 - n:
-        raise ThetaError(f"{where}: safetensors data size does not match its header")
-    return [t[0] for t in tensors]
-
-
 def check_staged(repo: Repo, path: str) -> None:
     """Statistics must describe exactly the staged weights: refuse while the file has unstaged changes."""
     if repo.git("diff", "--name-only", "--", path).strip():
@@ -59,27 +46,36 @@ def check_staged(repo: Repo, path: str) -> None:
                          "are tied to the exact weights they were computed on")
 
 
-def attach(repo: Repo, path: str, kind: str, blob: bytes, provenance: dict[str, Any],
-           blob_where: str = "statistics") -> StatInfo:
-    """Store a statistic blob and reference it from the staged metadata of `path`."""
+def attach(repo: Repo, paths: Iterable[str], kind: str, blob: Path, provenance: dict[str, Any],
+           blob_where: str = "statistics") -> Iterator[StatInfo]:
+    """Reference a statistic blob (a safetensors file) from the staged metadata of each path (one StatInfo per
+    path, as it is staged). The blob is streamed, never held in memory; it is validated once and stored
+    (hashed) once, however many checkpoints share it."""
     if not kind or not kind.replace("_", "").replace("-", "").isalnum():
         raise ThetaError(f"invalid statistics kind {kind!r}")
-    meta = read_metadata(repo, INDEX, path)
-    if meta is None:
-        raise ThetaError(f"{path} is not a tracked checkpoint in the index: `git theta track` and `git add` it first")
-    check_staged(repo, path)
-    names = set(blob_tensor_names(blob, blob_where)) | set(provenance_from_blob(blob).get("sharing") or {})
-    if not names & {t.name for t in meta.tensors}:
-        raise ThetaError(f"{blob_where}: none of its tensor names matches a tensor of {path} "
-                         "(statistics are keyed by weight name)")
-    store = ObjectStore.for_repo(repo)
-    oid, _ = store.put(blob)
-    entry = {"oid": oid, "size": len(blob), "weights": meta.weights_digest(), "provenance": provenance}
-    stats = dict(meta.stats)
-    stats[kind] = entry
-    meta.extra["stats"] = dict(sorted(stats.items()))
-    _stage(repo, path, meta)
-    return StatInfo(path, kind, oid, len(blob), False, provenance)
+    size = blob.stat().st_size
+    with open(blob, "rb") as fh:
+        tensor_names, file_meta = blob_header(fh, size, blob_where)
+    names = set(tensor_names) | set(provenance_in(file_meta).get("sharing") or {})
+    oid = ""
+    for path in paths:
+        meta = read_metadata(repo, INDEX, path)
+        if meta is None:
+            raise ThetaError(f"{path} is not a tracked checkpoint in the index: `git theta track` and `git add` it "
+                             "first")
+        check_staged(repo, path)
+        if not names & {t.name for t in meta.tensors}:
+            raise ThetaError(f"{blob_where}: none of its tensor names matches a tensor of {path} "
+                             "(statistics are keyed by weight name)")
+        if not oid:
+            with open(blob, "rb") as fh:
+                oid, _ = ObjectStore.for_repo(repo).put_stream(fh, size)
+        entry = {"oid": oid, "size": size, "weights": meta.weights_digest(), "provenance": provenance}
+        stats = dict(meta.stats)
+        stats[kind] = entry
+        meta.extra["stats"] = dict(sorted(stats.items()))
+        _stage(repo, path, meta)
+        yield StatInfo(path, kind, oid, size, False, provenance)
 
 
 def detach(repo: Repo, path: str, kind: str) -> None:
@@ -106,13 +102,10 @@ def is_stale(meta: Metadata, kind: str) -> bool:
 
 
 def list_stats(path: str, meta: Metadata) -> list[StatInfo]:
-    out = []
-    for kind, entry in meta.stats.items():
-        if not isinstance(entry, dict):
-            continue
-        out.append(StatInfo(path, kind, str(entry.get("oid", "")), int(entry.get("size", 0)),
-                            is_stale(meta, kind), entry.get("provenance") or {}))
-    return out
+    digest = meta.weights_digest()  # what is_stale compares with, computed once for every kind
+    return [StatInfo(path, kind, str(entry.get("oid", "")), int(entry.get("size", 0)), entry.get("weights") != digest,
+                     entry.get("provenance") or {})
+            for kind, entry in meta.stats.items() if isinstance(entry, dict)]
 
 
 def blob_path(store: ObjectStore, meta: Metadata, kind: str, where: str, allow_stale: bool = False) -> Path:
@@ -143,13 +136,7 @@ def describe(info: StatInfo) -> str:
     return f"{info.path}  {info.kind:8s} {state:5s}  {info.size / 1e6:,.1f} MB  {info.oid[:12]}  {' '.join(bits)}"
 
 
-def provenance_from_blob(data: bytes) -> dict[str, Any]:
-    """The provenance recorded in a blob's safetensors metadata (JSON under 'provenance'), if any."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    file_meta = header.get("__metadata__") or {}
-    raw = file_meta.get("gittheta.stats") or file_meta.get("provenance")  # ours (stats/blobs.py), or hand-made
-    try:
-        return json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        return {}
+def provenance_from_blob(blob: Path, where: str = "statistics") -> dict[str, Any]:
+    """The provenance recorded in a statistic blob (a validated safetensors file; its header only), {} if none."""
+    with open(blob, "rb") as fh:
+        return provenance_in(blob_header(fh, blob.stat().st_size, where)[1])

@@ -7,20 +7,23 @@ The provenance is one JSON string under `METADATA_KEY` since safetensors metadat
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from safetensors.torch import save_file
+
+from gittheta_merge import dtypes
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header, render_header
 
 from .statistic import Statistic
 
-__all__ = ["FORMAT", "METADATA_KEY", "load_statistic", "read_provenance", "save_statistic", "statistic_from_bytes",
-           "statistic_to_bytes"]
+__all__ = ["FORMAT", "METADATA_KEY", "blob_header", "load_statistic", "provenance_in", "read_provenance",
+           "save_statistic", "statistic_from_bytes", "statistic_to_bytes"]
 
 METADATA_KEY = "gittheta.stats"
 FORMAT = "gittheta-stats/1"
@@ -44,24 +47,61 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, w
     return Statistic(kind=meta["kind"], tensors=tensors, provenance=provenance)
 
 
+def _write(stat: Statistic, out: BinaryIO) -> None:
+    """Write `stat` as safetensors, tensor by tensor. The header comes from the checkpoint format's own writer
+    (`render_header`), so a statistic always gives the same bytes, hence the same oid (the safetensors library
+    orders the string metadata differently from one run to the next); tensors are laid out as the library lays
+    them out (wider dtypes first, then by name), which keeps every tensor's data aligned."""
+    tensors = _tensors(stat)
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header = render_header(_metadata(stat), [(k, dtypes.from_torch(tensors[k].dtype), list(tensors[k].shape))
+                                             for k in order])
+    out.write(len(header).to_bytes(8, "little"))
+    out.write(header)
+    for k in order:
+        out.write(tensors[k].reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_statistic(stat: Statistic, path: str | os.PathLike[str]) -> None:
     """Write `stat` as a safetensors file at `path`."""
-    save_file(_tensors(stat), os.fspath(path), metadata=_metadata(stat))
+    with open(path, "wb") as out:
+        _write(stat, out)
 
 
 def statistic_to_bytes(stat: Statistic) -> bytes:
     """The same bytes `save_statistic` writes, for putting the blob straight into an object store."""
-    return st_save(_tensors(stat), metadata=_metadata(stat))
+    out = io.BytesIO()
+    _write(stat, out)
+    return out.getvalue()
 
 
-def _bytes_metadata(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    return header.get("__metadata__", {})
+def blob_header(source: BinaryIO, size: int, where: str) -> tuple[list[str], dict[str, str]]:
+    """(tensor names, string metadata) of a safetensors blob of `size` bytes, read from the start of `source`
+    (its header only, never the tensors) and validated like a checkpoint's (ThetaError naming `where`)."""
+    if size < 8:
+        raise ThetaError(f"{where}: not a safetensors file")
+    n = int.from_bytes(source.read(8), "little")
+    if n > MAX_HEADER or 8 + n > size:
+        raise ThetaError(f"{where}: not a safetensors file (header length {n})")
+    file_meta, tensors, _ = parse_header(source.read(n), where)
+    if tensors and tensors[-1][4] != size - 8 - n:
+        raise ThetaError(f"{where}: safetensors data size does not match its header")
+    return [t[0] for t in tensors], file_meta or {}
+
+
+def provenance_in(file_meta: dict[str, str]) -> dict[str, Any]:
+    """The provenance a blob's string metadata records: ours (JSON under METADATA_KEY) or a hand-made file's
+    JSON under "provenance"; {} when there is none or it is not a JSON object."""
+    raw = file_meta.get(METADATA_KEY) or file_meta.get("provenance")
+    try:
+        value = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def statistic_from_bytes(data: bytes) -> Statistic:
-    return _from_parts(st_load(data), _bytes_metadata(data), "<bytes>")
+    return _from_parts(st_load(data), blob_header(io.BytesIO(data), len(data), "<bytes>")[1], "<bytes>")
 
 
 def load_statistic(path: str | os.PathLike[str], device: str = "cpu") -> Statistic:

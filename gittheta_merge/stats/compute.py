@@ -42,7 +42,11 @@ from .statistic import KINDS, Statistic
 __all__ = ["LABEL_POLICIES", "TASKS", "compute_fisher", "compute_gram", "compute_kfac", "compute_statistic",
            "load_model"]
 
-TASKS = ("sequence-classification", "token-classification", "causal-lm", "masked-lm")
+# each task and the transformers Auto class that builds a model for it
+AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
+                "token-classification": "AutoModelForTokenClassification",
+                "causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM"}
+TASKS = tuple(AUTO_CLASSES)
 LABEL_POLICIES = ("empirical", "sampled", "exact")
 
 LOG_P_DEFINITION = {
@@ -56,15 +60,16 @@ _CAUSAL_MODEL_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral"
                        "phi3", "opt", "bloom", "falcon", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "starcoder2"}
 
 
-def load_model(path: str, task: str, **kwargs: Any) -> nn.Module:
-    """Load an HF directory with the Auto class that matches `task` (a fresh head where the checkpoint has none)."""
+def auto_class(task: str) -> Any:
+    """The transformers Auto class for `task` (ValueError for an unknown task)."""
     import transformers
 
-    auto = {"sequence-classification": transformers.AutoModelForSequenceClassification,
-            "token-classification": transformers.AutoModelForTokenClassification,
-            "causal-lm": transformers.AutoModelForCausalLM,
-            "masked-lm": transformers.AutoModelForMaskedLM}[_check_task(task)]
-    return auto.from_pretrained(path, **kwargs)
+    return getattr(transformers, AUTO_CLASSES[_check_task(task)])
+
+
+def load_model(path: str, task: str, **kwargs: Any) -> nn.Module:
+    """Load an HF directory with the Auto class that matches `task` (a fresh head where the checkpoint has none)."""
+    return auto_class(task).from_pretrained(path, **kwargs)
 
 
 def _check_task(task: str) -> str:
@@ -515,16 +520,20 @@ def _is_causal(model: nn.Module, task: str) -> bool:
 
 
 class _Runner:
-    def __init__(self, model: nn.Module, task: str, policy: str, device: torch.device, progress: _Progress) -> None:
-        self.model, self.task, self.policy, self.device, self.progress = model, task, policy, device, progress
+    """What every kind's loop shares: the task, the label policy, the device and the progress bar."""
 
-    def exact_terms(self, batch: _Batch, n_classes: int) -> list[tuple[int, int | None]]:
-        """(class, position) pairs whose weighted scores make up the exact expectation."""
-        if self.task == "sequence-classification":
+    def __init__(self, task: str, policy: str, device: torch.device, progress: _Progress) -> None:
+        self.task, self.policy, self.device, self.progress = task, policy, device, progress
+
+    def terms(self, target_mask: torch.Tensor | None, n_classes: int) -> list[tuple[int | None, int | None]]:
+        """The (class, position) terms of one backward each: for the exact policy, the pairs whose weighted
+        scores make up the expectation (every class; positions that are a target in some example of the
+        batch, none for sequence classification, whose `target_mask` is None); otherwise one plain term."""
+        if self.policy != "exact":
+            return [(None, None)]
+        if target_mask is None:
             return [(c, None) for c in range(n_classes)]
-        T = batch.attention_mask.shape[1]
-        assert batch.target_mask is not None
-        positions = [t for t in range(T) if bool(batch.target_mask[:, t].any())]
+        positions = target_mask.any(0).nonzero().flatten().tolist()
         return [(c, t) for t in positions for c in range(n_classes)]
 
 
@@ -591,10 +600,7 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
                     logits = _model_call(model, batch.inputs)
                     outs = state["outs"]
                     tensors = [o for _, o in outs]
-                    if runner.policy == "exact":
-                        terms = runner.exact_terms(batch, logits.shape[-1])
-                    else:
-                        terms = [(None, None)]
+                    terms = runner.terms(batch.target_mask, logits.shape[-1])
                     for i, (c, t) in enumerate(terms):
                         obj = _log_p(logits, batch.targets, batch.target_mask, batch.uniform, runner.task,
                                      runner.policy, c, t).sum()
@@ -671,9 +677,6 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
             d["target_mask"] = batch.target_mask
         return d
 
-    def terms_of(batch: _Batch, n_classes: int) -> list[tuple[int | None, int | None]]:
-        return list(runner.exact_terms(batch, n_classes)) if runner.policy == "exact" else [(None, None)]
-
     state: dict[str, int] = {}
 
     def n_classes(batch: _Batch) -> int:
@@ -710,7 +713,8 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
             if not torch.allclose(vals.to(ref.dtype), ref, rtol=tol, atol=tol):
                 raise _Mismatch(f"vmap log p differs from the batched forward by "
                                 f"{(vals.to(ref.dtype) - ref).abs().max().item():.3g}")
-        terms = terms_of(batch, n_classes(batch)) if runner.policy == "exact" else [(None, None)]
+        # the exact policy needs the class count (one forward, once); the others one plain term
+        terms = runner.terms(batch.target_mask, n_classes(batch)) if runner.policy == "exact" else [(None, None)]
         for c, t in terms:
             if emb_name is None:
                 g = vmap(grad(lambda p, e, c=c, t=t: one(p, e, c, t, runner.policy)), in_dims=(None, 0),
@@ -729,7 +733,6 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     def loop_batch(batch: _Batch) -> None:
         keys = list(sel)
         tensors = [sel[k] for k in keys]
-        n_classes: int | None = None
         for i in range(batch.n):
             L = int(batch.attention_mask[i].sum())
             inputs = {k: v[i:i + 1, :L] for k, v in batch.inputs.items()}
@@ -738,15 +741,7 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
             un = batch.uniform[i:i + 1] if batch.target_mask is None else batch.uniform[i:i + 1, :L]
             with torch.enable_grad():
                 logits = _model_call(model, inputs)
-                n_classes = logits.shape[-1]
-                if runner.policy == "exact":
-                    if batch.target_mask is None:
-                        terms: list[tuple[int | None, int | None]] = [(c, None) for c in range(n_classes)]
-                    else:
-                        assert tm is not None
-                        terms = [(c, t) for t in range(L) if bool(tm[0, t]) for c in range(n_classes)]
-                else:
-                    terms = [(None, None)]
+                terms = runner.terms(tm, logits.shape[-1])
                 for j, (c, t) in enumerate(terms):
                     obj = _log_p(logits, tg, tm, un, runner.task, runner.policy, c, t)[0]
                     grads = torch.autograd.grad(obj, tensors, retain_graph=j < len(terms) - 1, allow_unused=True)
@@ -807,8 +802,8 @@ class _Mismatch(RuntimeError):
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
-    b = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(b).hexdigest()
+    """sha256 of the tensor's bytes, hashed straight from its (CPU, contiguous) buffer: no bytes copy."""
+    return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 ACCUMULATIONS = {
@@ -894,7 +889,7 @@ def compute_statistic(
     encoder = _Encoder(tokenizer, task, max_length, label_map, needs_gold, seed, mlm_probability, accepts)
     batches = _batches(examples, encoder, batch_size, n_examples)
     bar = _Progress(f"{kind} ({task})", n_examples, progress)
-    runner = _Runner(model, task, label_policy, dev, bar)
+    runner = _Runner(task, label_policy, dev, bar)
     t0 = time.monotonic()
     prov: dict[str, Any] = {
         "kind": kind, "task": task, "tool": f"gittheta-merge {__version__}", "torch": torch.__version__,
@@ -975,8 +970,16 @@ def compute_statistic(
     prov.update(n_examples=n, tokens=tokens, counts=counts, sharing=sharing, seconds=round(time.monotonic() - t0, 3),
                 device=str(dev))
     if hash_weights:
-        prov["weights"] = {w: {"shape": list(all_names[w].shape), "dtype": str(all_names[w].dtype).removeprefix(
-            "torch."), "sha256": _tensor_sha256(all_names[w])} for w in sorted(sharing) if w in all_names}
+        weights: dict[str, Any] = {}
+        digests: dict[int, str] = {}  # tied weights are one tensor: hash it once
+        for w in sorted(sharing):
+            if w in all_names:
+                p = all_names[w]
+                if id(p) not in digests:
+                    digests[id(p)] = _tensor_sha256(p)
+                weights[w] = {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
+                              "sha256": digests[id(p)]}
+        prov["weights"] = weights
     prov["model_weight_names"] = sorted(model.state_dict().keys())
     return Statistic(kind=kind, tensors={k: v.to("cpu") for k, v in tensors.items()}, provenance=prov)
 

@@ -46,11 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
-AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
-                "token-classification": "AutoModelForTokenClassification",
-                "causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM"}
-
-
 def _model_from_state(config_dir: str, task: str, state: dict[str, Any], weights: str) -> Any:
     """Build the task's model from `config_dir` and load a weights file into it.
 
@@ -62,10 +57,12 @@ def _model_from_state(config_dir: str, task: str, state: dict[str, Any], weights
 
     import transformers
 
-    if task not in AUTO_CLASSES:
-        raise ThetaError(f"unknown task {task!r} (one of {', '.join(AUTO_CLASSES)})")
+    from gittheta_merge.stats.compute import TASKS, auto_class
+
+    if task not in TASKS:
+        raise ThetaError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
     config = transformers.AutoConfig.from_pretrained(config_dir)
-    model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    model = auto_class(task).from_config(config)
     own = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") + "."
     if prefix != "." and sum(k in own for k in state) < sum(prefix + k in own for k in state):

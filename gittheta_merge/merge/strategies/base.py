@@ -94,19 +94,16 @@ class StatsAccess:
         found = self.lookup(kind, model, name)
         return None if found is None else list(found[0].info(found[1]).shape)
 
-    def rows(self, kind: str, model: int, name: str, start: int, end: int) -> Any:
-        found = self.lookup(kind, model, name)
-        if found is None:
-            raise ThetaError(f"tensor {name!r}: no {kind} statistic for model {model}")
-        return found[0].read_rows(found[1], start, end)
-
-    def whole(self, kind: str, model: int, name: str) -> Any:
+    def rows(self, kind: str, model: int, name: str, start: int, end: int | None = None) -> Any:
+        """Rows [start, end) of the statistic (end None: to the last row)."""
         found = self.lookup(kind, model, name)
         if found is None:
             raise ThetaError(f"tensor {name!r}: no {kind} statistic for model {model}")
         src, key = found
-        info = src.info(key)
-        return src.read_rows(key, 0, info.rows)
+        return src.read_rows(key, start, src.info(key).rows if end is None else end)
+
+    def whole(self, kind: str, model: int, name: str) -> Any:
+        return self.rows(kind, model, name, 0)
 
 
 @dataclass

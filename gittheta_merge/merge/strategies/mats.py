@@ -74,30 +74,25 @@ class Mats(Strategy):
         "rtol": Param(1e-5, "float", "relative residual tolerance"),
     }
 
-    def kinds(self) -> tuple[str, ...]:
+    def stat_kinds(self) -> tuple[str, ...]:
         return KINDS[self.params["objective"]]
 
-    def stat_kinds(self) -> tuple[str, ...]:
-        return self.kinds()
-
     def has_stats(self, name: str, shape: list[int], stats: StatsAccess) -> bool:
-        kinds = self.kinds()
         if self.params["objective"] == "average":
             return True
         if self.params["objective"] != "fisher_diag" and len(shape) != 2:
             return False
-        return all(stats.lookup(k, 0, name) is not None for k in kinds)
+        return all(stats.lookup(k, 0, name) is not None for k in self.stat_kinds())
 
     def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
-        for kind in self.kinds():
+        for kind in self.stat_kinds():
             if not stats.has_kind(kind):
                 raise ThetaError(f"strategy mats (objective {self.params['objective']}) needs {kind} statistics: "
                                  f"--stats {kind}=ours.safetensors,theirs.safetensors")
         if not self.has_stats(name, shape, stats):
             return
-        for kind in self.kinds():
-            want = {"gram": lambda: [shape[-1], shape[-1]], "grad_gram": lambda: [shape[0], shape[0]],
-                    "fisher": lambda: shape}[kind]()
+        for kind in self.stat_kinds():  # fisher: the weight's shape; gram: [in, in]; grad_gram: [out, out]
+            want = list(shape) if kind == "fisher" else [shape[-1] if kind == "gram" else shape[0]] * 2
             for i in range(self.n_models):
                 got = stats.shape(kind, i, name)
                 if got != want:

@@ -144,6 +144,8 @@ class RegMean(Strategy):
         return self.layout(name, shape, stats) != "conv1d"
 
     def _prepared(self, chunk: Chunk) -> tuple[list[Any], _Solver]:
+        """The current tensor's scaled Grams restricted to the live feature rows (what every chunk's
+        right-hand side needs), and the factorised sum; computed once per tensor, not per chunk."""
         import torch
 
         if chunk.name not in self._cache:
@@ -156,8 +158,10 @@ class RegMean(Strategy):
                 if g.dim() == 1:
                     g = torch.diag(g)
                 grams.append(m * c * shrink(g, self.params["alpha"]))
-            total = sum(grams)
-            self._cache[chunk.name] = (grams, _Solver(total))
+            solver = _Solver(sum(grams))
+            if bool(solver.dead.any()):
+                grams = [g[solver.live] for g in grams]
+            self._cache[chunk.name] = (grams, solver)
         return self._cache[chunk.name]
 
     def _average(self, tensors: list[Any], stats: StatsAccess | None = None) -> Any:
@@ -176,13 +180,16 @@ class RegMean(Strategy):
         layout = self.layout(chunk.name, chunk.shape, chunk.stats)
         if layout is None:
             return self._average(chunk.models, chunk.stats)
-        grams, solver = self._prepared(chunk)
+        live_grams, solver = self._prepared(chunk)
         # work on X = W^T ([in, rows]) for the linear layout; the conv1d layout already is [in, out]
         xs = [m.to(torch.float64).T if layout == "linear" else m.to(torch.float64) for m in chunk.models]
-        out = self._average(xs).clone()
-        if solver.live.numel():
-            rhs = sum(g[solver.live] @ x for g, x in zip(grams, xs))
-            out[solver.live] = solver.solve(rhs)
+        rhs = sum(g @ x for g, x in zip(live_grams, xs)) if solver.live.numel() else None
+        if rhs is not None and not bool(solver.dead.any()):
+            out = solver.solve(rhs)
+        else:  # dead features keep the weighted average of the models' columns
+            out = self._average(xs)
+            if rhs is not None:
+                out[solver.live] = solver.solve(rhs)
         chunk.report["solve"] = solver.method
         chunk.report["dead_features"] = int(solver.dead.sum())
         if solver.cond is not None:

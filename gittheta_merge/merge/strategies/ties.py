@@ -181,7 +181,7 @@ class Ties(Strategy):
         super().validate()
         if not 0.0 <= self.params["density"] <= 1.0:
             raise ThetaError(f"strategy {self.name}: density must be in [0, 1], got {self.params['density']}")
-        self._selector = _Selector(self.n_models, self.pool)
+        self._selector: _Selector | None = None  # made by the first statistics pass (planning needs no torch)
         self.majority = 0.0
         self._sign_total = 0
 
@@ -225,7 +225,7 @@ class Ties(Strategy):
 
     @property
     def thresholds(self) -> list[float]:
-        return list(self._selector.thresholds)
+        return list(self._selector.thresholds) if self._selector else [0.0] * self.n_models
 
     def merge(self, chunk: Chunk) -> Any:
         """elect_and_merge's result, in float ops on reused buffers (no stacking, no boolean masks):
@@ -265,7 +265,7 @@ class Ties(Strategy):
 
     def summary(self) -> dict[str, Any]:
         return {"thresholds": self.thresholds, "majority_sign": self.majority,
-                "elements": self._selector.total}
+                "elements": self._selector.total if self._selector else 0}
 
 
 class TiesLocal(Ties):
