@@ -121,10 +121,14 @@ def assert_fisher_close(stat, ref: dict[str, torch.Tensor], model, n: int) -> No
 @pytest.mark.parametrize("per_example", ["vmap", "loop"])
 def test_fisher_seqcls_empirical_matches_per_example_autograd(tok, per_example: str) -> None:
     model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3))
+    attention = model.config._attn_implementation
     exs = seqcls_examples()
     stat = compute_statistic(model, tok, exs, kind="fisher", task="sequence-classification", batch_size=4,
                              per_example=per_example, progress=False)
     assert stat.provenance["per_example"] == per_example
+    # the per-example pass ran on eager attention (vmap has no SDPA batching rule); the model is given back as it was
+    assert stat.provenance.get("attention") == ("eager" if attention == "sdpa" else None)
+    assert model.config._attn_implementation == attention
     ref: dict[str, torch.Tensor] = {}
     for e in exs:  # alone, unpadded, plain autograd
         enc = tok(e.text, return_tensors="pt")
