@@ -315,9 +315,10 @@ def grid(strategy: str, size: str) -> list[dict[str, Any]]:
     full = {
         "average": [{}],
         "task_arithmetic": [{"lambda": v} for v in (0.3, 0.5, 0.7, 1.0)],
-        "ties": [{"density": d, "lambda": v} for d in (0.2, 0.5) for v in (0.7, 1.0, 1.5)],
-        "ties_local": [{"density": d, "lambda": v} for d in (0.2, 0.5) for v in (0.7, 1.0, 1.5)],
-        "dare": [{"drop": p, "lambda": v, "seed": 0} for p in (0.5, 0.9) for v in (0.5, 1.0)],
+        # λ up to 2 / 1.5: a first run chose the grid's top value (1.5 for TIES, 1.0 for DARE)
+        "ties": [{"density": d, "lambda": v} for d in (0.2, 0.5) for v in (0.7, 1.0, 1.5, 2.0)],
+        "ties_local": [{"density": d, "lambda": v} for d in (0.2, 0.5) for v in (0.7, 1.0, 1.5, 2.0)],
+        "dare": [{"drop": p, "lambda": v, "seed": 0} for p in (0.5, 0.9) for v in (0.5, 1.0, 1.5)],
         "fisher": [{"normalize": "true"}, {"normalize": "false"}],
         "regmean": [{"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)],
         "mats": [{"iterations": n} for n in (10, 30, 100)],
@@ -630,16 +631,113 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated; several seeds: one full run each (in "
+                    "OUT/seed-N/) and a summary over seeds (mean ± sd) in OUT/quality.md")
     ap.add_argument("--smoke", action="store_true", help="CI size: 2 tasks, few examples, 2 strategies, 1 point")
     ap.add_argument("--no-git-check", action="store_true", help="skip the plain `git merge` comparison")
     a = ap.parse_args()
-    s = Settings(tasks=a.tasks.split(","), strategies=a.strategies.split(","), n_train=a.n_train, n_val=a.n_val,
-                 n_test=a.n_test, epochs=a.epochs, seed=a.seed, git_check=not a.no_git_check)
-    if a.smoke:
-        s = smoke_settings(seed=a.seed)
-    run(s, Path(a.workdir), Path(a.out), command=" ".join(["python benchmarks/quality.py", *sys.argv[1:]]))
-    print(Path(a.out, "quality.md").read_text())
+    seeds = [int(x) for x in a.seeds.split(",")]
+    command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    out = Path(a.out)
+    runs = []
+    for seed in seeds:
+        s = Settings(tasks=a.tasks.split(","), strategies=a.strategies.split(","), n_train=a.n_train,
+                     n_val=a.n_val, n_test=a.n_test, epochs=a.epochs, seed=seed, git_check=not a.no_git_check)
+        if a.smoke:
+            s = smoke_settings(seed=seed)
+        if len(seeds) == 1:
+            runs.append(run(s, Path(a.workdir), out, command=command))
+        else:
+            log(f"seed {seed}")
+            runs.append(run(s, Path(a.workdir) / f"seed-{seed}", out / f"seed-{seed}", command=command))
+    if len(seeds) > 1:
+        write_summary(runs, out, command)
+    print(Path(out, "quality.md").read_text())
+
+
+def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
+    """Mean ± sample sd over seeds of every table entry, each seed's ranking, and links to the per-seed pages."""
+    import statistics
+
+    names = list(runs[0]["tasks"])
+    tables = [table_rows(r) for r in runs]
+    seeds = [r["settings"]["seed"] for r in runs]
+
+    def ms(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+    summary = []
+    for i, (method, _, _, _) in enumerate(tables[0]):
+        per_task = [[t[i][1][j] for t in tables] for j in range(len(names))]
+        summary.append({"method": method, "tasks": {n: per_task[j] for j, n in enumerate(names)},
+                        "mean": [t[i][2] for t in tables], "normalized_mean": [t[i][3] for t in tables],
+                        "chosen": [r["strategies"].get(method, {}).get("chosen") for r in runs]})
+    wall = sum(r["wall_seconds"] for r in runs)
+    lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git (several seeds)", "",
+             f"Produced by `{command}` in {wall / 60:.1f} min ({len(runs)} full runs, "
+             + ", ".join(f"seed {s}: {r['wall_seconds'] / 60:.1f} min" for s, r in zip(seeds, runs))
+             + "). Each seed draws its own data splits, head initialisation, shuffling and dropout; per-seed "
+             "pages (tables, validation grids, git merge checks, setup, versions): "
+             + ", ".join(f"[seed {s}](seed-{s}/quality.md)" for s in seeds) + ".", "",
+             f"## Test accuracy, mean ± sd over {len(runs)} seeds (hyperparameters chosen on validation, per seed)",
+             "", "| method | " + " | ".join(names) + " | mean | normalised mean |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for row in summary:
+        lines.append(f"| {row['method']} | " + " | ".join(ms(row["tasks"][n]) for n in names)
+                     + f" | {ms(row['mean'])} | {ms(row['normalized_mean'])} |")
+    merged = [row for row in summary if row["method"] in runs[0]["strategies"]]
+    lines += ["", "Normalised mean: each task's accuracy divided by that task's fine-tuned accuracy, averaged "
+              "(the TIES paper's normalised accuracy).", "",
+              "## Ranking of the merges by normalised mean, per seed", "",
+              "| seed | " + " | ".join(f"#{k + 1}" for k in range(len(merged))) + " |",
+              "|---|" + "---|" * len(merged)]
+    for k, s in enumerate(seeds):
+        order = sorted(merged, key=lambda row: -row["normalized_mean"][k])
+        lines.append(f"| {s} | " + " | ".join(f"{row['method']} {row['normalized_mean'][k]:.3f}" for row in order)
+                     + " |")
+    lines += ["", "## Chosen hyperparameters per seed", "", "| strategy | " + " | ".join(f"seed {s}" for s in seeds)
+              + " |", "|---|" + "---|" * len(seeds)]
+    for row in merged:
+        lines.append(f"| {row['method']} | " + " | ".join(
+            ", ".join(f"{k}={v}" for k, v in (c or {}).items() if k != "seed") or "—" for c in row["chosen"]) + " |")
+    checks = [all(v["same_names"] and v["max_abs_diff"] == 0 for v in r["git_merge_check"].values()) for r in runs]
+    lines += ["", "Plain `git merge` equal to `git theta merge` (every strategy, bit for bit): "
+              + ", ".join(f"seed {s}: {'yes' if c else 'NO'}" for s, c in zip(seeds, checks)) + ".", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.md").write_text("\n".join(lines))
+    (out / "quality.json").write_text(json.dumps(
+        {"command": command, "seeds": seeds, "wall_seconds": wall, "summary": summary,
+         "runs": [f"seed-{s}/quality.json" for s in seeds]}, indent=1))
+    plot_summary(summary, names, out / "quality.png")
+
+
+def plot_summary(summary: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    """Per-task test accuracy by method: bars at the mean over seeds, error bars ± 1 sd."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    import statistics
+
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(summary)), 4.5))
+    width = 0.8 / len(names)
+    for j, n in enumerate(names):
+        ax.bar([i + j * width for i in range(len(summary))], [statistics.mean(r["tasks"][n]) for r in summary],
+               width, yerr=[statistics.stdev(r["tasks"][n]) for r in summary], capsize=2, label=n)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(summary))])
+    ax.set_xticklabels([r["method"].split(" (")[0].replace(" + ", "\n+ ") for r in summary], rotation=30,
+                       ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (mean ± sd over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("all-MiniLM-L6-v2: per-task accuracy by method (merged encoders, each task's own head)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def smoke_settings(seed: int = 0) -> Settings:
