@@ -5,7 +5,10 @@ Why this shape: it is the model mergekit was measured on (docs/anchors: 400.3M p
 a transformers LlamaConfig instantiated on the meta device (no memory), the values are random.
 
 Measured, each as a separate process under /usr/bin/time (wall seconds, peak RSS):
-  floor       cat base ft1 ft2 > /dev/null, then cp ft1 out (read the inputs + write one output)
+  floor       read the inputs each method needs (warm `cat ft1 ft2`, + base for every method but linear) plus
+              write one model's bytes from user space (`dd if=/dev/zero bs=1M`): no merge can do less. (Not
+              `cp`: coreutils 9 copies with copy_file_range, in the kernel, which no tool that computes new
+              bytes can use: 0.28 s against 0.21-1.2 s for write(2) of the same 0.8 GB here.)
   files       `git theta merge-files ft1 ft2 --base base -o out --strategy S` for average (linear),
               task_arithmetic, ties (exact, global top-k) and ties_local
   git         `git theta merge ft1 ft2 --strategy S` in a temp repo (branches committed with git add)
@@ -16,7 +19,7 @@ Measured, each as a separate process under /usr/bin/time (wall seconds, peak RSS
     python benchmarks/merge.py --workdir W --mergekit-venv /tmp/mkvenv --repeat 2   # the docs' table
     python benchmarks/merge.py --workdir W --sweep chunk --methods ties,linear --repeat 2
     python benchmarks/merge.py --workdir W --sweep variants --variants base,omp2,prefetch --methods ties --repeat 3
-    python benchmarks/merge.py --workdir W --sweep variants --variants base,torch --methods linear --repeat 3
+    python benchmarks/merge.py --workdir W --sweep variants --variants noprefetch,prefetch,torch --methods linear
     python benchmarks/merge.py --workdir W --sweep opmix --repeat 3
 """
 
@@ -92,6 +95,9 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+READ_2, READ_3, WRITE_1 = "read ft1+ft2", "read base+ft1+ft2", "write one model (dd)"
+
+
 def timed(cmd: list[str] | str, cwd: Path | None = None, env: dict[str, str] | None = None,
           fresh: Path | None = None) -> dict:
     """Wall seconds and peak RSS (GB) of one command via /usr/bin/time, with the load average before and after.
@@ -102,6 +108,7 @@ def timed(cmd: list[str] | str, cwd: Path | None = None, env: dict[str, str] | N
             shutil.rmtree(fresh)
         elif fresh.exists():
             fresh.unlink()
+    os.sync()  # the previous command's dirty pages are written back now, not during this one (write throttling)
     before = load()
     wall, rss_kb = time_command(["sh", "-c", cmd] if isinstance(cmd, str) else cmd, cwd,
                                 {**os.environ, **(env or {})})
@@ -174,6 +181,8 @@ if variant == "omp2":  # torch's own 2 intra-op threads instead of 1
     torch.set_num_threads(2)
 elif variant == "prefetch":
     kw["prefetch"] = True
+elif variant == "noprefetch":  # one thread (the numpy path's default is a prefetch thread)
+    kw["prefetch"] = False
 elif variant == "torch":
     kw["numpy_kernels"] = False
 params = {"density": 0.2} if strategy.startswith("ties") else {}
@@ -223,7 +232,8 @@ print(f"{time.perf_counter() - t0:.3f} {load:.2f}")
 def sweep(args: argparse.Namespace, work: Path) -> None:
     """In-process variants of one merge (merge seconds from the report: no import time), interleaved round by
     round, one process per run. --sweep chunk: --chunks sizes in MiB; --sweep variants: base (default), omp2
-    (2 torch intra-op threads), prefetch (helper read thread), torch (no numpy kernels); --sweep opmix: the TIES
+    (2 torch intra-op threads), prefetch / noprefetch (a helper thread reads, and on the numpy path merges, the
+    next chunk: default on for the numpy path, off for torch), torch (no numpy kernels); --sweep opmix: the TIES
     op mix on 200 chunks of 1M elements with 1 thread, a pool of 2 Python threads, or 2 OpenMP threads."""
     if args.sweep == "opmix":
         modes = ["omp1", "threads2", "omp2"]
@@ -281,14 +291,16 @@ def main() -> None:
     out = work / "out.safetensors"
     methods = [m for m in args.methods.split(",") if m]
     jobs: list[tuple[str, str, object]] = []  # (tool, method, () -> result)
-    cat = f"cat {paths['base']} {paths['ft1']} {paths['ft2']} > /dev/null"
 
-    def warm_cat() -> dict:  # the merges read page-cached inputs (each run follows others): so does the floor
+    def warm_cat(names: list[str]) -> dict:  # the merges read page-cached inputs (each follows others): so does this
+        cat = "cat " + " ".join(str(paths[n]) for n in names) + " > /dev/null"
         subprocess.run(cat, shell=True, check=True)
         return timed(cat)
 
-    jobs.append(("floor: cat", "read base+ft1+ft2", warm_cat))
-    jobs.append(("floor: cp", "write one model", lambda: timed(["cp", str(paths["ft1"]), str(out)], fresh=out)))
+    jobs.append(("floor", READ_2, lambda: warm_cat(["ft1", "ft2"])))
+    jobs.append(("floor", READ_3, lambda: warm_cat(["base", "ft1", "ft2"])))
+    jobs.append(("floor", WRITE_1, lambda: timed(["dd", "if=/dev/zero", f"of={out}", "bs=1M", "iflag=count_bytes",
+                                                  f"count={info['bytes']}", "status=none"], fresh=out)))
     for m in methods:
         strategy, sets, _ = METHODS[m]
         cmd = [*gt, "merge-files", str(paths["ft1"]), str(paths["ft2"]), "--base", str(paths["base"]),
@@ -328,16 +340,17 @@ def main() -> None:
     def med(key: tuple[str, str], field: str = "wall_s") -> float:
         return statistics.median(r[field] for r in runs[key])
 
-    floors = [c["wall_s"] + p["wall_s"] for c, p in zip(runs[("floor: cat", "read base+ft1+ft2")],
-                                                         runs[("floor: cp", "write one model")])]
-    floor = statistics.median(floors)
+    # per round: read what the method reads + write one model (linear/average needs no base)
+    floors = {n: [r["wall_s"] + w["wall_s"] for r, w in zip(runs[("floor", read)], runs[("floor", WRITE_1)])]
+              for n, read in ((2, READ_2), (3, READ_3))}
     rows = []
     for (tool, method), rs in runs.items():
-        if tool.startswith("floor"):
+        if tool == "floor":
             continue
         row = {"tool": tool, "method": method, "wall_s": med((tool, method)), "rss_gb": med((tool, method), "rss_gb"),
                "walls": [r["wall_s"] for r in rs], "loads": [r["load_before"] for r in rs]}
-        row["x_floor_rounds"] = [r["wall_s"] / f for r, f in zip(rs, floors)]  # against the same round's floor
+        row["floor_rounds"] = floors[2 if method == "linear" else 3]
+        row["x_floor_rounds"] = [r["wall_s"] / f for r, f in zip(rs, row["floor_rounds"])]  # same round's floor
         row["x_floor"] = statistics.median(row["x_floor_rounds"])
         mk = runs.get(("mergekit 0.1.5", method))
         if mk and tool != "mergekit 0.1.5":
@@ -346,8 +359,13 @@ def main() -> None:
             row["x_faster_than_mergekit"] = statistics.median(row["x_faster_rounds"])
         rows.append(row)
     print()
-    print(f"floor (warm cat of the 3 inputs + cp to a fresh file): median {floor:.2f} s over {len(floors)} rounds "
-          f"({', '.join(f'{f:.2f}' for f in floors)})")
+    for n, fs in floors.items():
+        print(f"floor, {n} inputs (warm cat of the inputs + dd of one model's bytes to a fresh file): median "
+              f"{statistics.median(fs):.2f} s over {len(fs)} rounds ({', '.join(f'{f:.2f}' for f in fs)})")
+    for key, rs in runs.items():
+        if key[0] == "floor":
+            walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
+            print(f"  {key[1]}: {walls} s")
     print("| tool | method | wall (s), median | runs (s) | load at start | × floor (per round) | × faster than "
           "mergekit | peak RSS (GB) | RSS / one model |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -128,10 +128,36 @@ def test_torch_threads_restored(tmp_path: Path) -> None:
 def test_prefetch_thread_gives_identical_results(tmp_path: Path, monkeypatch, strategy, params) -> None:
     _set_chunk(monkeypatch, 1000)  # several chunks per tensor, so the helper thread really runs ahead
     base, models = family(3, seed=26, dtype=torch.bfloat16, shapes=SHAPES)
-    want, rep_want = _run(tmp_path, "plain", base, models, strategy, params)
+    want, rep_want = _run(tmp_path, "plain", base, models, strategy, params, prefetch=False)
     got, rep = _run(tmp_path, "prefetch", base, models, strategy, params, prefetch=True)
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert rep.get("strategies") == rep_want.get("strategies")
     strip = lambda r: [{k: v for k, v in t.items() if k != "seconds"} for t in r["tensors"]]  # noqa: E731
     assert strip(rep) == strip(rep_want)
+
+
+@pytest.mark.parametrize("strategy,params", STREAMING[:2])
+def test_prefetch_on_the_object_store_verifies_and_matches(tmp_path: Path, monkeypatch, strategy, params) -> None:
+    """The numpy path with a prefetch thread reading (and merging) from stored objects: same tensors as without,
+    and a corrupt object is still caught (the helper reads each object front to back, so hashing completes)."""
+    _set_chunk(monkeypatch, 256)
+    store = ObjectStore(tmp_path / "lfs")
+    base, models = family(2, seed=27, dtype=torch.bfloat16, shapes=SHAPES)
+    metas = [to_meta(m, store, block_bytes=2048) for m in models]
+    bmeta = to_meta(base, store, block_bytes=2048)
+    plain, rep_plain = merge_metadata(metas, bmeta, store, MergeOptions(strategy=strategy, params=params,
+                                                                       prefetch=False))
+    ahead, rep = merge_metadata(metas, bmeta, store, MergeOptions(strategy=strategy, params=params, prefetch=True))
+    assert rep.report["kernels"] == rep_plain.report["kernels"] == "numpy"
+    want, got = from_meta(plain, store), from_meta(ahead, store)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    oid = metas[0].by_name()["emb.weight"].oids[-1]
+    path = store.path(oid)
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject, match="emb.weight"):
+        merge_metadata(metas, bmeta, store, MergeOptions(strategy=strategy, params=params, prefetch=True))

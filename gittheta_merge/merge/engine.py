@@ -73,7 +73,9 @@ class MergeOptions:
     progress: bool | None = None
     check_stats: bool = True  # False: plan without the statistics checks (to learn which kinds are needed)
     numpy_kernels: bool = True  # False: never take the torch-free path (tests compare the two)
-    prefetch: bool = False  # read + convert the next chunk on a helper thread (docs/merge.md: measured)
+    # a helper thread reads (and, on the numpy path, merges) chunk k+1 while the caller writes chunk k.
+    # None: on for the numpy path when there are 2+ CPUs, off for the torch path (docs/merge.md: measured)
+    prefetch: bool | None = None
 
 
 @dataclass
@@ -284,9 +286,11 @@ class _Runner:
         return [*self.models, *([self.base] if strat.needs_base and self.base is not None else [])]
 
     def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any],
-               use_numpy: bool = False):
+               use_numpy: bool = False, apply: Any = None):
         """The Chunks of one tensor: float32 torch tensors (numpy arrays with use_numpy), in buffers reused
-        from chunk to chunk for streaming strategies, fresh ones of up to max_block_bytes otherwise."""
+        from chunk to chunk for streaming strategies, fresh ones of up to max_block_bytes otherwise.
+        With `apply`, (chunk, apply(chunk)) pairs instead, apply running where the chunk is read: on the
+        prefetch thread when there is one, so that thread reads and merges while the caller writes."""
         info = tp.info
         assert info is not None
         base = self.base if strat.needs_base else None
@@ -302,27 +306,35 @@ class _Runner:
             def reader(src: Source, slot: str, name: str, start: int, end: int) -> Any:
                 return src.read_rows(name, start, end)
 
-        def read(suffix: str, start: int, end: int) -> tuple[list[Any], Any]:
-            return ([reader(m, f"model{i}{suffix}", tp.name, start, end) for i, m in enumerate(self.models)],
-                    reader(base, "base" + suffix, tp.name, start, end) if base is not None else None)
-
-        n_inputs = len(self.models) + (base is not None)
-        for start, end, models, base_rows in self._stream(ranges, read, streaming):
-            self.bytes_read += n_inputs * 4 * ((end - start) * info.row_elems if info.shape else 1)
+        def read(suffix: str, start: int, end: int) -> tuple[Chunk, Any]:
+            models = [reader(m, f"model{i}{suffix}", tp.name, start, end) for i, m in enumerate(self.models)]
+            base_rows = reader(base, "base" + suffix, tp.name, start, end) if base is not None else None
             if self.options.device != "cpu":
                 import torch
 
                 dev = torch.device(self.options.device)
                 models = [t.to(dev) for t in models]
                 base_rows = base_rows.to(dev) if base_rows is not None else None
-            yield Chunk(tp.name, list(info.shape), start, end, base_rows, models, self.stats, report)
+            chunk = Chunk(tp.name, list(info.shape), start, end, base_rows, models, self.stats, report)
+            return chunk, (apply(chunk) if apply is not None else None)
 
-    def _stream(self, ranges: list[tuple[int, int]], read: Any, reuse: bool) -> Iterator[tuple[int, int, Any, Any]]:
-        """(start, end, models, base) per row range. With options.prefetch (and reused buffers), a helper
-        thread reads and converts range k+1 into a second buffer set while the caller merges range k."""
-        if not (self.options.prefetch and reuse and len(ranges) > 1):
+        n_inputs = len(self.models) + (base is not None)
+        for chunk, result in self._stream(ranges, read, streaming and self.prefetch(use_numpy)):
+            self.bytes_read += n_inputs * 4 * ((chunk.row_end - chunk.row_start) * info.row_elems if info.shape else 1)
+            yield chunk if apply is None else (chunk, result)
+
+    def prefetch(self, use_numpy: bool) -> bool:
+        """Whether chunks come from a helper thread (options.prefetch; None: the measured default)."""
+        if self.options.prefetch is not None:
+            return self.options.prefetch
+        return use_numpy and (os.cpu_count() or 1) >= 2
+
+    def _stream(self, ranges: list[tuple[int, int]], read: Any, ahead: bool) -> Iterator[Any]:
+        """read(slot suffix, start, end) per row range, in order. With `ahead` (reused buffers only), a helper
+        thread produces range k+1 into a second buffer set while the caller consumes range k."""
+        if not (ahead and len(ranges) > 1):
             for start, end in ranges:
-                yield (start, end, *read("", start, end))
+                yield read("", start, end)
             return
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -331,11 +343,11 @@ class _Runner:
                                                 initializer=_one_intra_op_thread)
         fut = self._executor.submit(read, ".0", *ranges[0])
         try:
-            for k, (start, end) in enumerate(ranges):
-                models, base = fut.result()
+            for k in range(len(ranges)):
+                item = fut.result()
                 if k + 1 < len(ranges):
                     fut = self._executor.submit(read, f".{(k + 1) % 2}", *ranges[k + 1])
-                yield start, end, models, base
+                yield item
         finally:
             if not fut.done():  # abandoned mid-tensor: the helper must not still write into the buffers
                 fut.exception()
@@ -405,8 +417,9 @@ class _Runner:
         assert tp.info is not None
         out_bounds = sink.begin(tp.info)
         if use_numpy:
-            for chunk in self.chunks(tp, strat, out_bounds, entry, use_numpy=True):
-                result = strat.merge_np(chunk)
+            # merge_np runs where the chunk is read (the prefetch thread, if any); only the cast and the write
+            # stay here: with prefetch the two threads split the work about evenly (docs/merge.md)
+            for chunk, result in self.chunks(tp, strat, out_bounds, entry, use_numpy=True, apply=strat.merge_np):
                 _check_shape(tp, strat, list(result.shape), list(chunk.models[0].shape))
                 sink.write(npkernels.from_f32(result, tp.info.dtype, self.pool))
             sink.end()
