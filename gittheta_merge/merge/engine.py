@@ -112,7 +112,7 @@ class MergePlan:
                     or [self.max_block_bytes])
         whole = [t for t in self.tensors if t.action == "merge" and t.strategy and t.info is not None
                  and not self.strategies[t.strategy].row_separable]
-        text = (f"peak ≈ (M+1) × chunk × ~3 (float32 chunks + temporaries) = "
+        text = (f"peak ≈ (M+1) × chunk × ~3 (float32 chunks, raw reads, temporaries; two sets with prefetch) = "
                 f"({m}+1) × {block / 1e6:.1f} MB × 3 ≈ {(m + 1) * block * 3 / 1e6:.1f} MB")
         if whole:
             largest = max(t.info.numel * 4 for t in whole)  # type: ignore[union-attr]
