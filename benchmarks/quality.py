@@ -295,6 +295,10 @@ class Git:
             raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc.stdout
 
+    def raw(self, *args: str) -> bytes:
+        """stdout as bytes (e.g. `cat-file --filters`: a tracked file as checkout would write it)."""
+        return subprocess.run(["git", *args], cwd=self.root, env=self.env, capture_output=True, check=True).stdout
+
     def model(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -413,6 +417,27 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
         f"(train {train_s:.0f} s, statistics {stats_s:.0f} s)")
 
 
+def task_vector_geometry(g: Git, tasks: list[Task]) -> dict[str, Any]:
+    """How much the task vectors (fine-tuned − pretrained encoder, heads left out) interfere: pairwise cosine
+    and each one's norm relative to the pretrained weights'. Near-orthogonal, small task vectors leave little
+    for TIES / RegMean / MaTS to resolve beyond what a tuned λ already does."""
+    def weights(ref: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load(g.raw("cat-file", "--filters", f"{ref}:model/model.safetensors"))
+
+    base = weights("main")
+    names = [k for k in base if not k.startswith(HEAD)]
+    theta = torch.cat([base[k].double().flatten() for k in names])
+    tau = {}
+    for t in tasks:
+        m = weights(t.name)
+        tau[t.name] = torch.cat([m[k].double().flatten() for k in names]) - theta
+    cos = {f"{a}/{b}": round(float(tau[a] @ tau[b] / (tau[a].norm() * tau[b].norm())), 4)
+           for i, a in enumerate(tau) for b in list(tau)[i + 1:]}
+    return {"cosine": cos, "relative_norm": {t: round(float(v.norm() / theta.norm()), 5) for t, v in tau.items()}}
+
+
 def merge_all(g: Git, tasks: list[Task], strategy: str, params: dict[str, Any]) -> tuple[str, float]:
     """`git theta merge` of every task branch from main, on a scratch branch; returns (commit, seconds)."""
     g("checkout", "-q", "-B", "quality-merge", "main")
@@ -447,6 +472,9 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     phases["fine-tuning (incl. probe)"] = round(sum(result["tasks"][t.name]["train_seconds"] for t in tasks), 1)
     phases["statistics"] = round(sum(result["tasks"][t.name]["stats_seconds"] for t in tasks), 1)
     merge_s = eval_s = 0.0
+    result["task_vectors"] = task_vector_geometry(g, tasks)
+    log(f"task vectors: cosine {result['task_vectors']['cosine']}, norm / pretrained "
+        f"{result['task_vectors']['relative_norm']}")
     val_rows = {name: r["val"] for name, r in rows.items()}
     test_rows = {name: r["test"] for name, r in rows.items()}
     g("checkout", "-q", "main")
@@ -565,8 +593,14 @@ def write_outputs(r: dict[str, Any], out: Path) -> None:
         label = f"{method} ({', '.join(f'{k}={v}' for k, v in chosen.items() if k != 'seed')})" if chosen else method
         lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {mean:.3f} | {norm:.3f} |")
     lines += ["", "Normalised mean: each task's accuracy divided by that task's fine-tuned accuracy, averaged "
-              "(the TIES paper's normalised accuracy).", "",
-              "## Validation grid (mean validation accuracy over the tasks)", "",
+              "(the TIES paper's normalised accuracy).", ""]
+    if "task_vectors" in r:
+        tv = r["task_vectors"]
+        lines += ["Task vectors (fine-tuned − pretrained encoder, heads left out): pairwise cosine "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in tv["cosine"].items()) + "; norm relative to the "
+                  "pretrained weights " + ", ".join(f"{k} {v:.4f}" for k, v in tv["relative_norm"].items()) + ".",
+                  ""]
+    lines += ["## Validation grid (mean validation accuracy over the tasks)", "",
               "| strategy | grid point | " + " | ".join(names) + " | mean | merge (s) |",
               "|---|---|" + "---|" * (len(names) + 2)]
     for k, v in r["strategies"].items():
