@@ -630,6 +630,13 @@ def write_outputs(r: dict[str, Any], out: Path) -> None:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
+    rows = table_rows(r)
+    bar_plot(path, list(r["tasks"]), [m for m, _, _, _ in rows], [accs for _, accs, _, _ in rows])
+
+
+def bar_plot(path: Path, tasks: list[str], methods: list[str], values: list[list[float]],
+             errors: list[list[float]] | None = None, ylabel: str = "test accuracy") -> None:
+    """Per-task accuracy by method (values[method][task]; optional ± error bars), one group of bars a method."""
     try:
         import matplotlib
 
@@ -638,16 +645,15 @@ def plot(r: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    rows = table_rows(r)
-    names = list(r["tasks"])
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
-    width = 0.8 / len(names)
-    for j, n in enumerate(names):
-        ax.bar([i + j * width for i in range(len(rows))], [accs[j] for _, accs, _, _ in rows], width, label=n)
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(rows))])
-    ax.set_xticklabels([m.split(" (")[0].replace(" + ", "\n+ ") for m, _, _, _ in rows], rotation=30, ha="right",
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(methods)), 4.5))
+    width = 0.8 / len(tasks)
+    for j, n in enumerate(tasks):
+        ax.bar([i + j * width for i in range(len(methods))], [v[j] for v in values], width,
+               yerr=[e[j] for e in errors] if errors else None, capsize=2 if errors else 0, label=n)
+    ax.set_xticks([i + width * (len(tasks) - 1) / 2 for i in range(len(methods))])
+    ax.set_xticklabels([m.split(" (")[0].replace(" + ", "\n+ ") for m in methods], rotation=30, ha="right",
                        fontsize=8)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.set_title("all-MiniLM-L6-v2: per-task accuracy by method (merged encoders, each task's own head)")
     ax.legend(loc="lower right", fontsize=8)
@@ -748,31 +754,12 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
 
 def plot_summary(summary: list[dict[str, Any]], names: list[str], path: Path) -> None:
     """Per-task test accuracy by method: bars at the mean over seeds, error bars ± 1 sd."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
-        return
     import statistics
 
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(summary)), 4.5))
-    width = 0.8 / len(names)
-    for j, n in enumerate(names):
-        ax.bar([i + j * width for i in range(len(summary))], [statistics.mean(r["tasks"][n]) for r in summary],
-               width, yerr=[statistics.stdev(r["tasks"][n]) for r in summary], capsize=2, label=n)
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(summary))])
-    ax.set_xticklabels([r["method"].split(" (")[0].replace(" + ", "\n+ ") for r in summary], rotation=30,
-                       ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (mean ± sd over seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title("all-MiniLM-L6-v2: per-task accuracy by method (merged encoders, each task's own head)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bar_plot(path, names, [r["method"] for r in summary],
+             [[statistics.mean(r["tasks"][n]) for n in names] for r in summary],
+             [[statistics.stdev(r["tasks"][n]) for n in names] for r in summary],
+             ylabel="test accuracy (mean ± sd over seeds)")
 
 
 def smoke_settings(seed: int = 0) -> Settings:
