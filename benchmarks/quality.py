@@ -291,14 +291,15 @@ class Git:
                     "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
 
     def __call__(self, *args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=self.root, env=self.env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return proc.stdout
+        return self.raw(*args).decode()
 
     def raw(self, *args: str) -> bytes:
         """stdout as bytes (e.g. `cat-file --filters`: a tracked file as checkout would write it)."""
-        return subprocess.run(["git", *args], cwd=self.root, env=self.env, capture_output=True, check=True).stdout
+        proc = subprocess.run(["git", *args], cwd=self.root, env=self.env, capture_output=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}):\n"
+                               f"{proc.stdout.decode(errors='replace')}\n{proc.stderr.decode(errors='replace')}")
+        return proc.stdout
 
     def model(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

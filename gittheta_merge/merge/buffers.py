@@ -35,34 +35,38 @@ class Pool:
         """The cached view for `key` if the shape matches, else a view of the (grown) 1-D buffer. `alloc(n)`
         makes a 1-D torch tensor or numpy array; both slice with [:n] and reshape without copying."""
         shape = tuple(shape)
+
+        def make() -> Any:
+            numel = math.prod(shape)
+            buf = self._bufs.get(key)
+            if buf is None or len(buf) < numel:
+                buf = alloc(max(numel, 1))
+                self._bufs[key] = buf
+            return buf[:numel].reshape(shape)
+
+        return self._memo(key, shape, make)
+
+    def _memo(self, key: tuple[Any, ...], ident: Any, make: Any) -> Any:
+        """What make() returned the last time for `key`, if it was made for the same `ident`; else make() anew."""
         last = self._last.get(key)
-        if last is not None and last[0] == shape:
+        if last is not None and last[0] == ident:
             return last[1]
-        numel = math.prod(shape)
-        buf = self._bufs.get(key)
-        if buf is None or len(buf) < numel:
-            buf = alloc(max(numel, 1))
-            self._bufs[key] = buf
-        view = buf[:numel].reshape(shape)
-        self._last[key] = (shape, view)
-        return view
+        made = make()
+        self._last[key] = (ident, made)
+        return made
 
     def like(self, name: str, other: Any, dtype: Any = None) -> Any:
         return self.get(name, other.shape, dtype or other.dtype, None if other.device.type == "cpu" else other.device)
 
     def raw(self, name: str, nbytes: int, dtype: Any, shape: list[int] | tuple[int, ...]) -> tuple[memoryview, Any]:
         """A writable memoryview of `nbytes` (for preadv) and the same memory as a `dtype` tensor of `shape`."""
-        key = (name, "raw")
-        ident = (nbytes, dtype, tuple(shape))
-        last = self._last.get(key)
-        if last is not None and last[0] == ident:
-            return last[1]
-        import torch
+        def make() -> tuple[memoryview, Any]:
+            import torch
 
-        t = self.get(name, (nbytes,), torch.uint8)
-        made = (memoryview(t.numpy()) if nbytes else memoryview(bytearray()), t.view(dtype).view(tuple(shape)))
-        self._last[key] = (ident, made)
-        return made
+            t = self.get(name, (nbytes,), torch.uint8)
+            return memoryview(t.numpy()) if nbytes else memoryview(bytearray()), t.view(dtype).view(tuple(shape))
+
+        return self._memo((name, "raw"), (nbytes, dtype, tuple(shape)), make)
 
     def get_np(self, name: str, shape: list[int] | tuple[int, ...], dtype: Any) -> Any:
         """The numpy counterpart of `get` (the torch-free merge path)."""
@@ -71,13 +75,10 @@ class Pool:
         return self._view((name, "np", dtype), shape, lambda n: np.empty(n, dtype=dtype))
 
     def raw_np(self, name: str, nbytes: int) -> tuple[Any, memoryview]:
-        key = (name, "rawnp")
-        last = self._last.get(key)
-        if last is not None and last[0] == nbytes:
-            return last[1]
-        import numpy as np
+        def make() -> tuple[Any, memoryview]:
+            import numpy as np
 
-        arr = self.get_np(name, (nbytes,), np.uint8)
-        made = (arr, memoryview(arr))
-        self._last[key] = (nbytes, made)
-        return made
+            arr = self.get_np(name, (nbytes,), np.uint8)
+            return arr, memoryview(arr)
+
+        return self._memo((name, "rawnp"), nbytes, make)

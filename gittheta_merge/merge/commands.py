@@ -182,16 +182,6 @@ def merge_driver_cmd(ancestor: str, ours: str, theirs: str, path: str) -> None:
     sys.exit(run_driver(ancestor, ours, theirs, path))
 
 
-def _git_env(repo: Repo, env: dict[str, str], *args: str) -> bytes:
-    """git with a custom environment (a temporary index), which gitutil.run_git does not take."""
-    import subprocess
-
-    proc = subprocess.run(["git", *args], cwd=repo.root, env=env, capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise ThetaError(f"`git {' '.join(args)}` failed: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
-
-
 def _rev(repo: Repo, rev: str) -> str:
     out = repo.git("rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False).decode().strip()
     if not out:
@@ -279,19 +269,19 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     reports: dict[str, Any] = {}
     index = repo.git_dir / "theta" / "merge-index"
     index.parent.mkdir(parents=True, exist_ok=True)
-    env_index = {**os.environ, "GIT_INDEX_FILE": str(index)}
+    env_index = {"GIT_INDEX_FILE": str(index)}
     try:
-        _git_env(repo, env_index, "read-tree", tree)
+        repo.git("read-tree", tree, env=env_index)
         for path, sides, bmeta, settings in todo:
             metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
             merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
                                            block_bytes=block, resolved=resolved[path])
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=merged.to_bytes()).decode().strip()
-            _git_env(repo, env_index, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}")
+            repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env_index)
             _write_report(repo, path, report)
             reports[path] = report
             echo(f"{path}: {summary_text(report)}")
-        final_tree = _git_env(repo, env_index, "write-tree").decode().strip()
+        final_tree = repo.git("write-tree", env=env_index).decode().strip()
     finally:
         index.unlink(missing_ok=True)
     what = ", ".join(sorted(strategies_used)) or "none"

@@ -34,7 +34,6 @@ from gittheta_merge.merge.strategies.base import StatsAccess
 
 # the merge strategies' name for a statistic kind -> the kind name attached to checkpoints (stats compute)
 ATTACHED_KIND = {"fisher": "fisher", "gram": "gram", "grad_gram": "kfac"}
-PROVENANCE_KEYS = ("gittheta.stats", "provenance")  # compute's blobs, then plain files with a JSON provenance
 DERIVABLE = {"regmean": "gram", "fisher": "fisher"}
 
 
@@ -44,15 +43,9 @@ class StatFile:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self.src = SafetensorsSource(path)
-        self.provenance: dict[str, Any] = {}
-        meta = self.src.file_metadata or {}
-        for key in PROVENANCE_KEYS:
-            if meta.get(key):
-                try:
-                    self.provenance = json.loads(meta[key])
-                except json.JSONDecodeError:
-                    self.provenance = {}
-                break
+        from gittheta_merge.stats.blobs import provenance_in  # a strategy that reads statistics imports torch anyway
+
+        self.provenance: dict[str, Any] = provenance_in(self.src.file_metadata or {})
         sharing = self.provenance.get("sharing")
         self.sharing: dict[str, str] = dict(sharing) if isinstance(sharing, dict) else {}
 
