@@ -1,5 +1,6 @@
-"""The torch-free path (numpy kernels for average / task arithmetic): conversions equal torch's bit for bit,
-merges equal the torch path bit for bit, and it is taken only when every merged tensor allows it."""
+"""The torch-free path (numpy kernels for average / task arithmetic, and the compiled kernel over F32/BF16):
+conversions equal torch's bit for bit, merges equal the torch path bit for bit on all three, and it is taken
+only when every merged tensor allows it."""
 
 from __future__ import annotations
 
@@ -51,12 +52,12 @@ def test_bf16_nan_becomes_canonical_nan() -> None:
     assert got.tolist() == [0x3F80, 0x7FC0, 0x7FC0, 0x4000]
 
 
-def _merge(tmp: Path, tag: str, base, models, strategy, params, numpy_kernels: bool):
+def _merge(tmp: Path, tag: str, base, models, strategy, params, numpy_kernels: bool, **kw):
     d = tmp / tag
     d.mkdir()
     bpath, paths = write_files(d, base, models)
     rep = merge_files(paths, d / "out.safetensors", base=bpath, strategy=strategy, params=params,
-                      numpy_kernels=numpy_kernels)
+                      numpy_kernels=numpy_kernels, **kw)
     return load_file(str(d / "out.safetensors")), rep
 
 
@@ -67,12 +68,15 @@ def _merge(tmp: Path, tag: str, base, models, strategy, params, numpy_kernels: b
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_numpy_path_equals_torch_path(tmp_path: Path, strategy, params, dtype) -> None:
     base, models = family(3, seed=31, dtype=dtype, shapes=SHAPES)
-    got, rep = _merge(tmp_path, "np", base, models, strategy, params, True)
+    got, rep = _merge(tmp_path, "np", base, models, strategy, params, True, fused_kernel=False)
+    compiled, rep_c = _merge(tmp_path, "c", base, models, strategy, params, True)
     want, rep_t = _merge(tmp_path, "t", base, models, strategy, params, False)
     assert rep["kernels"] == "numpy" and rep_t["kernels"] == "torch"
+    assert rep_c["kernels"] == ("numpy" if dtype == torch.float16 else "compiled")  # the kernel has no F16
     for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k].reshape(-1).view(torch.uint8),
-                                                               want[k].reshape(-1).view(torch.uint8)), k
+        for path in (got, compiled):
+            assert path[k].dtype == want[k].dtype and torch.equal(path[k].reshape(-1).view(torch.uint8),
+                                                                   want[k].reshape(-1).view(torch.uint8)), k
 
 
 def test_torch_path_when_a_tensor_needs_it(tmp_path: Path) -> None:

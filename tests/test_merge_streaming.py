@@ -137,19 +137,22 @@ def test_prefetch_thread_gives_identical_results(tmp_path: Path, monkeypatch, st
     assert strip(rep) == strip(rep_want)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("strategy,params", STREAMING[:2])
-def test_prefetch_on_the_object_store_verifies_and_matches(tmp_path: Path, monkeypatch, strategy, params) -> None:
-    """The numpy path with a prefetch thread reading (and merging) from stored objects: same tensors as without,
-    and a corrupt object is still caught (the helper reads each object front to back, so hashing completes)."""
+def test_prefetch_on_the_object_store_verifies_and_matches(tmp_path: Path, monkeypatch, strategy, params,
+                                                           fused) -> None:
+    """The torch-free path (compiled kernel or numpy) with a prefetch thread reading (and merging) from stored
+    objects: same tensors as without, and a corrupt object is still caught (one helper reads each object front
+    to back, so hashing completes)."""
     _set_chunk(monkeypatch, 256)
     store = ObjectStore(tmp_path / "lfs")
     base, models = family(2, seed=27, dtype=torch.bfloat16, shapes=SHAPES)
     metas = [to_meta(m, store, block_bytes=2048) for m in models]
     bmeta = to_meta(base, store, block_bytes=2048)
-    plain, rep_plain = merge_metadata(metas, bmeta, store, MergeOptions(strategy=strategy, params=params,
-                                                                       prefetch=False))
-    ahead, rep = merge_metadata(metas, bmeta, store, MergeOptions(strategy=strategy, params=params, prefetch=True))
-    assert rep.report["kernels"] == rep_plain.report["kernels"] == "numpy"
+    opts = {"strategy": strategy, "params": params, "fused_kernel": fused}
+    plain, rep_plain = merge_metadata(metas, bmeta, store, MergeOptions(**opts, prefetch=False))
+    ahead, rep = merge_metadata(metas, bmeta, store, MergeOptions(**opts, prefetch=True))
+    assert rep.report["kernels"] == rep_plain.report["kernels"] == ("compiled" if fused else "numpy")
     want, got = from_meta(plain, store), from_meta(ahead, store)
     for k in want:
         assert torch.equal(got[k], want[k]), k
@@ -160,4 +163,4 @@ def test_prefetch_on_the_object_store_verifies_and_matches(tmp_path: Path, monke
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptObject, match="emb.weight"):
-        merge_metadata(metas, bmeta, store, MergeOptions(strategy=strategy, params=params, prefetch=True))
+        merge_metadata(metas, bmeta, store, MergeOptions(**opts, prefetch=True))

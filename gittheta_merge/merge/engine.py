@@ -17,23 +17,27 @@ temporaries; strategies that are not row-separable (MaTS' CG couples all rows) t
 
 Streaming strategies (elementwise: average, task arithmetic, TIES; `Strategy.chunk_bytes`) use cache-sized
 chunks (1 MiB float32) in buffers reused from chunk to chunk, with torch's ops on one thread; average and
-task arithmetic over F32/F16/BF16 on the CPU run on numpy kernels and never import torch. docs/merge.md,
+task arithmetic over F32/F16/BF16 on the CPU never import torch: over F32/BF16 a compiled one-pass kernel
+(merge/fused.py) combines the raw bytes, otherwise numpy kernels do the same arithmetic. docs/merge.md,
 "Performance", has the measurements behind each of these choices.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.merge import npkernels, strategies
+from gittheta_merge.merge import fused, npkernels, strategies
 from gittheta_merge.merge.buffers import Pool
 from gittheta_merge.merge.rules import Rule, first_match
 from gittheta_merge.merge.sources import TensorInfo
@@ -43,6 +47,7 @@ DEFAULT_MAX_BLOCK_BYTES = 64 << 20
 
 
 class Source(Protocol):
+    ordered_reads: bool  # reads must come in one sequence (sources.py); assumed True when absent
     def names(self) -> list[str]: ...
     def info(self, name: str) -> TensorInfo | None: ...
     def boundaries(self, name: str) -> list[int]: ...
@@ -73,6 +78,7 @@ class MergeOptions:
     progress: bool | None = None
     check_stats: bool = True  # False: plan without the statistics checks (to learn which kinds are needed)
     numpy_kernels: bool = True  # False: never take the torch-free path (tests compare the two)
+    fused_kernel: bool = True  # False: the torch-free path never uses the compiled kernel (tests compare)
     # a helper thread reads (and, on the numpy path, merges) chunk k+1 while the caller writes chunk k.
     # None: on for the numpy path when there are 2+ CPUs, off for the torch path (docs/merge.md: measured)
     prefetch: bool | None = None
@@ -280,26 +286,31 @@ class _Runner:
         self.bytes_read = 0
         self.pool = Pool()  # read and output buffers of streaming strategies, reused chunk after chunk
         self._executor: Any = None  # the prefetch thread (options.prefetch)
+        self.fused_tensors = 0  # tensors the compiled kernel merged
 
     def _inputs(self, strat: Strategy) -> list[Source]:
         """The sources a strategy reads: the models, then the base if it needs one."""
         return [*self.models, *([self.base] if strat.needs_base and self.base is not None else [])]
 
     def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any],
-               use_numpy: bool = False, apply: Any = None):
-        """The Chunks of one tensor: float32 torch tensors (numpy arrays with use_numpy), in buffers reused
-        from chunk to chunk for streaming strategies, fresh ones of up to max_block_bytes otherwise.
-        With `apply`, (chunk, apply(chunk)) pairs instead, apply running where the chunk is read: on the
-        prefetch thread when there is one, so that thread reads and merges while the caller writes."""
+               kind: str = "torch", apply: Any = None):
+        """The Chunks of one tensor, in buffers reused from chunk to chunk for streaming strategies, fresh ones
+        of up to max_block_bytes otherwise. Their models and base are, by `kind`: "torch" float32 tensors,
+        "numpy" float32 arrays, "raw" (stored bytes as a uint8 array, dtype) pairs for the compiled kernel.
+        With `apply`, (chunk, apply(chunk, buffer_set)) pairs instead, apply running where the chunk is read:
+        on the prefetch thread when there is one, so that thread reads and merges while the caller writes
+        (buffer_set names the set of reused buffers this chunk is in, for apply's own output buffer)."""
         info = tp.info
         assert info is not None
         base = self.base if strat.needs_base else None
-        whole = not use_numpy and not strat.separable(tp.name, list(info.shape), self.stats)
+        whole = kind == "torch" and not strat.separable(tp.name, list(info.shape), self.stats)
         streaming = bool(strat.chunk_bytes) and not whole
         budget = min(self.plan.max_block_bytes, strat.chunk_bytes) if streaming else self.plan.max_block_bytes
         ranges = chunk_ranges(info, self._inputs(strat), extra_bounds, budget, whole)
-        if use_numpy:
+        if kind == "numpy":
             reader = self.read_np
+        elif kind == "raw":
+            reader = self.read_raw_np
         elif streaming:
             reader = self.read_pooled
         else:
@@ -316,41 +327,58 @@ class _Runner:
                 models = [t.to(dev) for t in models]
                 base_rows = base_rows.to(dev) if base_rows is not None else None
             chunk = Chunk(tp.name, list(info.shape), start, end, base_rows, models, self.stats, report)
-            return chunk, (apply(chunk) if apply is not None else None)
+            return chunk, (apply(chunk, suffix) if apply is not None else None)
 
         n_inputs = len(self.models) + (base is not None)
-        for chunk, result in self._stream(ranges, read, streaming and self.prefetch(use_numpy)):
+        depth = self.prefetch_depth(kind, self._inputs(strat)) if streaming else 0
+        for chunk, result in self._stream(ranges, read, depth):
             self.bytes_read += n_inputs * 4 * ((chunk.row_end - chunk.row_start) * info.row_elems if info.shape else 1)
             yield chunk if apply is None else (chunk, result)
 
-    def prefetch(self, use_numpy: bool) -> bool:
-        """Whether chunks come from a helper thread (options.prefetch; None: the measured default)."""
-        if self.options.prefetch is not None:
-            return self.options.prefetch
-        return use_numpy and (os.cpu_count() or 1) >= 2
+    def prefetch_depth(self, kind: str, inputs: list[Source]) -> int:
+        """How many chunks helper threads work on ahead of the caller (options.prefetch; None: the measured
+        default). 0: none. 1: a helper reads (and on the torch-free path merges) chunk k+1 while the caller writes
+        chunk k; reads stay in order, which the object store's incremental hash verification needs. 2: the
+        compiled kernel (no shared temporaries) over sources that allow reads out of order (files): two helpers,
+        so the two cores split reads, kernel and write (docs/merge.md)."""
+        on = self.options.prefetch
+        if on is None:
+            on = kind != "torch" and (os.cpu_count() or 1) >= 2
+        if not on:
+            return 0
+        if kind == "raw" and (os.cpu_count() or 1) >= 2 and not any(getattr(src, "ordered_reads", True)
+                                                                          for src in inputs):
+            return 2
+        return 1
 
-    def _stream(self, ranges: list[tuple[int, int]], read: Any, ahead: bool) -> Iterator[Any]:
-        """read(slot suffix, start, end) per row range, in order. With `ahead` (reused buffers only), a helper
-        thread produces range k+1 into a second buffer set while the caller consumes range k."""
-        if not (ahead and len(ranges) > 1):
+    def _stream(self, ranges: list[tuple[int, int]], read: Any, depth: int) -> Iterator[Any]:
+        """read(buffer set, start, end) per row range, in order. With depth d > 0 (reused buffers only), helper
+        threads produce the next d ranges, each into its own buffer set (d + 1 sets: the caller still holds one),
+        while the caller consumes range k. With d = 1 one range is in flight at a time, so reads stay in order."""
+        if depth <= 0 or len(ranges) <= 1:
             for start, end in ranges:
                 yield read("", start, end)
             return
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch",
+            self._executor = ThreadPoolExecutor(2, thread_name_prefix="merge-prefetch",
                                                 initializer=_one_intra_op_thread)
-        fut = self._executor.submit(read, ".0", *ranges[0])
+        sets = depth + 1
+        pending = deque(self._executor.submit(read, f".{k % sets}", *ranges[k])
+                        for k in range(min(depth, len(ranges))))
+        following = len(pending)
         try:
-            for k in range(len(ranges)):
-                item = fut.result()
-                if k + 1 < len(ranges):
-                    fut = self._executor.submit(read, f".{(k + 1) % 2}", *ranges[k + 1])
+            while pending:
+                item = pending.popleft().result()
+                if following < len(ranges):
+                    pending.append(self._executor.submit(read, f".{following % sets}", *ranges[following]))
+                    following += 1
                 yield item
         finally:
-            if not fut.done():  # abandoned mid-tensor: the helper must not still write into the buffers
-                fut.exception()
+            for fut in pending:  # abandoned mid-tensor: no helper may still write into the buffers
+                if not fut.done():
+                    fut.exception()
 
     def close(self) -> None:
         if self._executor is not None:
@@ -388,10 +416,40 @@ class _Runner:
         if sinfo.dtype == "F32":
             src.read_into(name, start, end, memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
         else:
-            raw, view = self.pool.raw_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
-            src.read_into(name, start, end, view)  # type: ignore[attr-defined]
-            npkernels.to_f32(raw, sinfo.dtype, out.reshape(-1))
+            raw, dtype = self.read_raw_np(src, slot, name, start, end)
+            npkernels.to_f32(raw, dtype, out.reshape(-1))
         return out
+
+    def read_raw_np(self, src: Source, slot: str, name: str, start: int, end: int) -> tuple[Any, str]:
+        """Rows [start, end) as stored: (uint8 array in a reused buffer, dtype). Read into a buffer, not viewed
+        in a mapping of the file: measured faster, because the kernel then works on cache-resident bytes
+        (docs/merge.md)."""
+        sinfo = src.info(name)
+        assert sinfo is not None
+        shape = [end - start, *sinfo.shape[1:]] if sinfo.shape else []
+        raw, view = self.pool.raw_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
+        src.read_into(name, start, end, view)  # type: ignore[attr-defined]
+        return raw, sinfo.dtype
+
+    def lincomb_for(self, tp: TensorPlan, strat: Strategy) -> fused.LinComb | None:
+        """The combination the compiled kernel computes for this tensor, if it can: the option is on, the
+        kernel is built, the strategy is a linear combination and every input and the output are F32/BF16."""
+        if not self.options.fused_kernel:
+            return None
+        spec = strat.lincomb()
+        if spec is None or tp.info is None or not fused.available():
+            return None
+        infos = [src.info(tp.name) for src in self._inputs(strat)]
+        if len(infos) != len(spec.scales) + (spec.base_scale is not None) or None in infos:
+            return None
+        return spec if fused.supports(tp.info.dtype, *(i.dtype for i in infos)) else None  # type: ignore[union-attr]
+
+    def _apply_lincomb(self, spec: fused.LinComb, out_dtype: str, chunk: Chunk, buffer_set: str) -> Any:
+        import numpy as np
+
+        n = (chunk.row_end - chunk.row_start) * math.prod(chunk.shape[1:]) if chunk.shape else 1
+        out = self.pool.get_np("lincomb" + buffer_set, [n], np.float32 if out_dtype == "F32" else np.uint16)
+        return fused.run(spec, chunk.models, chunk.base, out, out_dtype, n)
 
     def uses_numpy(self) -> bool:
         """True when every merged tensor can take the torch-free path: CPU, strategies with merge_np and no
@@ -416,10 +474,21 @@ class _Runner:
         """Stream one merged tensor into the sink."""
         assert tp.info is not None
         out_bounds = sink.begin(tp.info)
+        spec = self.lincomb_for(tp, strat) if use_numpy else None
+        if spec is not None:
+            # the compiled kernel combines the raw chunks where they are read (the prefetch thread, if any);
+            # this thread only writes
+            apply = partial(self._apply_lincomb, spec, tp.info.dtype)
+            for _chunk, result in self.chunks(tp, strat, out_bounds, entry, kind="raw", apply=apply):
+                sink.write(result)
+            self.fused_tensors += 1
+            sink.end()
+            return
         if use_numpy:
             # merge_np runs where the chunk is read (the prefetch thread, if any); only the cast and the write
             # stay here: with prefetch the two threads split the work about evenly (docs/merge.md)
-            for chunk, result in self.chunks(tp, strat, out_bounds, entry, use_numpy=True, apply=strat.merge_np):
+            for chunk, result in self.chunks(tp, strat, out_bounds, entry, kind="numpy",
+                                             apply=lambda chunk, _: strat.merge_np(chunk)):
                 _check_shape(tp, strat, list(result.shape), list(chunk.models[0].shape))
                 sink.write(npkernels.from_f32(result, tp.info.dtype, self.pool))
             sink.end()
@@ -571,6 +640,10 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     finally:
         bar.close()
         runner.close()
+    kernels = "torch"  # what merged the tensors: torch, numpy, the compiled kernel, or it and numpy
+    if use_numpy:
+        kernels = "numpy" if not runner.fused_tensors else "compiled" if runner.fused_tensors == merged_count \
+            else "compiled+numpy"
     for tp in plan.tensors:
         if tp.action in {"exclude", "absent"}:
             reports.append({"name": tp.name, "action": tp.action, "reason": tp.reason})
@@ -583,7 +656,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
         "max_block_bytes": plan.max_block_bytes,
         "peak_formula": plan.peak_formula(),
         "bytes_read_fp32": runner.bytes_read,
-        "kernels": "numpy" if use_numpy else "torch",
+        "kernels": kernels,
         "seconds": round(time.monotonic() - started, 6),
         "statistics_passes_seconds": round(passes_s, 6),
         "strategies": {s.name: summ for s in plan.strategies.values()

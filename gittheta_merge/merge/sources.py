@@ -69,6 +69,9 @@ class _RowSource:
     built on the subclass' `read_into` (the raw bytes of a row range into a caller's buffer)."""
 
     _infos: dict[str, TensorInfo]
+    # True: reads must come in one sequence (each stored block front to back), so the engine never reads
+    # two chunks of this source at once; the object store's incremental hash verification needs it
+    ordered_reads = False
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -102,6 +105,8 @@ class _RowSource:
 
 class StoreSource(_RowSource):
     """A tracked checkpoint: its metadata plus the object store holding the tensors' bytes."""
+
+    ordered_reads = True
 
     def __init__(self, meta: Metadata, store: ObjectStore, label: str = "") -> None:
         self.meta = meta

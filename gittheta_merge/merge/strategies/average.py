@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.fused import LinComb
 from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 
@@ -36,6 +37,9 @@ class Average(Strategy):
 
     def merge_np(self, chunk: Chunk) -> Any:
         return weighted_sum_np(chunk.models, self._scales())
+
+    def lincomb(self) -> LinComb:
+        return LinComb(tuple(self._scales()))
 
 
 def weighted_sum_(models: list[Any], scales: list[float]) -> Any:

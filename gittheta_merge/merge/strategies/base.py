@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.fused import LinComb
 
 # float32 working size per chunk of the streaming (elementwise) strategies: small enough that a chunk and
 # its temporaries stay in the CPU caches, large enough that per-chunk Python overhead is noise
@@ -210,6 +211,11 @@ class Strategy:
     def merge_np(self, chunk: Chunk) -> Any:
         """merge() on numpy float32 arrays (only called when numpy_merge is True)."""
         raise NotImplementedError
+
+    def lincomb(self) -> LinComb | None:
+        """This strategy as a linear combination the compiled kernel computes in one pass (merge/fused.py), or
+        None. Only for numpy_merge strategies whose merge_np is exactly that combination, same operation order."""
+        return None
 
     def summary(self) -> dict[str, Any]:
         """Global facts for the report (thresholds, majority sign, norms)."""

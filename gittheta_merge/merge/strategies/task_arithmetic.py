@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gittheta_merge.merge.fused import LinComb
 from gittheta_merge.merge.strategies.average import weighted_sum_, weighted_sum_np
 from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
@@ -48,3 +49,7 @@ class TaskArithmetic(Strategy):
         if lam != 1.0:
             np.multiply(total, lam, out=total)
         return np.add(total, chunk.base, out=total)
+
+    def lincomb(self) -> LinComb:
+        weights = self.model_weights()
+        return LinComb(tuple(weights), base_scale=sum(weights), lam=self.params["lambda"])

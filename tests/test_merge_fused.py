@@ -1,0 +1,174 @@
+"""The compiled linear-combination kernel (merge/_lincomb.c via merge/fused.py): built by the install, equal to
+the numpy path bit for bit on every F32/BF16 combination and on edge values, safe with bad buffers, and used by
+merges over files with two helper threads without changing a byte or losing an error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from merge_helpers import family, write_files
+from safetensors.torch import load_file
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge import fused, npkernels
+from gittheta_merge.merge.api import merge_files
+from gittheta_merge.merge.buffers import Pool
+from gittheta_merge.merge.sources import SafetensorsSource
+from gittheta_merge.merge.strategies.average import Average
+from gittheta_merge.merge.strategies.base import Chunk, StatsAccess
+from gittheta_merge.merge.strategies.task_arithmetic import TaskArithmetic
+
+
+def test_kernel_is_built() -> None:
+    """The install compiles it (setup.py); a missing build would silently fall back to numpy, so say so here."""
+    assert fused.available(), f"compiled merge kernel not loaded: {fused.unavailable_reason()}"
+
+
+def _edge_bits(n: int, seed: int) -> np.ndarray:
+    """float32 bit patterns: random normals and random bits (every exponent), with NaNs of both signs and odd
+    payloads, infinities, signed zeros, subnormals, the largest finite values and bf16 rounding ties."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 0.05).astype(np.float32).view(np.uint32)
+    wild = rng.integers(0, 2**32, n // 4, dtype=np.uint64).astype(np.uint32)
+    x[rng.choice(n, n // 4, replace=False)] = wild
+    special = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7F800000, 0xFF800000, 0, 0x80000000,
+                        0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x3F808000, 0x3F818000,
+                        0x3F80FFFF, 0x3F817FFF, 0x00008000, 0x80018000], np.uint32)
+    x[rng.choice(n, min(n, 3 * len(special)), replace=False)] = np.resize(special, min(n, 3 * len(special)))
+    return x
+
+
+def _raw(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 bit patterns -> stored bytes of `dtype` (bf16: the numpy path's own rounding)."""
+    x = bits.view(np.float32)
+    if dtype == "F32":
+        return x.copy().view(np.uint8)
+    return np.ascontiguousarray(npkernels.from_f32(x, "BF16", Pool())).view(np.uint8).copy()
+
+
+def _numpy_path(strat, raws, base_raw, out_dtype: str, n: int) -> np.ndarray:
+    """What the numpy path writes: upcast, strat.merge_np, cast back."""
+    def up(raw, dtype):
+        out = np.empty(n, np.float32)
+        return npkernels.to_f32(raw, dtype, out)
+
+    models = [up(r, d) for r, d in raws]
+    base = up(*base_raw) if base_raw is not None else None
+    chunk = Chunk("t", [n], 0, n, base, models, StatsAccess(), {})
+    merged = strat.merge_np(chunk)
+    return np.ascontiguousarray(npkernels.from_f32(merged, out_dtype, Pool())).view(np.uint8)
+
+
+STRATEGIES = [
+    (Average, {}, 2), (Average, {"weights": [0.3, 1.7, 0.9]}, 3), (Average, {"weights": [1, 1], "normalize": False}, 2),
+    (Average, {"weights": [2, -1, 1], "normalize": False}, 3), (TaskArithmetic, {}, 2),
+    (TaskArithmetic, {"lambda": 0.37, "weights": [0.7, 0.2, 1.1]}, 3), (TaskArithmetic, {"lambda": 1.0}, 3),
+]
+
+
+@pytest.mark.parametrize("cls,params,m", STRATEGIES)
+@pytest.mark.parametrize("in_dtypes,out_dtype", [("BF16", "BF16"), ("F32", "F32"), ("F32", "BF16"), ("BF16", "F32"),
+                                                 ("mixed", "BF16"), ("mixed", "F32")])
+@pytest.mark.parametrize("n", [0, 1, 2047, 5003])
+def test_kernel_equals_numpy_path_bit_for_bit(cls, params, m, in_dtypes, out_dtype, n) -> None:
+    strat = cls(params, m)
+    spec = strat.lincomb()
+    dts = ["BF16" if (in_dtypes == "BF16" or (in_dtypes == "mixed" and i % 2 == 0)) else "F32" for i in range(m + 1)]
+    raws = [(_raw(_edge_bits(n, seed=i), dts[i]), dts[i]) for i in range(m)]
+    base_raw = (_raw(_edge_bits(n, seed=99), dts[m]), dts[m]) if strat.needs_base else None
+    want = _numpy_path(strat, raws, base_raw, out_dtype, n)
+    out = np.empty(n, np.float32 if out_dtype == "F32" else np.uint16)
+    got = fused.run(spec, raws, base_raw, out, out_dtype, n)
+    if out_dtype == "BF16":  # NaNs are canonical (0x7FC0) in bf16: every byte equal
+        assert got.view(np.uint8).tobytes() == want.tobytes()
+    else:  # F32 keeps NaN payloads, and which of two NaN operands an add returns is the compiler's choice
+        g, w = got.view(np.float32), want.view(np.float32)
+        assert np.array_equal(np.isnan(g), np.isnan(w))
+        assert np.array_equal(g.view(np.uint32)[~np.isnan(w)], w.view(np.uint32)[~np.isnan(w)])
+
+
+def test_kernel_handles_exactly_n_elements_of_larger_buffers() -> None:
+    """Pooled buffers are often larger than the chunk: only the first n elements are read and written."""
+    a, b = (_raw(_edge_bits(300, seed=s), "BF16") for s in (1, 2))
+    out = np.full(400, 0xABCD, np.uint16)
+    fused.run(fused.LinComb((0.5, 0.5)), [(a, "BF16"), (b, "BF16")], None, out, "BF16", 200)
+    want = _numpy_path(Average({}, 2), [(a[:400], "BF16"), (b[:400], "BF16")], None, "BF16", 200)
+    assert out[:200].view(np.uint8).tobytes() == want.tobytes()
+    assert (out[200:] == 0xABCD).all()
+
+
+def test_kernel_refuses_bad_buffers() -> None:
+    """The C side indexes raw pointers, so every size and kind is checked before the call."""
+    a = np.zeros(20, np.uint8)  # 10 bf16
+    out = np.empty(10, np.uint16)
+    spec = fused.LinComb((1.0, 1.0))
+    with pytest.raises(ValueError, match="for 11 BF16"):
+        fused.run(spec, [(a, "BF16"), (a, "BF16")], None, out, "BF16", 11)
+    with pytest.raises(ValueError, match="for 10 F32"):
+        fused.run(spec, [(a, "F32"), (a, "BF16")], None, out, "BF16", 10)
+    with pytest.raises(ValueError, match="3 inputs for 2 scales"):
+        fused.run(spec, [(a, "BF16")] * 3, None, out, "BF16", 10)
+    with pytest.raises(ValueError, match="base"):
+        fused.run(spec, [(a, "BF16")] * 2, (a, "BF16"), out, "BF16", 10)
+    with pytest.raises(ValueError, match="no F16"):
+        fused.run(spec, [(a, "F16")] * 2, None, out, "BF16", 10)
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.empty(10, np.uint16)
+        ro.flags.writeable = False
+        fused.run(spec, [(a, "BF16")] * 2, None, ro, "BF16", 10)
+    with pytest.raises(ValueError, match="bytes for"):
+        fused.run(spec, [(a[::2], "BF16"), (a, "BF16")], None, out, "BF16", 5)  # not contiguous
+
+
+SHAPES = {"emb.weight": (301, 37), "l0.weight": (64, 48), "l0.bias": (64,), "scale": (), "empty": (0, 4)}
+
+
+def _set_chunk(monkeypatch, nbytes: int) -> None:
+    for cls in (Average, TaskArithmetic):
+        monkeypatch.setattr(cls, "chunk_bytes", nbytes)
+
+
+@pytest.mark.parametrize("strategy,params", [("average", {"weights": [0.2, 0.5, 0.3]}),
+                                             ("task_arithmetic", {"lambda": 0.8})])
+def test_merge_files_with_two_helpers_equals_numpy_path(tmp_path: Path, monkeypatch, strategy, params) -> None:
+    """Many chunks per tensor, so two helper threads really work ahead, each into its own buffers; a model with
+    one F16 tensor among BF16 ones merges that tensor on numpy ("compiled+numpy") and the rest compiled."""
+    _set_chunk(monkeypatch, 600)
+    base, models = family(3, seed=41, dtype=torch.bfloat16, shapes=SHAPES)
+    for t in [base, *models]:
+        t["l0.bias"] = t["l0.bias"].to(torch.float16)
+    bpath, paths = write_files(tmp_path, base, models)
+    outs = {}
+    for tag, kw in (("compiled", {}), ("numpy", {"fused_kernel": False}), ("serial", {"prefetch": False})):
+        rep = merge_files(paths, tmp_path / f"{tag}.safetensors", base=bpath, strategy=strategy, params=params, **kw)
+        outs[tag] = (tmp_path / f"{tag}.safetensors").read_bytes()
+        assert rep["kernels"] == ("numpy" if tag == "numpy" else "compiled+numpy"), tag
+    assert outs["compiled"] == outs["numpy"] == outs["serial"]
+    assert load_file(str(tmp_path / "compiled.safetensors"))["l0.bias"].dtype == torch.float16
+
+
+def test_failed_read_with_two_helpers_leaves_no_output(tmp_path: Path, monkeypatch) -> None:
+    """A read failing in a helper thread mid-tensor ends the merge with that error, after the other helper has
+    stopped, and leaves neither the output nor its temporary file."""
+    _set_chunk(monkeypatch, 600)
+    base, models = family(2, seed=42, dtype=torch.bfloat16, shapes=SHAPES)
+    bpath, paths = write_files(tmp_path, base, models)
+    calls = {"n": 0}
+    real = SafetensorsSource.read_into
+
+    def flaky(self, name, start, end, out):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise ThetaError(f"{self.path}: tensor {name!r}: simulated read failure")
+        return real(self, name, start, end, out)
+
+    monkeypatch.setattr(SafetensorsSource, "read_into", flaky)
+    out = tmp_path / "out" / "merged.safetensors"
+    with pytest.raises(ThetaError, match="simulated read failure"):
+        merge_files(paths, out, base=bpath, strategy="task_arithmetic")
+    assert calls["n"] >= 25
+    assert not out.exists() and os.listdir(out.parent) == []
