@@ -2,7 +2,7 @@
 
 gittheta_merge/merge/_lincomb.c is a plain C shared library loaded with ctypes (merge/fused.py), built here as
 an extension so `pip install` compiles it. `optional=True`: with no C compiler the install still succeeds and
-average / task arithmetic run on the numpy path, with the same results, about 1.5x slower end to end.
+average / task arithmetic run on the numpy path, with the same results, 1.3-1.7x slower (docs/merge.md).
 """
 
 from setuptools import Extension, setup

@@ -193,6 +193,9 @@ elif variant == "numpy":  # the torch-free path without the compiled kernel
     kw["fused_kernel"] = False
 elif variant == "onehelper":  # the compiled kernel with one helper thread (the default over files: two)
     engine._Runner.prefetch_depth = lambda self, kind, inputs: 1
+elif variant == "seqwrite":  # helpers merge, the main thread writes every chunk (no positioned writes)
+    from gittheta_merge.merge import sinks
+    del sinks.SafetensorsSink.write_at
 params = {"density": 0.2} if strategy.startswith("ties") else {}
 out = os.path.join(work, "sweep-out.safetensors")
 if os.path.exists(out):
@@ -242,7 +245,8 @@ def sweep(args: argparse.Namespace, work: Path) -> None:
     round, one process per run. --sweep chunk: --chunks sizes in MiB; --sweep variants: base (default), omp2
     (2 torch intra-op threads), prefetch / noprefetch (a helper thread reads, and on the numpy path merges, the
     next chunk: default on for the numpy path, off for torch), torch (no numpy kernels), numpy (numpy kernels,
-    not the compiled one), onehelper (the compiled kernel with one helper thread, not two); --sweep opmix: the TIES
+    not the compiled one), onehelper (the compiled kernel with one helper thread, not two), seqwrite (the main
+    thread writes every chunk, not the helpers); --sweep opmix: the TIES
     op mix on 200 chunks of 1M elements with 1 thread, a pool of 2 Python threads, or 2 OpenMP threads."""
     if args.sweep == "opmix":
         modes = ["omp1", "threads2", "omp2"]

@@ -172,3 +172,44 @@ def test_failed_read_with_two_helpers_leaves_no_output(tmp_path: Path, monkeypat
         merge_files(paths, out, base=bpath, strategy="task_arithmetic")
     assert calls["n"] >= 25
     assert not out.exists() and os.listdir(out.parent) == []
+
+
+def _info(name: str, shape: tuple[int, ...], dtype: str = "BF16"):
+    from gittheta_merge.merge.sources import TensorInfo
+
+    return TensorInfo(name, dtype, shape, None)
+
+
+def test_file_sink_places_rows_written_out_of_order(tmp_path: Path) -> None:
+    """write_at puts rows at their offsets whatever the order; the file equals safetensors' own."""
+    from safetensors.numpy import save_file
+
+    from gittheta_merge.merge.sinks import SafetensorsSink
+
+    rng = np.random.default_rng(5)
+    tensors = {"a": rng.standard_normal((7, 3)).astype(np.float32), "b": rng.standard_normal((5,)).astype(np.float32)}
+    sink = SafetensorsSink(tmp_path / "out.safetensors", {"k": "v"})
+    sink.start([_info(k, v.shape, "F32") for k, v in tensors.items()])
+    for row in (4, 0, 6, 2):  # rows 4-5, 0-1, 6, 2-3 of "a", out of order
+        sink.write_at("a", row, tensors["a"][row: row + 2])
+    sink.begin(_info("b", (5,), "F32"))
+    sink.write(tensors["b"])
+    sink.finish()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"k": "v"})
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_file_sink_refuses_missing_or_stray_bytes(tmp_path: Path) -> None:
+    """A merge that skipped rows must not save a file with a hole of zeros; rows past a tensor's end are refused."""
+    from gittheta_merge.merge.sinks import SafetensorsSink
+
+    out = tmp_path / "out.safetensors"
+    sink = SafetensorsSink(out)
+    sink.start([_info("a", (4, 2)), _info("b", (3,))])
+    with pytest.raises(ThetaError, match="past the tensor's end"):
+        sink.write_at("a", 3, np.zeros(4, np.uint16))  # rows 3-4 of a 4-row tensor
+    sink.write_at("a", 0, np.zeros(8, np.uint16))
+    with pytest.raises(ThetaError, match="6 bytes of the merged file were not written"):
+        sink.finish()
+    sink.abort()
+    assert os.listdir(tmp_path) == []

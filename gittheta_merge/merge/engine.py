@@ -60,6 +60,7 @@ class Sink(Protocol):
     def keep(self, name: str, source: Any, info: TensorInfo) -> None: ...
     def begin(self, info: TensorInfo) -> list[int]: ...
     def write(self, rows: Any) -> None: ...
+    # optional: def write_at(self, name: str, row_start: int, rows: Any) -> None (thread-safe, any order)
     def end(self) -> None: ...
     def finish(self) -> None: ...
 
@@ -444,12 +445,19 @@ class _Runner:
             return None
         return spec if fused.supports(tp.info.dtype, *(i.dtype for i in infos)) else None  # type: ignore[union-attr]
 
-    def _apply_lincomb(self, spec: fused.LinComb, out_dtype: str, chunk: Chunk, buffer_set: str) -> Any:
+    def _apply_lincomb(self, spec: fused.LinComb, out_dtype: str, write_at: Any, chunk: Chunk,
+                       buffer_set: str) -> Any:
+        """The kernel over one raw chunk; with `write_at` (a sink taking rows at their place) the rows are
+        written here too, on whichever thread runs this, and None is returned."""
         import numpy as np
 
         n = (chunk.row_end - chunk.row_start) * math.prod(chunk.shape[1:]) if chunk.shape else 1
         out = self.pool.get_np("lincomb" + buffer_set, [n], np.float32 if out_dtype == "F32" else np.uint16)
-        return fused.run(spec, chunk.models, chunk.base, out, out_dtype, n)
+        fused.run(spec, chunk.models, chunk.base, out, out_dtype, n)
+        if write_at is None:
+            return out
+        write_at(chunk.name, chunk.row_start, out)
+        return None
 
     def uses_numpy(self) -> bool:
         """True when every merged tensor can take the torch-free path: CPU, strategies with merge_np and no
@@ -476,11 +484,12 @@ class _Runner:
         out_bounds = sink.begin(tp.info)
         spec = self.lincomb_for(tp, strat) if use_numpy else None
         if spec is not None:
-            # the compiled kernel combines the raw chunks where they are read (the prefetch thread, if any);
-            # this thread only writes
-            apply = partial(self._apply_lincomb, spec, tp.info.dtype)
+            # the compiled kernel combines the raw chunks where they are read (the prefetch threads, if any);
+            # a file sink takes their rows there too (write_at), else this thread writes them in order
+            apply = partial(self._apply_lincomb, spec, tp.info.dtype, getattr(sink, "write_at", None))
             for _chunk, result in self.chunks(tp, strat, out_bounds, entry, kind="raw", apply=apply):
-                sink.write(result)
+                if result is not None:
+                    sink.write(result)
             self.fused_tensors += 1
             sink.end()
             return

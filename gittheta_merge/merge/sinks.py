@@ -3,7 +3,7 @@
 StoreSink cuts the output into the same row blocks `git add` would (theta.blockBytes), so a merged
 tensor that is later re-added, or merged identically elsewhere, deduplicates to the same objects; a
 kept tensor is not copied at all (its oids are reused). SafetensorsSink writes the header first (the
-plan knows every output dtype and shape), then streams each tensor's bytes in order: no output buffer.
+plan knows every output dtype and shape), then each tensor's bytes at their offsets: no output buffer.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -125,48 +126,90 @@ class StoreSink:
 
 
 class SafetensorsSink:
-    """Streams a .safetensors file: header from the plan, then tensor bytes in order; atomic rename."""
+    """Writes a .safetensors file into a temporary file that finish() renames into place.
+
+    The plan knows every output dtype and shape, so the header, and with it every tensor's offset, is known
+    before any data: all writes are positioned (os.pwrite). write() appends in order; write_at() puts rows at
+    their place and may be called from several threads at once, in any order (the engine's helper threads
+    write the chunks they merged: over plain files the two cores then share reads, merging and writes).
+    finish() refuses a file with any byte not written."""
 
     def __init__(self, path: str | Path, file_metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
         self.file_metadata = file_metadata
-        self._fh: Any = None
+        self._fd: int | None = None
         self._tmp = ""
+        self._infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}  # file offset of each tensor's first byte
+        self._size = 0
+        self._pos = 0  # where write() goes next
+        self._written = 0
+        self._lock = threading.Lock()
 
     def start(self, outputs: list[TensorInfo]) -> None:
         from gittheta_merge.formats.safetensors_format import render_header
 
         header = render_header(self.file_metadata, [(t.name, t.dtype, list(t.shape)) for t in outputs])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._fh = os.fdopen(fd, "wb")
-        self._fh.write(len(header).to_bytes(8, "little"))
-        self._fh.write(header)
+        self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        pos = 8 + len(header)
+        for info in outputs:  # the data order render_header laid out
+            self._infos[info.name] = info
+            self._offsets[info.name] = pos
+            pos += info.nbytes
+        self._size = pos
+        self._pwrite(memoryview(len(header).to_bytes(8, "little") + header), 0)
+        self._pos = 8 + len(header)
 
     def keep(self, name: str, source: Any, info: TensorInfo) -> None:
+        self.begin(info)
         per = max(1, COPY_CHUNK_BYTES // max(info.row_bytes, 1))
         for lo in range(0, info.rows, per):
-            self._fh.write(source.read_raw(name, lo, min(info.rows, lo + per)))
+            self.write(memoryview(source.read_raw(name, lo, min(info.rows, lo + per))))
 
     def begin(self, info: TensorInfo) -> list[int]:
+        self._pos = self._offsets[info.name]
         return [0, info.rows]
 
     def write(self, rows: Any) -> None:
+        view = rows if isinstance(rows, memoryview) else byte_view(rows)
+        self._pwrite(view, self._pos)
+        self._pos += len(view)
+
+    def write_at(self, name: str, row_start: int, rows: Any) -> None:
+        """Rows of tensor `name` from row `row_start` on, at their place in the file (thread-safe)."""
+        info = self._infos[name]
         view = byte_view(rows)
-        if len(view):
-            self._fh.write(view)  # no bytes copy
+        offset = self._offsets[name] + row_start * info.row_bytes
+        if offset + len(view) > self._offsets[name] + info.nbytes:
+            raise ThetaError(f"tensor {name!r}: merged rows past the tensor's end (internal error)")
+        self._pwrite(view, offset)
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        if offset + len(view) > self._size:
+            raise ThetaError(f"{self.path}: write past the planned end of the file (internal error)")
+        assert self._fd is not None
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        with self._lock:
+            self._written += len(view)
 
     def end(self) -> None:
         pass
 
     def finish(self) -> None:
-        self._fh.close()
+        if self._written != self._size:
+            raise ThetaError(f"{self.path}: {self._size - self._written} bytes of the merged file were not "
+                             "written (internal error); nothing was saved")
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
         os.replace(self._tmp, self.path)
-        self._fh = None
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._tmp and os.path.exists(self._tmp):
             os.unlink(self._tmp)
