@@ -80,8 +80,9 @@ class MergeOptions:
     check_stats: bool = True  # False: plan without the statistics checks (to learn which kinds are needed)
     numpy_kernels: bool = True  # False: never take the torch-free path (tests compare the two)
     fused_kernel: bool = True  # False: the torch-free path never uses the compiled kernel (tests compare)
-    # a helper thread reads (and, on the numpy path, merges) chunk k+1 while the caller writes chunk k.
-    # None: on for the numpy path when there are 2+ CPUs, off for the torch path (docs/merge.md: measured)
+    # a helper thread reads (and, on the torch-free path, merges) chunk k+1 while the caller writes chunk k;
+    # with the compiled kernel over plain files two helpers also write. None: on for the torch-free path when
+    # there are 2+ CPUs, off for the torch path (docs/merge.md: measured)
     prefetch: bool | None = None
 
 
@@ -286,7 +287,7 @@ class _Runner:
         self.stats = stats
         self.bytes_read = 0
         self.pool = Pool()  # read and output buffers of streaming strategies, reused chunk after chunk
-        self._executor: Any = None  # the prefetch thread (options.prefetch)
+        self._executor: Any = None  # the prefetch threads (options.prefetch, prefetch_depth)
         self.fused_tensors = 0  # tensors the compiled kernel merged
 
     def _inputs(self, strat: Strategy) -> list[Source]:
