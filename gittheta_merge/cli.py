@@ -149,7 +149,8 @@ def diff_cmd(revs: tuple[str, ...], no_stats: bool) -> None:
 
 @main.command()
 def fsck() -> None:
-    """Verify every stored object by its hash and that every referenced object exists."""
+    """Verify every stored object by its hash and that every referenced object exists (objects that commits
+    on a remote need and this clone has not downloaded yet are reported, not an error)."""
     from gittheta_merge import maintenance
 
     report = maintenance.fsck(Repo.discover())
@@ -157,7 +158,13 @@ def fsck() -> None:
         click.echo(f"corrupt: {oid} (delete it and fetch it again from a remote)")
     for oid, where in report.missing.items():
         click.echo(f"missing: {oid} needed by {where}")
-    click.echo(f"checked {report.checked} objects: {len(report.corrupt)} corrupt, {len(report.missing)} missing")
+    if report.not_downloaded:
+        oid, where = next(iter(report.not_downloaded.items()))
+        click.echo(f"not downloaded yet: {len(report.not_downloaded)} object(s) that commits on a remote need "
+                   f"(e.g. {oid[:12]}… for {where}); checking those commits out fetches them, or run "
+                   "`git theta pull-objects BRANCH…` to have them offline")
+    click.echo(f"checked {report.checked} objects: {len(report.corrupt)} corrupt, {len(report.missing)} missing"
+               + (f", {len(report.not_downloaded)} not downloaded yet" if report.not_downloaded else ""))
     if not report.ok:
         sys.exit(1)
 

@@ -73,10 +73,10 @@ def all_history_args() -> list[str]:
     return ["--all", "--reflog", "--indexed-objects"]
 
 
-def reachable_oids(repo: Repo) -> dict[str, str]:
-    """oid → a description of one place that needs it."""
+def reachable_oids(repo: Repo, rev_args: list[str] | None = None) -> dict[str, str]:
+    """oid → a description of one place that needs it, over `rev_args` (default: all history)."""
     needed: dict[str, str] = {}
-    for ref in iter_referencing_blobs(repo, all_history_args()):
+    for ref in iter_referencing_blobs(repo, rev_args or all_history_args()):
         if ref.meta is not None:
             for oid, _, what in ref.meta.iter_objects():
                 needed.setdefault(oid, f"{ref.path}: {what}" if what else ref.path)
@@ -91,15 +91,22 @@ def reachable_oids(repo: Repo) -> dict[str, str]:
 class FsckReport:
     checked: int = 0
     corrupt: list[str] = field(default_factory=list)
-    missing: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # needed, not local, not on any remote-tracking ref
+    not_downloaded: dict[str, str] = field(default_factory=dict)  # needed by commits a remote has
 
     @property
     def ok(self) -> bool:
+        """Objects not downloaded yet are no fault: a clone fetches a commit's objects when it is checked out."""
         return not self.corrupt and not self.missing
 
 
 def fsck(repo: Repo, store: ObjectStore | None = None) -> FsckReport:
-    """Re-hash every stored object and check every reachable reference has its object."""
+    """Re-hash every stored object and check every reachable reference has its object.
+
+    An absent object that a commit on a remote-tracking branch needs is reported as not downloaded, not as
+    missing: a clone downloads objects lazily (on checkout, or `git theta pull-objects`), and the pre-push
+    hook uploaded them with those commits. It is checked against what this clone knows of the remote, not
+    over the network."""
     store = store or ObjectStore.for_repo(repo)
     report = FsckReport()
     sizes = {oid: store.size(oid) for oid in store.iter_oids()}
@@ -112,8 +119,12 @@ def fsck(repo: Repo, store: ObjectStore | None = None) -> FsckReport:
         done += size
         bar.update(report.checked, done)
     bar.close()
-    for oid, where in reachable_oids(repo).items():
-        if not store.has(oid):
+    absent = {oid: where for oid, where in reachable_oids(repo).items() if not store.has(oid)}
+    on_remotes = reachable_oids(repo, ["--remotes"]) if absent else {}
+    for oid, where in absent.items():
+        if oid in on_remotes:
+            report.not_downloaded[oid] = on_remotes[oid]
+        else:
             report.missing[oid] = where
     return report
 

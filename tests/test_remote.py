@@ -189,3 +189,41 @@ def test_without_git_lfs_local_work_continues_and_remote_ops_explain(tmp_path: P
     shutil.rmtree(repo / ".git" / "lfs" / "objects")
     proc = git(repo, "theta", "pull-objects", env=env, check=False)
     assert proc.returncode == 1 and b"git-lfs is not installed" in proc.stderr
+
+
+def test_fsck_in_a_lazy_clone_tells_not_downloaded_from_missing(tmp_path: Path, origin: tuple[Path, Path]) -> None:
+    """A fresh clone has only the checked-out commit's objects: the rest of the remote's history is "not
+    downloaded yet" (exit 0, with the command that fetches them), while an object that no remote has and
+    that is gone locally is "missing" (exit 1)."""
+    from gittheta_merge.store import ObjectStore
+
+    repo, remote = origin
+    base = random_state(4)
+    save_commit(repo, base, "base")
+    git(repo, "push", "-q", "origin", "main")
+    git(repo, "checkout", "-q", "-b", "ft")
+    ft = dict(base, **{"layer1.weight": base["layer1.weight"] * 2})
+    save_commit(repo, ft, "ft")
+    git(repo, "push", "-q", "origin", "ft")
+
+    copy = clone(tmp_path, remote, "copy")
+    git(copy, "theta", "install")
+    proc = git(copy, "theta", "fsck", check=False)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert "0 corrupt, 0 missing, 1 not downloaded yet" in out and "git theta pull-objects" in out
+    assert "missing:" not in out
+
+    git(copy, "theta", "pull-objects", "origin/ft")
+    out = git(copy, "theta", "fsck").stdout.decode()
+    assert "0 missing" in out and "not downloaded" not in out
+
+    set_identity(copy)
+    git(copy, "checkout", "-q", "-b", "local", "origin/ft")
+    before = store_objects(copy)
+    save_commit(copy, dict(ft, **{"layer2.weight": ft["layer2.weight"] + 1}), "never pushed")
+    (lost,) = store_objects(copy) - before
+    ObjectStore(copy / ".git" / "lfs").delete(lost)
+    proc = git(copy, "theta", "fsck", check=False)
+    out = proc.stdout.decode()
+    assert proc.returncode == 1 and f"missing: {lost}" in out and "not downloaded" not in out
