@@ -192,7 +192,7 @@ elif variant == "torch":
 elif variant == "numpy":  # the torch-free path without the compiled kernel
     kw["fused_kernel"] = False
 elif variant == "onehelper":  # the compiled kernel with one helper thread (the default over files: two)
-    engine._Runner.prefetch_depth = lambda self, kind, inputs: 1
+    engine._Runner.prefetch_depth = lambda self, kind: 1
 elif variant == "seqwrite":  # helpers merge, the main thread writes every chunk (no positioned writes)
     from gittheta_merge.merge import sinks
     del sinks.SafetensorsSink.write_at

@@ -213,3 +213,51 @@ def test_file_sink_refuses_missing_or_stray_bytes(tmp_path: Path) -> None:
         sink.finish()
     sink.abort()
     assert os.listdir(tmp_path) == []
+
+
+def test_object_store_with_two_helpers_verifies_in_order_and_fails_cleanly(tmp_path: Path, monkeypatch) -> None:
+    """Over stored objects the two helpers take turns per source (hash verification reads each block front to
+    back): the result equals one thread's, every input block is verified (a flipped byte in the middle of a
+    block is caught), and a read failing in one helper ends the merge instead of leaving the other waiting."""
+    from merge_helpers import from_meta, to_meta
+
+    from gittheta_merge.merge.api import merge_metadata
+    from gittheta_merge.merge.engine import MergeOptions
+    from gittheta_merge.merge.sources import StoreSource
+    from gittheta_merge.store import CorruptObject, ObjectStore
+
+    _set_chunk(monkeypatch, 256)  # 64 bf16 elements per chunk: many chunks per 2 KB block
+    store = ObjectStore(tmp_path / "lfs")
+    base, models = family(3, seed=43, dtype=torch.bfloat16, shapes=SHAPES)
+    metas = [to_meta(m, store, block_bytes=2048) for m in models]
+    bmeta = to_meta(base, store, block_bytes=2048)
+    opts = {"strategy": "task_arithmetic", "params": {"lambda": 0.6}}
+    serial, _ = merge_metadata(metas, bmeta, store, MergeOptions(**opts, prefetch=False))
+    ahead, rep = merge_metadata(metas, bmeta, store, MergeOptions(**opts))
+    assert rep.report["kernels"] == "compiled"
+    want, got = from_meta(serial, store), from_meta(ahead, store)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    oid = metas[1].by_name()["emb.weight"].oids[2]
+    path = store.path(oid)
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject, match="emb.weight"):
+        merge_metadata(metas, bmeta, store, MergeOptions(**opts))
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+    calls = {"n": 0}
+    real = StoreSource.read_into
+
+    def flaky(self, name, start, end, out):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise ThetaError(f"tensor {name!r}: simulated read failure")
+        return real(self, name, start, end, out)
+
+    monkeypatch.setattr(StoreSource, "read_into", flaky)
+    with pytest.raises(ThetaError, match="simulated read failure"):
+        merge_metadata(metas, bmeta, store, MergeOptions(**opts))

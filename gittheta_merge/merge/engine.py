@@ -319,9 +319,27 @@ class _Runner:
             def reader(src: Source, slot: str, name: str, start: int, end: int) -> Any:
                 return src.read_rows(name, start, end)
 
-        def read(suffix: str, start: int, end: int) -> tuple[Chunk, Any]:
-            models = [reader(m, f"model{i}{suffix}", tp.name, start, end) for i, m in enumerate(self.models)]
-            base_rows = reader(base, "base" + suffix, tp.name, start, end) if base is not None else None
+        depth = self.prefetch_depth(kind) if streaming else 0
+        # with two helpers, a source whose reads must stay in order is read by one chunk after the other,
+        # while the other sources are read at the same time (different blocks hash on both cores)
+        turns = {id(src): _InOrder() for src in self._inputs(strat)
+                 if depth > 1 and getattr(src, "ordered_reads", True)}
+
+        def read_one(index: int, src: Source, slot: str, start: int, end: int) -> Any:
+            turn = turns.get(id(src))
+            if turn is None:
+                return reader(src, slot, tp.name, start, end)
+            with turn.of(index):
+                return reader(src, slot, tp.name, start, end)
+
+        def read(index: int, suffix: str, start: int, end: int) -> tuple[Chunk, Any]:
+            try:
+                models = [read_one(index, m, f"model{i}{suffix}", start, end) for i, m in enumerate(self.models)]
+                base_rows = read_one(index, base, "base" + suffix, start, end) if base is not None else None
+            except BaseException:
+                for turn in turns.values():
+                    turn.abandon()
+                raise
             if self.options.device != "cpu":
                 import torch
 
@@ -332,34 +350,30 @@ class _Runner:
             return chunk, (apply(chunk, suffix) if apply is not None else None)
 
         n_inputs = len(self.models) + (base is not None)
-        depth = self.prefetch_depth(kind, self._inputs(strat)) if streaming else 0
         for chunk, result in self._stream(ranges, read, depth):
             self.bytes_read += n_inputs * 4 * ((chunk.row_end - chunk.row_start) * info.row_elems if info.shape else 1)
             yield chunk if apply is None else (chunk, result)
 
-    def prefetch_depth(self, kind: str, inputs: list[Source]) -> int:
+    def prefetch_depth(self, kind: str) -> int:
         """How many chunks helper threads work on ahead of the caller (options.prefetch; None: the measured
         default). 0: none. 1: a helper reads (and on the torch-free path merges) chunk k+1 while the caller writes
-        chunk k; reads stay in order, which the object store's incremental hash verification needs. 2: the
-        compiled kernel (no shared temporaries) over sources that allow reads out of order (files): two helpers,
-        so the two cores split reads, kernel and write (docs/merge.md)."""
+        chunk k, so reads stay in order. 2: the compiled kernel (no shared temporaries): two helpers, so the two
+        cores split reads, hash verification, kernel and writes; a source whose reads must stay in order (the
+        object store's incremental verification) is read one chunk after the other (`_InOrder`)."""
         on = self.options.prefetch
         if on is None:
             on = kind != "torch" and (os.cpu_count() or 1) >= 2
         if not on:
             return 0
-        if kind == "raw" and (os.cpu_count() or 1) >= 2 and not any(getattr(src, "ordered_reads", True)
-                                                                          for src in inputs):
-            return 2
-        return 1
+        return 2 if kind == "raw" and (os.cpu_count() or 1) >= 2 else 1
 
     def _stream(self, ranges: list[tuple[int, int]], read: Any, depth: int) -> Iterator[Any]:
-        """read(buffer set, start, end) per row range, in order. With depth d > 0 (reused buffers only), helper
+        """read(index, buffer set, start, end) per row range, in order. With depth d > 0 (reused buffers only), helper
         threads produce the next d ranges, each into its own buffer set (d + 1 sets: the caller still holds one),
         while the caller consumes range k. With d = 1 one range is in flight at a time, so reads stay in order."""
         if depth <= 0 or len(ranges) <= 1:
-            for start, end in ranges:
-                yield read("", start, end)
+            for k, (start, end) in enumerate(ranges):
+                yield read(k, "", start, end)
             return
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -367,14 +381,15 @@ class _Runner:
             self._executor = ThreadPoolExecutor(2, thread_name_prefix="merge-prefetch",
                                                 initializer=_one_intra_op_thread)
         sets = depth + 1
-        pending = deque(self._executor.submit(read, f".{k % sets}", *ranges[k])
+        pending = deque(self._executor.submit(read, k, f".{k % sets}", *ranges[k])
                         for k in range(min(depth, len(ranges))))
         following = len(pending)
         try:
             while pending:
                 item = pending.popleft().result()
                 if following < len(ranges):
-                    pending.append(self._executor.submit(read, f".{following % sets}", *ranges[following]))
+                    pending.append(self._executor.submit(read, following, f".{following % sets}",
+                                                         *ranges[following]))
                     following += 1
                 yield item
         finally:
@@ -533,6 +548,37 @@ class _Runner:
                     for chunk in self.chunks(tp, strat, [], {}):
                         strat.observe(index, chunk)
             strat.end_pass(index)
+
+
+class _InOrder:
+    """Chunk k's read of one source waits for chunk k-1's (hash verification reads each stored block front to
+    back). When any read of the tensor fails, `abandon` releases every waiter with an error: the chunk that
+    failed may never reach this source, and the merge ends with its error anyway."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self._next = 0
+        self._abandoned = False
+
+    @contextmanager
+    def of(self, index: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next >= index or self._abandoned)
+            if self._abandoned:
+                raise ThetaError("an earlier chunk's read failed")
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._next = index + 1
+                self._cond.notify_all()
+
+    def abandon(self) -> None:
+        with self._cond:
+            self._abandoned = True
+            self._cond.notify_all()
 
 
 def _check_shape(tp: TensorPlan, strat: Strategy, got: list[int], want: list[int]) -> None:
