@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import torch
@@ -79,3 +80,12 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     denom = b.abs().max().clamp(min=1e-30)
     return float((a - b).abs().max() / denom)
+
+
+def flip_byte(store: ObjectStore, oid: str, position: int, mask: int) -> None:
+    """Corrupt a stored object in place, same size (position may be negative); flipping again restores it."""
+    path = store.path(oid)
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[position] ^= mask
+    path.write_bytes(bytes(data))

@@ -151,22 +151,28 @@ def test_merge_files_with_two_helpers_equals_numpy_path(tmp_path: Path, monkeypa
     assert load_file(str(tmp_path / "compiled.safetensors"))["l0.bias"].dtype == torch.float16
 
 
+def _fail_nth_read(monkeypatch, source_cls, n: int) -> dict[str, int]:
+    """The n-th read_into of any source of this class raises; returns the live call count."""
+    calls = {"n": 0}
+    real = source_cls.read_into
+
+    def flaky(self, name, start, end, out):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise ThetaError(f"tensor {name!r}: simulated read failure")
+        return real(self, name, start, end, out)
+
+    monkeypatch.setattr(source_cls, "read_into", flaky)
+    return calls
+
+
 def test_failed_read_with_two_helpers_leaves_no_output(tmp_path: Path, monkeypatch) -> None:
     """A read failing in a helper thread mid-tensor ends the merge with that error, after the other helper has
     stopped, and leaves neither the output nor its temporary file."""
     _set_chunk(monkeypatch, 600)
     base, models = family(2, seed=42, dtype=torch.bfloat16, shapes=SHAPES)
     bpath, paths = write_files(tmp_path, base, models)
-    calls = {"n": 0}
-    real = SafetensorsSource.read_into
-
-    def flaky(self, name, start, end, out):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise ThetaError(f"{self.path}: tensor {name!r}: simulated read failure")
-        return real(self, name, start, end, out)
-
-    monkeypatch.setattr(SafetensorsSource, "read_into", flaky)
+    calls = _fail_nth_read(monkeypatch, SafetensorsSource, 25)
     out = tmp_path / "out" / "merged.safetensors"
     with pytest.raises(ThetaError, match="simulated read failure"):
         merge_files(paths, out, base=bpath, strategy="task_arithmetic")
@@ -219,7 +225,7 @@ def test_object_store_with_two_helpers_verifies_in_order_and_fails_cleanly(tmp_p
     """Over stored objects the two helpers take turns per source (hash verification reads each block front to
     back): the result equals one thread's, every input block is verified (a flipped byte in the middle of a
     block is caught), and a read failing in one helper ends the merge instead of leaving the other waiting."""
-    from merge_helpers import from_meta, to_meta
+    from merge_helpers import flip_byte, from_meta, to_meta
 
     from gittheta_merge.merge.api import merge_metadata
     from gittheta_merge.merge.engine import MergeOptions
@@ -239,25 +245,11 @@ def test_object_store_with_two_helpers_verifies_in_order_and_fails_cleanly(tmp_p
     assert all(torch.equal(got[k], want[k]) for k in want)
 
     oid = metas[1].by_name()["emb.weight"].oids[2]
-    path = store.path(oid)
-    os.chmod(path, 0o644)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
+    flip_byte(store, oid, store.size(oid) // 2, 0x10)
     with pytest.raises(CorruptObject, match="emb.weight"):
         merge_metadata(metas, bmeta, store, MergeOptions(**opts))
-    data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
+    flip_byte(store, oid, store.size(oid) // 2, 0x10)
 
-    calls = {"n": 0}
-    real = StoreSource.read_into
-
-    def flaky(self, name, start, end, out):
-        calls["n"] += 1
-        if calls["n"] == 40:
-            raise ThetaError(f"tensor {name!r}: simulated read failure")
-        return real(self, name, start, end, out)
-
-    monkeypatch.setattr(StoreSource, "read_into", flaky)
+    _fail_nth_read(monkeypatch, StoreSource, 40)
     with pytest.raises(ThetaError, match="simulated read failure"):
         merge_metadata(metas, bmeta, store, MergeOptions(**opts))

@@ -3,12 +3,11 @@ straightforward stacked TIES, mixed input dtypes, store reads verified once, tor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import f32, family, from_meta, to_meta, write_files
+from merge_helpers import f32, family, flip_byte, from_meta, to_meta, write_files
 from safetensors.torch import load_file
 
 from gittheta_merge.merge import engine
@@ -105,11 +104,7 @@ def test_store_source_reads_verified_once_and_catches_corruption(tmp_path: Path,
         assert torch.equal(got[k], files[k]), k
     # flip one byte in the middle of a multi-block tensor's object (same size): the merge must fail
     oid = metas[1].by_name()["emb.weight"].oids[1]
-    path = store.path(oid)
-    os.chmod(path, 0o644)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    path.write_bytes(bytes(data))
+    flip_byte(store, oid, store.size(oid) // 2, 0x40)
     with pytest.raises(CorruptObject, match="emb.weight"):
         merge_metadata(metas, bmeta, store, MergeOptions(strategy="average"))
 
@@ -156,11 +151,6 @@ def test_prefetch_on_the_object_store_verifies_and_matches(tmp_path: Path, monke
     want, got = from_meta(plain, store), from_meta(ahead, store)
     for k in want:
         assert torch.equal(got[k], want[k]), k
-    oid = metas[0].by_name()["emb.weight"].oids[-1]
-    path = store.path(oid)
-    os.chmod(path, 0o644)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_byte(store, metas[0].by_name()["emb.weight"].oids[-1], -1, 0x01)
     with pytest.raises(CorruptObject, match="emb.weight"):
         merge_metadata(metas, bmeta, store, MergeOptions(**opts, prefetch=True))
