@@ -24,9 +24,9 @@ task arithmetic over F32/F16/BF16 on the CPU never import torch: over F32/BF16 a
 
 from __future__ import annotations
 
-import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -351,7 +351,7 @@ class _Runner:
 
         n_inputs = len(self.models) + (base is not None)
         for chunk, result in self._stream(ranges, read, depth):
-            self.bytes_read += n_inputs * 4 * ((chunk.row_end - chunk.row_start) * info.row_elems if info.shape else 1)
+            self.bytes_read += n_inputs * 4 * chunk.numel
             yield chunk if apply is None else (chunk, result)
 
     def prefetch_depth(self, kind: str) -> int:
@@ -360,12 +360,11 @@ class _Runner:
         chunk k, so reads stay in order. 2: the compiled kernel (no shared temporaries): two helpers, so the two
         cores split reads, hash verification, kernel and writes; a source whose reads must stay in order (the
         object store's incremental verification) is read one chunk after the other (`_InOrder`)."""
-        on = self.options.prefetch
-        if on is None:
-            on = kind != "torch" and (os.cpu_count() or 1) >= 2
+        two_cpus = (os.cpu_count() or 1) >= 2
+        on = self.options.prefetch if self.options.prefetch is not None else kind != "torch" and two_cpus
         if not on:
             return 0
-        return 2 if kind == "raw" and (os.cpu_count() or 1) >= 2 else 1
+        return 2 if kind == "raw" and two_cpus else 1
 
     def _stream(self, ranges: list[tuple[int, int]], read: Any, depth: int) -> Iterator[Any]:
         """read(index, buffer set, start, end) per row range, in order. With depth d > 0 (reused buffers only), helper
@@ -409,7 +408,7 @@ class _Runner:
 
         sinfo = src.info(name)
         assert sinfo is not None
-        shape = [end - start, *sinfo.shape[1:]] if sinfo.shape else []
+        shape = sinfo.rows_shape(start, end)
         out = self.pool.get(slot, shape, torch.float32)
         read_into = getattr(src, "read_into", None)
         if read_into is None:
@@ -428,8 +427,7 @@ class _Runner:
 
         sinfo = src.info(name)
         assert sinfo is not None
-        shape = [end - start, *sinfo.shape[1:]] if sinfo.shape else []
-        out = self.pool.get_np(slot, shape, np.float32)
+        out = self.pool.get_np(slot, sinfo.rows_shape(start, end), np.float32)
         if sinfo.dtype == "F32":
             src.read_into(name, start, end, memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
         else:
@@ -443,8 +441,7 @@ class _Runner:
         (docs/merge.md)."""
         sinfo = src.info(name)
         assert sinfo is not None
-        shape = [end - start, *sinfo.shape[1:]] if sinfo.shape else []
-        raw, view = self.pool.raw_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, shape))
+        raw, view = self.pool.raw_np(slot + ".raw", dtypes.nbytes(sinfo.dtype, sinfo.rows_shape(start, end)))
         src.read_into(name, start, end, view)  # type: ignore[attr-defined]
         return raw, sinfo.dtype
 
@@ -467,9 +464,8 @@ class _Runner:
         written here too, on whichever thread runs this, and None is returned."""
         import numpy as np
 
-        n = (chunk.row_end - chunk.row_start) * math.prod(chunk.shape[1:]) if chunk.shape else 1
-        out = self.pool.get_np("lincomb" + buffer_set, [n], np.float32 if out_dtype == "F32" else np.uint16)
-        fused.run(spec, chunk.models, chunk.base, out, out_dtype, n)
+        out = self.pool.get_np("lincomb" + buffer_set, [chunk.numel], np.float32 if out_dtype == "F32" else np.uint16)
+        fused.run(spec, chunk.models, chunk.base, out, out_dtype, chunk.numel)
         if write_at is None:
             return out
         write_at(chunk.name, chunk.row_start, out)
@@ -556,8 +552,6 @@ class _InOrder:
     failed may never reach this source, and the merge ends with its error anyway."""
 
     def __init__(self) -> None:
-        import threading
-
         self._cond = threading.Condition()
         self._next = 0
         self._abandoned = False

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gittheta_merge import dtypes
+
 ABI = 1  # must match GT_LINCOMB_ABI in _lincomb.c: a stale build from an older source is not used
 DTYPE_CODES = {"F32": 0, "BF16": 1}
-ITEMSIZE = {"F32": 4, "BF16": 2}
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def run(spec: LinComb, inputs: list[tuple[Any, str]], base: tuple[Any, str] | No
     for arr, dtype in arrays:
         if dtype not in DTYPE_CODES:
             raise ValueError(f"the compiled kernel has no {dtype}")
-        if not arr.flags.c_contiguous or arr.nbytes < n * ITEMSIZE[dtype]:
+        if not arr.flags.c_contiguous or arr.nbytes < n * dtypes.itemsize(dtype):
             raise ValueError(f"buffer of {arr.nbytes} bytes for {n} {dtype} elements")
     if not out.flags.writeable:
         raise ValueError("output buffer is read-only")

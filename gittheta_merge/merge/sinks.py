@@ -24,7 +24,10 @@ COPY_CHUNK_BYTES = 64 << 20
 
 
 def byte_view(rows: Any) -> memoryview:
-    """The bytes of a torch tensor or a numpy array (the torch-free merge path), without a copy if contiguous."""
+    """The bytes of a torch tensor, a numpy array (the torch-free merge path) or a plain buffer (bytes read
+    from a source), without a copy if contiguous."""
+    if isinstance(rows, (bytes, bytearray, memoryview)):
+        return memoryview(rows).cast("B")
     if not hasattr(rows, "numel"):  # numpy
         import numpy as np
 
@@ -165,14 +168,14 @@ class SafetensorsSink:
         self.begin(info)
         per = max(1, COPY_CHUNK_BYTES // max(info.row_bytes, 1))
         for lo in range(0, info.rows, per):
-            self.write(memoryview(source.read_raw(name, lo, min(info.rows, lo + per))))
+            self.write(source.read_raw(name, lo, min(info.rows, lo + per)))
 
     def begin(self, info: TensorInfo) -> list[int]:
         self._pos = self._offsets[info.name]
         return [0, info.rows]
 
     def write(self, rows: Any) -> None:
-        view = rows if isinstance(rows, memoryview) else byte_view(rows)
+        view = byte_view(rows)
         self._pwrite(view, self._pos)
         self._pos += len(view)
 

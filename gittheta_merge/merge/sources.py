@@ -45,6 +45,10 @@ class TensorInfo:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def rows_shape(self, start: int, end: int) -> list[int]:
+        """The shape of rows [start, end) (a scalar: [])."""
+        return [end - start, *self.shape[1:]] if self.shape else []
+
     @property
     def row_bytes(self) -> int:
         """Bytes of one leading-dimension row (of the one element, for a scalar)."""
@@ -94,8 +98,7 @@ class _RowSource:
         from gittheta_merge.tensors import bytes_to_tensor
 
         info = self._infos[name]
-        shape = [end - start, *info.shape[1:]] if info.shape else []
-        return bytes_to_tensor(self.read_raw(name, start, end), info.dtype, shape)
+        return bytes_to_tensor(self.read_raw(name, start, end), info.dtype, info.rows_shape(start, end))
 
     def read_rows(self, name: str, start: int, end: int) -> Any:
         import torch

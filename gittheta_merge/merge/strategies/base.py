@@ -9,6 +9,7 @@ algorithm runs in memory bounded by one chunk per model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +110,8 @@ class StatsAccess:
 
 @dataclass
 class Chunk:
-    """Rows [row_start, row_end) of one tensor in every model (float32), plus where to report."""
+    """Rows [row_start, row_end) of one tensor in every model (float32; on the engine's compiled path, raw
+    (bytes, dtype) pairs), plus where to report."""
 
     name: str
     shape: list[int]  # the full tensor's shape
@@ -125,7 +127,8 @@ class Chunk:
 
     @property
     def numel(self) -> int:
-        return self.models[0].numel()
+        """Elements of the chunk's rows, from the row range (models may be tensors, arrays or raw bytes)."""
+        return (self.row_end - self.row_start) * math.prod(self.shape[1:]) if self.shape else 1
 
 
 class Strategy:
