@@ -22,6 +22,7 @@ Measured, each as a separate process under /usr/bin/time (wall seconds, peak RSS
     python benchmarks/merge.py --workdir W --sweep variants --variants base,omp2,prefetch --methods ties --repeat 3
     python benchmarks/merge.py --workdir W --sweep variants --variants noprefetch,prefetch,torch --methods linear
     python benchmarks/merge.py --workdir W --sweep variants --variants base,numpy --methods linear,task_arithmetic
+    python benchmarks/merge.py --workdir W --sweep variants --variants base,pyloop,noprefetch,step65536,step1048576
     python benchmarks/merge.py --workdir W --sweep opmix --repeat 3
 """
 
@@ -191,11 +192,10 @@ elif variant == "torch":
     kw["numpy_kernels"] = False
 elif variant == "numpy":  # the torch-free path without the compiled kernel
     kw["fused_kernel"] = False
-elif variant == "onehelper":  # the compiled kernel with one helper thread (the default over files: two)
-    engine._Runner.prefetch_depth = lambda self, kind: 1
-elif variant == "seqwrite":  # helpers merge, the main thread writes every chunk (no positioned writes)
-    from gittheta_merge.merge import sinks
-    del sinks.SafetensorsSink.write_at
+elif variant == "pyloop":  # the compiled kernel fed chunk by chunk from Python (two helpers read and merge,
+    engine._Runner.in_files = lambda self, tp, strat, sink: False  # the main thread writes): the store's path
+elif variant.startswith("step"):  # the file loop's elements per read-merge-write step: step65536, ...
+    engine.FILE_STEP_ELEMS = int(variant[4:])
 params = {"density": 0.2} if strategy.startswith("ties") else {}
 out = os.path.join(work, "sweep-out.safetensors")
 if os.path.exists(out):
@@ -245,8 +245,9 @@ def sweep(args: argparse.Namespace, work: Path) -> None:
     round, one process per run. --sweep chunk: --chunks sizes in MiB; --sweep variants: base (default), omp2
     (2 torch intra-op threads), prefetch / noprefetch (a helper thread reads, and on the numpy path merges, the
     next chunk: default on for the numpy path, off for torch), torch (no numpy kernels), numpy (numpy kernels,
-    not the compiled one), onehelper (the compiled kernel with one helper thread, not two), seqwrite (the main
-    thread writes every chunk, not the helpers); --sweep opmix: the TIES
+    not the compiled one), pyloop (the compiled kernel fed chunk by chunk from Python, as over the object store,
+    instead of its own file loop), stepN (the file loop reading N elements per step; default 262144);
+    --sweep opmix: the TIES
     op mix on 200 chunks of 1M elements with 1 thread, a pool of 2 Python threads, or 2 OpenMP threads."""
     if args.sweep == "opmix":
         modes = ["omp1", "threads2", "omp2"]

@@ -1,6 +1,8 @@
 """The compiled linear-combination kernel (merge/_lincomb.c via merge/fused.py): built by the install, equal to
-the numpy path bit for bit on every F32/BF16 combination and on edge values, safe with bad buffers, and used by
-merges over files with two helper threads without changing a byte or losing an error."""
+the numpy path bit for bit on every F32/BF16 combination and on edge values, safe with bad buffers; its file
+loop (the kernel reading and writing files itself) equal to the in-memory kernel, naming the file and tensor
+when a read or write fails; and merges over files (ranges on several threads) and over the object store (two
+helper threads) changing no byte and losing no error."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge import fused, npkernels
 from gittheta_merge.merge.api import merge_files
 from gittheta_merge.merge.buffers import Pool
-from gittheta_merge.merge.sources import SafetensorsSource
 from gittheta_merge.merge.strategies.average import Average
 from gittheta_merge.merge.strategies.base import Chunk, StatsAccess
 from gittheta_merge.merge.strategies.task_arithmetic import TaskArithmetic
@@ -124,6 +125,71 @@ def test_kernel_refuses_bad_buffers() -> None:
         fused.run(spec, [(a[::2], "BF16"), (a, "BF16")], None, out, "BF16", 5)  # not contiguous
 
 
+def _spans(tmp_path: Path, arrays: list[tuple[np.ndarray, str]], pad: int) -> list[fused.FileSpan]:
+    """Each raw array written after `pad` bytes of junk in a file of its own, as an open file span."""
+    spans = []
+    for i, (raw, dtype) in enumerate(arrays):
+        path = tmp_path / f"in{i}.bin"
+        path.write_bytes(b"\xee" * pad + raw.tobytes() + b"\xdd" * 3)
+        spans.append(fused.FileSpan(os.open(path, os.O_RDONLY), pad, dtype, f"{path.name}: tensor 't'"))
+    return spans
+
+
+@pytest.mark.parametrize("cls,params,m", [STRATEGIES[1], STRATEGIES[5]])
+@pytest.mark.parametrize("in_dtypes,out_dtype", [("BF16", "BF16"), ("mixed", "F32")])
+@pytest.mark.parametrize("n,step", [(0, 4), (1, 4), (5003, 7), (5003, 2048), (5003, 1 << 18)])
+def test_file_loop_equals_in_memory_kernel(tmp_path: Path, cls, params, m, in_dtypes, out_dtype, n, step) -> None:
+    """fused.run_files (the kernel reading `step` elements of each input from its file, combining and writing
+    them) writes exactly the bytes fused.run computes in memory (itself checked against the numpy path above),
+    at the output offset, touching nothing around it; steps that do not divide n included."""
+    strat = cls(params, m)
+    spec = strat.lincomb()
+    dts = ["BF16" if (in_dtypes == "BF16" or i % 2 == 0) else "F32" for i in range(m + 1)]
+    raws = [(_raw(_edge_bits(n, seed=10 + i), dts[i]), dts[i]) for i in range(m)]
+    base_raw = (_raw(_edge_bits(n, seed=77), dts[m]), dts[m]) if strat.needs_base else None
+    want = np.empty(n, np.float32 if out_dtype == "F32" else np.uint16)
+    fused.run(spec, raws, base_raw, want, out_dtype, n)
+    spans = _spans(tmp_path, [*raws, *([base_raw] if base_raw else [])], pad=13)
+    out_path = tmp_path / "out.bin"
+    out_path.write_bytes(b"\x11" * 5)
+    out_fd = os.open(out_path, os.O_WRONLY)
+    try:
+        fused.run_files(spec, spans[:m], spans[m] if base_raw else None,
+                        fused.FileSpan(out_fd, 5, out_dtype, "out.bin: tensor 't'"), n, step)
+    finally:
+        for sp in [*spans, fused.FileSpan(out_fd, 0, "F32", "")]:
+            os.close(sp.fd)
+    got = out_path.read_bytes()
+    assert got[:5] == b"\x11" * 5 and len(got) == 5 + want.nbytes
+    assert got[5:] == want.tobytes()  # F32 too: the same compiled arithmetic, NaN payloads included
+
+
+def test_file_loop_names_the_file_and_tensor_that_failed(tmp_path: Path) -> None:
+    """A file that ends early, an unreadable input or an unwritable output is an error naming which one (not a
+    crash and not zeros): the C side reports the failing input and errno, fused.py the span's label."""
+    a, b = (_raw(_edge_bits(1000, seed=s), "BF16") for s in (3, 4))
+    spans = _spans(tmp_path, [(a, "BF16"), (b[:1200], "BF16")], pad=0)  # the second holds 600 of 1000 elements
+    out_fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
+    ro_fd = os.open(tmp_path / "in0.bin", os.O_RDONLY)
+    spec = fused.LinComb((0.5, 0.5))
+    out = fused.FileSpan(out_fd, 0, "BF16", "out.bin: tensor 't'")
+    try:
+        with pytest.raises(ThetaError, match=r"in1.bin: tensor 't': read failed \(file ended early\)"):
+            fused.run_files(spec, spans, None, out, 1000, 256)
+        bad = fused.FileSpan(out_fd, 0, "BF16", "in0.bin: tensor 't'")  # write-only: reading it fails
+        with pytest.raises(ThetaError, match=r"in0.bin: tensor 't': read failed \(Bad file descriptor\)"):
+            fused.run_files(spec, [bad, spans[1]], None, out, 100, 256)
+        with pytest.raises(ThetaError, match=r"out.bin: tensor 't': write failed \(Bad file descriptor\)"):
+            fused.run_files(spec, spans, None, fused.FileSpan(ro_fd, 0, "BF16", "out.bin: tensor 't'"), 100, 256)
+        with pytest.raises(ValueError, match="no F16"):
+            fused.run_files(spec, [spans[0], fused.FileSpan(spans[1].fd, 0, "F16", "x")], None, out, 10, 4)
+        with pytest.raises(ValueError, match="3 inputs for 2 scales"):
+            fused.run_files(spec, [spans[0]] * 3, None, out, 10, 4)
+    finally:
+        for fd in (spans[0].fd, spans[1].fd, out_fd, ro_fd):
+            os.close(fd)
+
+
 SHAPES = {"emb.weight": (301, 37), "l0.weight": (64, 48), "l0.bias": (64,), "scale": (), "empty": (0, 4)}
 
 
@@ -132,23 +198,58 @@ def _set_chunk(monkeypatch, nbytes: int) -> None:
         monkeypatch.setattr(cls, "chunk_bytes", nbytes)
 
 
+def _small_file_ranges(monkeypatch, threads: int = 3) -> None:
+    """The file loop with tiny steps and ranges, so even these small tensors split over `threads` threads."""
+    from gittheta_merge.merge import engine
+
+    monkeypatch.setattr(engine, "FILE_STEP_ELEMS", 37)
+    monkeypatch.setattr(engine, "FILE_PART_MIN_ELEMS", 50)
+    monkeypatch.setattr(engine, "_cpus", lambda: threads)
+
+
 @pytest.mark.parametrize("strategy,params", [("average", {"weights": [0.2, 0.5, 0.3]}),
                                              ("task_arithmetic", {"lambda": 0.8})])
-def test_merge_files_with_two_helpers_equals_numpy_path(tmp_path: Path, monkeypatch, strategy, params) -> None:
-    """Many chunks per tensor, so two helper threads really work ahead, each into its own buffers; a model with
-    one F16 tensor among BF16 ones merges that tensor on numpy ("compiled+numpy") and the rest compiled."""
-    _set_chunk(monkeypatch, 600)
+def test_merge_files_file_loop_equals_numpy_and_torch_paths(tmp_path: Path, monkeypatch, strategy, params) -> None:
+    """Over plain files the kernel reads and writes itself, each large tensor cut into ranges on three threads
+    (one thread with prefetch off): the file equals the numpy path's and the torch path's byte for byte. A
+    model with one F16 tensor among BF16 ones merges that tensor on numpy ("compiled+numpy")."""
+    _small_file_ranges(monkeypatch)
     base, models = family(3, seed=41, dtype=torch.bfloat16, shapes=SHAPES)
     for t in [base, *models]:
         t["l0.bias"] = t["l0.bias"].to(torch.float16)
     bpath, paths = write_files(tmp_path, base, models)
     outs = {}
-    for tag, kw in (("compiled", {}), ("numpy", {"fused_kernel": False}), ("serial", {"prefetch": False})):
+    kernels = {"compiled": "compiled+numpy", "serial": "compiled+numpy", "numpy": "numpy", "torch": "torch"}
+    for tag, kw in (("compiled", {}), ("numpy", {"fused_kernel": False}), ("serial", {"prefetch": False}),
+                    ("torch", {"numpy_kernels": False})):
         rep = merge_files(paths, tmp_path / f"{tag}.safetensors", base=bpath, strategy=strategy, params=params, **kw)
         outs[tag] = (tmp_path / f"{tag}.safetensors").read_bytes()
-        assert rep["kernels"] == ("numpy" if tag == "numpy" else "compiled+numpy"), tag
-    assert outs["compiled"] == outs["numpy"] == outs["serial"]
+        assert rep["kernels"] == kernels[tag], tag
+    assert outs["compiled"] == outs["numpy"] == outs["serial"] == outs["torch"]
     assert load_file(str(tmp_path / "compiled.safetensors"))["l0.bias"].dtype == torch.float16
+
+
+def test_input_truncated_during_a_merge_fails_cleanly(tmp_path: Path, monkeypatch) -> None:
+    """An input cut short while the merge runs (after it was opened and checked) fails the merge with the file
+    and tensor named, after every thread has stopped, and leaves neither the output nor its temporary file."""
+    _small_file_ranges(monkeypatch)
+    base, models = family(2, seed=42, dtype=torch.bfloat16, shapes=SHAPES)
+    bpath, paths = write_files(tmp_path, base, models)
+    real = fused.run_files
+    calls = {"n": 0}
+
+    def truncating(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.truncate(paths[1], os.path.getsize(paths[1]) // 2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "run_files", truncating)
+    out = tmp_path / "out" / "merged.safetensors"
+    with pytest.raises(ThetaError, match=rf"{Path(paths[1]).name}: tensor '[^']+': read failed \(file ended early\)"):
+        merge_files(paths, out, base=bpath, strategy="task_arithmetic")
+    assert calls["n"] >= 3
+    assert not out.exists() and os.listdir(out.parent) == []
 
 
 def _fail_nth_read(monkeypatch, source_cls, n: int) -> dict[str, int]:
@@ -166,28 +267,15 @@ def _fail_nth_read(monkeypatch, source_cls, n: int) -> dict[str, int]:
     return calls
 
 
-def test_failed_read_with_two_helpers_leaves_no_output(tmp_path: Path, monkeypatch) -> None:
-    """A read failing in a helper thread mid-tensor ends the merge with that error, after the other helper has
-    stopped, and leaves neither the output nor its temporary file."""
-    _set_chunk(monkeypatch, 600)
-    base, models = family(2, seed=42, dtype=torch.bfloat16, shapes=SHAPES)
-    bpath, paths = write_files(tmp_path, base, models)
-    calls = _fail_nth_read(monkeypatch, SafetensorsSource, 25)
-    out = tmp_path / "out" / "merged.safetensors"
-    with pytest.raises(ThetaError, match="simulated read failure"):
-        merge_files(paths, out, base=bpath, strategy="task_arithmetic")
-    assert calls["n"] >= 25
-    assert not out.exists() and os.listdir(out.parent) == []
-
-
 def _info(name: str, shape: tuple[int, ...], dtype: str = "BF16"):
     from gittheta_merge.merge.sources import TensorInfo
 
     return TensorInfo(name, dtype, shape, None)
 
 
-def test_file_sink_places_rows_written_out_of_order(tmp_path: Path) -> None:
-    """write_at puts rows at their offsets whatever the order; the file equals safetensors' own."""
+def test_file_sink_takes_tensors_written_through_their_span(tmp_path: Path) -> None:
+    """A tensor written through file_span (after the next one was written in order) lands at its offset; the
+    file equals safetensors' own."""
     from safetensors.numpy import save_file
 
     from gittheta_merge.merge.sinks import SafetensorsSink
@@ -196,25 +284,26 @@ def test_file_sink_places_rows_written_out_of_order(tmp_path: Path) -> None:
     tensors = {"a": rng.standard_normal((7, 3)).astype(np.float32), "b": rng.standard_normal((5,)).astype(np.float32)}
     sink = SafetensorsSink(tmp_path / "out.safetensors", {"k": "v"})
     sink.start([_info(k, v.shape, "F32") for k, v in tensors.items()])
-    for row in (4, 0, 6, 2):  # rows 4-5, 0-1, 6, 2-3 of "a", out of order
-        sink.write_at("a", row, tensors["a"][row: row + 2])
     sink.begin(_info("b", (5,), "F32"))
     sink.write(tensors["b"])
+    fd, offset, what = sink.file_span("a")
+    assert what.endswith("tensor 'a'")
+    os.pwrite(fd, tensors["a"].tobytes(), offset)
+    sink.span_written("a")
     sink.finish()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"k": "v"})
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
-def test_file_sink_refuses_missing_or_stray_bytes(tmp_path: Path) -> None:
-    """A merge that skipped rows must not save a file with a hole of zeros; rows past a tensor's end are refused."""
+def test_file_sink_refuses_missing_bytes(tmp_path: Path) -> None:
+    """A merge that skipped a tensor must not save a file with a hole of zeros."""
     from gittheta_merge.merge.sinks import SafetensorsSink
 
     out = tmp_path / "out.safetensors"
     sink = SafetensorsSink(out)
     sink.start([_info("a", (4, 2)), _info("b", (3,))])
-    with pytest.raises(ThetaError, match="past the tensor's end"):
-        sink.write_at("a", 3, np.zeros(4, np.uint16))  # rows 3-4 of a 4-row tensor
-    sink.write_at("a", 0, np.zeros(8, np.uint16))
+    sink.begin(_info("a", (4, 2)))
+    sink.write(np.zeros(8, np.uint16))
     with pytest.raises(ThetaError, match="6 bytes of the merged file were not written"):
         sink.finish()
     sink.abort()

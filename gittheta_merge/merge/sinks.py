@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +131,9 @@ class SafetensorsSink:
     """Writes a .safetensors file into a temporary file that finish() renames into place.
 
     The plan knows every output dtype and shape, so the header, and with it every tensor's offset, is known
-    before any data: all writes are positioned (os.pwrite). write() appends in order; write_at() puts rows at
-    their place and may be called from several threads at once, in any order (the engine's helper threads
-    write the chunks they merged: over plain files the two cores then share reads, merging and writes).
-    finish() refuses a file with any byte not written."""
+    before any data: all writes are positioned (os.pwrite). write() appends a tensor's rows in order;
+    file_span() hands a tensor's place in the file to a writer that writes it itself (the compiled kernel's
+    file loop, on several threads at once). finish() refuses a file with any byte not written."""
 
     def __init__(self, path: str | Path, file_metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
@@ -147,7 +145,6 @@ class SafetensorsSink:
         self._size = 0
         self._pos = 0  # where write() goes next
         self._written = 0
-        self._lock = threading.Lock()
 
     def start(self, outputs: list[TensorInfo]) -> None:
         from gittheta_merge.formats.safetensors_format import render_header
@@ -179,14 +176,15 @@ class SafetensorsSink:
         self._pwrite(view, self._pos)
         self._pos += len(view)
 
-    def write_at(self, name: str, row_start: int, rows: Any) -> None:
-        """Rows of tensor `name` from row `row_start` on, at their place in the file (thread-safe)."""
-        info = self._infos[name]
-        view = byte_view(rows)
-        offset = self._offsets[name] + row_start * info.row_bytes
-        if offset + len(view) > self._offsets[name] + info.nbytes:
-            raise ThetaError(f"tensor {name!r}: merged rows past the tensor's end (internal error)")
-        self._pwrite(view, offset)
+    def file_span(self, name: str) -> tuple[int, int, str]:
+        """(file descriptor, byte offset, what to call it in errors) of tensor `name`'s place in the output, for
+        a writer that writes it whole itself (the compiled kernel's file loop); it reports with span_written."""
+        assert self._fd is not None
+        return self._fd, self._offsets[name], f"{self.path}: tensor {name!r}"
+
+    def span_written(self, name: str) -> None:
+        """Every byte of tensor `name` was written through its file_span."""
+        self._written += self._infos[name].nbytes
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         if offset + len(view) > self._size:
@@ -195,8 +193,7 @@ class SafetensorsSink:
         done = 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)
-        with self._lock:
-            self._written += len(view)
+        self._written += len(view)
 
     def end(self) -> None:
         pass

@@ -232,6 +232,12 @@ class SafetensorsSource(_RowSource):
     def boundaries(self, name: str) -> list[int]:
         return [0, self._infos[name].rows]
 
+    def file_span(self, name: str) -> tuple[int, int, str]:
+        """(open file descriptor, byte offset, what to call it in errors) of the tensor's bytes, which lie
+        contiguous in the file: the compiled kernel reads them itself (engine `_merge_in_files`). Only plain
+        files have this; the object store's reads go through Python to be hash-verified."""
+        return self._fd, self._data_start + self._offsets[name], f"{self.path}: tensor {name!r}"
+
     def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
         """The bytes of rows [start, end) into `out` (exactly their size): no allocation."""
         info = self._infos[name]
