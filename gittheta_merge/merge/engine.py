@@ -18,7 +18,8 @@ temporaries; strategies that are not row-separable (MaTS' CG couples all rows) t
 Streaming strategies (elementwise: average, task arithmetic, TIES; `Strategy.chunk_bytes`) use cache-sized
 chunks (1 MiB float32) in buffers reused from chunk to chunk, with torch's ops on one thread; average and
 task arithmetic over F32/F16/BF16 on the CPU never import torch: over F32/BF16 a compiled one-pass kernel
-(merge/fused.py) combines the raw bytes, otherwise numpy kernels do the same arithmetic. docs/merge.md,
+(merge/fused.py) combines the raw bytes (over plain files it reads and writes them itself), otherwise numpy
+kernels do the same arithmetic. docs/merge.md,
 "Performance", has the measurements behind each of these choices.
 """
 
@@ -130,8 +131,10 @@ class MergePlan:
                     or [self.max_block_bytes])
         whole = [t for t in self.tensors if t.action == "merge" and t.strategy and t.info is not None
                  and not self.strategies[t.strategy].row_separable]
-        text = (f"peak ≈ (M+1) × chunk × ~3 (float32 chunks, raw reads, temporaries; two sets with prefetch) = "
-                f"({m}+1) × {block / 1e6:.1f} MB × 3 ≈ {(m + 1) * block * 3 / 1e6:.1f} MB")
+        sets = _cpus() + 1 if _cpus() > 1 else 1  # helper threads and the caller each hold a set at most
+        text = (f"peak ≈ (M+1) × chunk × ~3 × sets (float32 chunks, raw reads, temporaries; a set per thread "
+                f"holding one) = ({m}+1) × {block / 1e6:.1f} MB × 3 × {sets} "
+                f"≈ {(m + 1) * block * 3 * sets / 1e6:.1f} MB")
         if whole:
             largest = max(t.info.numel * 4 for t in whole)  # type: ignore[union-attr]
             text += f"; whole-tensor strategies: (M+1) × {largest / 1e6:.1f} MB"
