@@ -342,3 +342,34 @@ def test_object_store_with_two_helpers_verifies_in_order_and_fails_cleanly(tmp_p
     _fail_nth_read(monkeypatch, StoreSource, 40)
     with pytest.raises(ThetaError, match="simulated read failure"):
         merge_metadata(metas, bmeta, store, MergeOptions(**opts))
+
+
+def test_in_order_turns_release_only_chunks_after_the_failed_one() -> None:
+    """Chunk 1's read fails before chunk 0 has read this source: chunk 0 still reads it (its result is what the
+    caller takes first, and it must not get chunk 1's failure in place of its own data), while chunk 2, waiting
+    for chunk 1's turn that never comes, is released with an error instead of hanging."""
+    import threading
+
+    from gittheta_merge.merge.engine import _InOrder
+
+    turn = _InOrder()
+    outcome: dict[str, object] = {}
+
+    def chunk2() -> None:
+        try:
+            with turn.of(2):
+                outcome["2"] = "read"
+        except ThetaError as exc:
+            outcome["2"] = str(exc)
+
+    waiter = threading.Thread(target=chunk2)
+    waiter.start()
+    turn.abandon(1)
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and outcome["2"] == "an earlier chunk's read failed"
+    with turn.of(0):  # chunk 0 reads this source after chunk 1 failed elsewhere
+        outcome["0"] = "read"
+    assert outcome["0"] == "read"
+    with pytest.raises(ThetaError, match="earlier chunk"):
+        with turn.of(3):
+            pass

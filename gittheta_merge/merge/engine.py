@@ -25,6 +25,7 @@ kernels do the same arithmetic. docs/merge.md,
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -351,7 +352,7 @@ class _Runner:
                 base_rows = read_one(index, base, "base" + suffix, start, end) if base is not None else None
             except BaseException:
                 for turn in turns.values():
-                    turn.abandon()
+                    turn.abandon(index)
                 raise
             if self.options.device != "cpu":
                 import torch
@@ -609,19 +610,20 @@ class _Runner:
 
 class _InOrder:
     """Chunk k's read of one source waits for chunk k-1's (hash verification reads each stored block front to
-    back). When any read of the tensor fails, `abandon` releases every waiter with an error: the chunk that
-    failed may never reach this source, and the merge ends with its error anyway."""
+    back). When chunk j's read of any source fails, `abandon(j)` releases every later chunk's waiter with an
+    error: chunk j may never reach this source, and the merge ends with j's error anyway (the caller takes
+    results in order). Chunks before j go on: they may still be reading, and their results come first."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._next = 0
-        self._abandoned = False
+        self._failed: float = math.inf  # the first chunk whose read failed
 
     @contextmanager
     def of(self, index: int) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: self._next >= index or self._abandoned)
-            if self._abandoned:
+            self._cond.wait_for(lambda: self._next >= index or self._failed < index)
+            if self._failed < index:
                 raise ThetaError("an earlier chunk's read failed")
         try:
             yield
@@ -630,9 +632,9 @@ class _InOrder:
                 self._next = index + 1
                 self._cond.notify_all()
 
-    def abandon(self) -> None:
+    def abandon(self, index: int) -> None:
         with self._cond:
-            self._abandoned = True
+            self._failed = min(self._failed, index)
             self._cond.notify_all()
 
 
