@@ -101,18 +101,24 @@ def supports(*dtypes: str) -> bool:
     return all(d in DTYPE_CODES for d in dtypes)
 
 
+def _checked(spec: LinComb, n_inputs: int, has_base: bool) -> Any:
+    """The loaded library, after checking the inputs and base match the combination."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the compiled merge kernel is unavailable: {_load_error}")
+    if n_inputs != len(spec.scales) or not n_inputs:
+        raise ValueError(f"{n_inputs} inputs for {len(spec.scales)} scales")
+    if has_base != (spec.base_scale is not None):
+        raise ValueError("a base is given exactly when the combination has a base scale")
+    return lib
+
+
 def run(spec: LinComb, inputs: list[tuple[Any, str]], base: tuple[Any, str] | None, out: Any, out_dtype: str,
         n: int) -> Any:
     """Compute `spec` over `n` elements. inputs / base: (contiguous numpy array of raw bytes, dtype); out: a
     contiguous numpy array for `n` elements of out_dtype. Sizes are checked here, not trusted: the C side
     indexes raw pointers."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the compiled merge kernel is unavailable: {_load_error}")
-    if len(inputs) != len(spec.scales) or not inputs:
-        raise ValueError(f"{len(inputs)} inputs for {len(spec.scales)} scales")
-    if (base is None) != (spec.base_scale is None):
-        raise ValueError("a base is given exactly when the combination has a base scale")
+    lib = _checked(spec, len(inputs), base is not None)
     arrays = [*inputs, *([base] if base is not None else []), (out, out_dtype)]
     for arr, dtype in arrays:
         if dtype not in DTYPE_CODES:
@@ -153,13 +159,7 @@ def run_files(spec: LinComb, inputs: list[FileSpan], base: FileSpan | None, out:
     between (the GIL is released for the whole call, so threads run ranges in parallel). Errors name the file
     and tensor; a failed call may have written part of the output range (the caller's file is a temporary
     one that is deleted on failure)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the compiled merge kernel is unavailable: {_load_error}")
-    if len(inputs) != len(spec.scales) or not inputs:
-        raise ValueError(f"{len(inputs)} inputs for {len(spec.scales)} scales")
-    if (base is None) != (spec.base_scale is None):
-        raise ValueError("a base is given exactly when the combination has a base scale")
+    lib = _checked(spec, len(inputs), base is not None)
     for span in [*inputs, *([base] if base else []), out]:
         if span.dtype not in DTYPE_CODES:
             raise ValueError(f"the compiled kernel has no {span.dtype}")
