@@ -140,9 +140,21 @@ def _report(exc: BaseException) -> None:
     sys.stderr.flush()
 
 
+def _widen_pipe(stream: BinaryIO) -> None:
+    """Let the pipe to git hold 1 MiB instead of 64 KiB (Linux; the unprivileged limit), so the smudge writes
+    ahead while git copies what it read; anything else (not a pipe, another OS) keeps the default."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+
+
 def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
     """Speak git's long-running filter protocol (version 2) until git closes the pipe."""
     reader, writer = PktReader(stdin), PktWriter(stdout)
+    _widen_pipe(stdout)
     hello = reader.read_text_list()
     if hello[:1] != ["git-filter-client"] or "version=2" not in hello:
         raise ThetaError(f"unexpected filter handshake from git: {hello}")

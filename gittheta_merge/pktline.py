@@ -7,9 +7,11 @@ a whole checkpoint in memory.
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO
 
 MAX_PAYLOAD = 65516  # 65520 - 4, the largest payload git accepts
+PACKETS_PER_WRITE = 16  # content packets handed to one writev(2): ~1 MiB per system call, not 2 per packet
 
 
 class ProtocolError(Exception):
@@ -152,6 +154,27 @@ class PktWriter:
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # an in-memory stream (tests)
+            self._fd = None
+
+    def packets(self, view: memoryview) -> None:
+        """`view` as content packets. To a file descriptor (git's pipe) up to PACKETS_PER_WRITE packets go out
+        in one writev, headers and payloads from where they are (no copy): a 0.8 GB smudge otherwise makes
+        24,000 small writes into a 64 KiB pipe, each a wake-up of git (docs/design.md, checkout)."""
+        if self._fd is None:
+            for start in range(0, len(view), MAX_PAYLOAD):
+                self.packet(view[start : start + MAX_PAYLOAD])
+            return
+        self._stream.flush()
+        step = MAX_PAYLOAD * PACKETS_PER_WRITE
+        for start in range(0, len(view), step):
+            parts: list[bytes | memoryview] = []
+            for at in range(start, min(len(view), start + step), MAX_PAYLOAD):
+                payload = view[at : at + MAX_PAYLOAD]
+                parts += (b"%04x" % (len(payload) + 4), payload)
+            _writev_all(self._fd, parts)
 
     def packet(self, payload: bytes) -> None:
         self._stream.write(b"%04x" % (len(payload) + 4))
@@ -176,7 +199,17 @@ class ContentSink:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), MAX_PAYLOAD):
-            self._writer.packet(view[start : start + MAX_PAYLOAD])
+        self._writer.packets(view)
         return len(view)
+
+
+def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """writev until every byte of `parts` is written (a pipe may take less than asked)."""
+    while parts:
+        n = os.writev(fd, parts)
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if n:
+            parts[0] = memoryview(parts[0])[n:]
 

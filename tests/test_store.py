@@ -57,3 +57,34 @@ def test_rejects_unsafe_oids(tmp_path: Path, oid: object) -> None:
     store = ObjectStore(tmp_path / "lfs")
     with pytest.raises(ThetaError, match="invalid object id"):
         store.path(oid)  # type: ignore[arg-type]
+
+
+def test_overlapped_verifier_yields_the_bytes_and_reports_corruption_at_the_end(tmp_path: Path) -> None:
+    """The smudge's verifier: the same bytes as iter_verified (tiny pieces, so its ring of buffers is reused
+    many times while the helper thread hashes), and a corrupt object among good ones does not stop the stream
+    but fails check() with the object and tensor named; a wrong size fails at once."""
+    store = ObjectStore(tmp_path / "lfs")
+    blobs = [bytes(range(256)) * k for k in (0, 1, 3, 40)] + [b"\x07" * 1001]
+    oids = [store.put(b)[0] for b in blobs]
+    verifier = store.overlapped_verifier()
+    verifier.chunk = 7
+    got = [b"".join(bytes(p) for p in verifier.iter_object(o, len(b), "t: ")) for o, b in zip(oids, blobs)]
+    verifier.check()
+    assert got == blobs
+
+    path = store.path(oids[3])
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[500] ^= 1
+    path.write_bytes(bytes(data))
+    verifier = store.overlapped_verifier()
+    verifier.chunk = 64
+    streamed = [b"".join(bytes(p) for p in verifier.iter_object(o, len(b), f"tensor {i}: "))
+                for i, (o, b) in enumerate(zip(oids, blobs))]
+    assert streamed[3] == bytes(data) and streamed[4] == blobs[4]  # the stream went on to the end
+    with pytest.raises(CorruptObject, match=rf"tensor 3: object {oids[3][:12]}… is corrupt"):
+        verifier.check()
+    verifier = store.overlapped_verifier()
+    with pytest.raises(CorruptObject, match="metadata implies"):
+        list(verifier.iter_object(oids[4], 1000, "t: "))
+    verifier.close()

@@ -182,11 +182,18 @@ class SafetensorsFormat(CheckpointFormat):
         out.write(len(header).to_bytes(8, "little"))
         out.write(header)
         done = 0
-        for i, tensor in enumerate(meta.tensors):
-            what = f"{ctx.path}: tensor {tensor.name!r}: "
-            for (oid, _), size in zip(tensor.blocks, tensor.block_sizes()):
-                for piece in ctx.store.iter_verified(oid, size, what):
-                    out.write(piece)
-            done += tensor.nbytes
-            if ctx.progress:
-                ctx.progress(i + 1, done)
+        # objects are hashed on a helper thread while their bytes go out, and a bad one fails the smudge at the
+        # end: git discards a smudge's output when it fails (store.OverlappedVerifier)
+        verifier = ctx.store.overlapped_verifier()
+        try:
+            for i, tensor in enumerate(meta.tensors):
+                what = f"{ctx.path}: tensor {tensor.name!r}: "
+                for (oid, _), size in zip(tensor.blocks, tensor.block_sizes()):
+                    for piece in verifier.iter_object(oid, size, what):
+                        out.write(piece)
+                done += tensor.nbytes
+                if ctx.progress:
+                    ctx.progress(i + 1, done)
+            verifier.check()
+        finally:
+            verifier.close()
