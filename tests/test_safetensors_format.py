@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,46 @@ def test_row_blocks_for_large_tensors(tmp_path: Path) -> None:
     emb = meta.by_name()["emb"]
     assert len(emb.blocks) == 13 and sum(r for _, r in emb.blocks) == 1000
     assert all(store.size(o) <= 10_000 for o in emb.oids)
+
+
+def test_large_blocks_stored_on_the_helper_thread_are_exact(tmp_path: Path, monkeypatch) -> None:
+    """Blocks of 1 MiB and more are hashed and stored on a helper thread while the next is read (two buffers
+    taking turns), small ones at once: every block's object holds exactly its bytes, in order, the file
+    rebuilds byte for byte, and a put failing on the helper fails the clean."""
+    import hashlib
+
+    state = {"a": make_tensor(torch.float32, (1200, 700), 1), "b": make_tensor(torch.float32, (3,), 2),
+             "c": make_tensor(torch.bfloat16, (900, 1000), 3), "d": make_tensor(torch.int8, (5, 5), 4)}
+    data = save(state)
+    real = ObjectStore.put
+    threads: list[str] = []
+
+    def recording(self, data):
+        threads.append(threading.current_thread().name)
+        return real(self, data)
+
+    monkeypatch.setattr(ObjectStore, "put", recording)
+    meta, rebuilt, store = round_trip(tmp_path, data, block=2 << 20)
+    assert rebuilt == data
+    assert sum(name.startswith("theta-put") for name in threads) == 3  # a's two blocks and c's one
+    for t in meta.tensors:
+        want = state[t.name].contiguous().view(torch.uint8).numpy().tobytes() if state[t.name].numel() else b""
+        got = b"".join(store.path(o).read_bytes() for o in t.oids)
+        assert got == want and all(hashlib.sha256(store.path(o).read_bytes()).hexdigest() == o for o in t.oids)
+    assert len(meta.by_name()["a"].blocks) == 2 and len(meta.by_name()["c"].blocks) == 1
+
+    calls = {"n": 0}
+
+    def failing(self, data):  # the second large block, stored on the helper thread
+        calls["n"] += len(data) >= 1 << 20
+        if calls["n"] == 2 and len(data) >= 1 << 20:
+            assert threading.current_thread().name.startswith("theta-put")
+            raise ThetaError("disk full (simulated)")
+        return real(self, data)
+
+    monkeypatch.setattr(ObjectStore, "put", failing)
+    with pytest.raises(ThetaError, match="disk full"):
+        round_trip(tmp_path / "again", data, block=2 << 20)
 
 
 def test_nonstandard_header_is_kept_exactly(tmp_path: Path) -> None:
