@@ -12,7 +12,9 @@ Measured, each as a separate process under /usr/bin/time (wall seconds, peak RSS
               bytes can use: 0.28 s against 0.21-1.2 s for write(2) of the same 0.8 GB here.)
   files       `git theta merge-files ft1 ft2 --base base -o out --strategy S` for average (linear),
               task_arithmetic, ties (exact, global top-k) and ties_local
-  git         `git theta merge ft1 ft2 --strategy S` in a temp repo (branches committed with git add)
+  git         `git theta merge ft1 ft2 --strategy S` in a temp repo (branches committed with git add), each
+              from the base commit with a settled index (no racily clean entry, as for a user who did not
+              reset a moment ago; measure.settle_index)
   mergekit    `mergekit-yaml` 0.1.5 for linear / task_arithmetic / ties, only with --mergekit-venv PATH
 
     python benchmarks/merge.py                       # 400M, everything but mergekit
@@ -39,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import time_command  # benchmarks/ is the script directory
+from measure import settle_index, time_command  # benchmarks/ is the script directory
 
 METHODS = {  # our strategy, its --set parameters, mergekit's method name
     "linear": ("average", [], "linear"),
@@ -344,6 +346,9 @@ def main() -> None:
             # back to the base commit: each `git theta merge` commits onto main, and merging ft1 ft2 into an
             # earlier merge result would be a 3-model merge
             git(repo, "reset", "-q", "--hard", base_commit)
+            # as a user who did not reset a moment ago: no racily clean index entry, else the checkout inside
+            # re-runs the clean filter over the 0.8 GB file (~1 s; git compares mtimes in whole seconds)
+            settle_index(repo)
             return timed([*gt, "merge", "ft1", "ft2", "--strategy", strategy,
                           *[a for s in sets for a in ("--set", s)]], cwd=repo)
 

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from measure import dir_bytes
+from measure import dir_bytes, settle_index
 
 MB = 1_000_000
 KB_PER_MB = 1000 / 1024  # /usr/bin/time and VmHWM report KiB; tables show MB (10^6 bytes)
@@ -396,22 +396,6 @@ class Runner:
 # --------------------------------------------------------------------------------------------------
 # One tool's workflow
 # --------------------------------------------------------------------------------------------------
-
-
-def settle_index(repo: Path, env: dict[str, str]) -> None:
-    """Leave no "racily clean" index entry before a timed checkout (untimed).
-
-    git compares the index file's mtime with each file's mtime in whole seconds. When a file was
-    written in the same second as the index (a fast `git add` right after the file was rewritten), git
-    cannot trust the stat data and, on the next command that looks at the file (commit, status, or
-    the checkout about to overwrite it), re-runs the clean filter over the whole file. That cost
-    depends on where the second boundary falls and hits faster filters more often; it is measured in
-    the status steps, but it would make the checkout numbers bimodal. So: wait past the index's
-    mtime second, then let `git status` re-verify and rewrite the index."""
-    index = repo / ".git" / "index"
-    while time.time() < int(index.stat().st_mtime) + 1.05:
-        time.sleep(0.05)
-    subprocess.run(["git", "status", "--porcelain"], cwd=repo, env=env, check=True, capture_output=True)
 
 
 def tool_env(tool: str, home: Path, venv: Path | None, fmt: str) -> dict[str, str]:
