@@ -7,7 +7,6 @@ one block at a time, any dtype (bf16 and fp8 included), verified against its oid
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 from gittheta_merge import dtypes
@@ -33,17 +32,6 @@ def _read_into(store: ObjectStore, oid: str, size: int, view: memoryview, what: 
     for piece in store.iter_verified(oid, size, what):
         view[offset : offset + len(piece)] = piece
         offset += len(piece)
-
-
-def iter_blocks(store: ObjectStore, entry: TensorEntry, what: str = "") -> Iterator[tuple[int, Any]]:
-    """(first row, tensor of that row block) for each stored block of a tensor."""
-    row = 0
-    for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
-        data = bytearray(size)
-        _read_into(store, oid, size, memoryview(data), what or f"tensor {entry.name!r}: ")
-        shape = [rows, *entry.shape[1:]] if entry.shape else []
-        yield row, bytes_to_tensor(data, entry.dtype, shape)
-        row += rows
 
 
 def load_tensor(store: ObjectStore, entry: TensorEntry, what: str = "") -> Any:
