@@ -37,6 +37,15 @@ def check_oid(oid: object, where: str = "") -> str:
 class CorruptObject(ThetaError):
     """An object whose bytes no longer hash to its name."""
 
+    @classmethod
+    def mismatch(cls, oid: str, what: str = "") -> CorruptObject:
+        return cls(f"{what}object {oid[:12]}… is corrupt (its sha256 does not match); "
+                   "run `git theta fsck`, then restore it from a remote")
+
+    @classmethod
+    def truncated(cls, oid: str, what: str = "") -> CorruptObject:
+        return cls(f"{what}object {oid[:12]}… is truncated")
+
 
 class MissingObject(ThetaError):
     """An object referenced by metadata that the local store does not have."""
@@ -186,15 +195,12 @@ class ObjectStore:
                 view = memoryview(buf)[: min(len(buf), remaining)]
                 n = handle.readinto(view)
                 if not n:
-                    raise CorruptObject(f"{what}object {oid[:12]}… is truncated")
+                    raise CorruptObject.truncated(oid, what)
                 digest.update(view[:n])
                 yield view[:n]
                 remaining -= n
         if digest.hexdigest() != oid:
-            raise CorruptObject(
-                f"{what}object {oid[:12]}… is corrupt (its sha256 does not match); "
-                "run `git theta fsck`, then restore it from a remote"
-            )
+            raise CorruptObject.mismatch(oid, what)
 
     def overlapped_verifier(self) -> OverlappedVerifier:
         """A verifier that hashes on a helper thread while the caller writes the bytes on (see the class)."""
@@ -235,6 +241,44 @@ class ObjectStore:
         return removed
 
 
+class BufferRing:
+    """Buffers a helper thread works on while the caller fills the next one: one worker (tasks run in the order
+    they were submitted) and a ring of buffers, each handed out again only after the task submitted on it has
+    finished (whose error, if any, is raised then). Used where hashing can run beside a pipe: the smudge's
+    verification (OverlappedVerifier) and the clean's object writes (formats/safetensors_format.py)."""
+
+    def __init__(self, size: int, thread_name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=thread_name)
+        self._bufs = [bytearray() for _ in range(size)]
+        self._busy: list[Any] = [None] * size  # the task reading each buffer
+        self._turn = -1
+
+    def buffer(self, n: int) -> memoryview:
+        """The next buffer (grown to n bytes if needed), once the task on it has finished."""
+        self._turn = (self._turn + 1) % len(self._bufs)
+        busy, self._busy[self._turn] = self._busy[self._turn], None
+        if busy is not None:
+            busy.result()
+        if len(self._bufs[self._turn]) < n:
+            self._bufs[self._turn] = bytearray(n)
+        return memoryview(self._bufs[self._turn])[:n]
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args), which reads the buffer last handed out, on the helper; its future."""
+        self._busy[self._turn] = future = self._pool.submit(fn, *args)
+        return future
+
+    def after(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args), which reads no buffer, on the helper after every task submitted so far."""
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Wait for every task: no task may still read a buffer, or write an object, after this."""
+        self._pool.shutdown(wait=True)
+
+
 class OverlappedVerifier:
     """Yields objects' bytes like `ObjectStore.iter_verified`, but hashes them on one helper thread while the
     caller writes each piece on, and reports a bad hash only from `check()`, after the last object.
@@ -242,19 +286,12 @@ class OverlappedVerifier:
     Why: sha256 of a 0.8 GB checkpoint is ~1 CPU-second, which in a smudge otherwise runs in series with the
     pipe to git. Only for readers that throw the output away when the verdict comes late: git discards a
     smudge that ends with status=error (or a non-zero exit), and the file it would have written is never
-    written. Pieces live in a ring of buffers; one is reused only after its hash update has finished."""
-
-    RING = 3
+    written. Pieces live in a ring of three buffers (`BufferRing`)."""
 
     def __init__(self, store: ObjectStore, chunk: int = READ_CHUNK) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.store = store
         self.chunk = chunk
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="theta-verify")
-        self._bufs: list[bytearray] = []
-        self._busy: list[Any] = [None] * self.RING  # the last hash task reading each buffer
-        self._turn = -1
+        self._ring = BufferRing(3, "theta-verify")
         self._errors: list[CorruptObject] = []
 
     def iter_object(self, oid: str, size: int, what: str = "") -> Iterator[memoryview]:
@@ -262,30 +299,19 @@ class OverlappedVerifier:
         with self.store.open(oid, size, what) as handle:
             remaining = size
             while remaining:
-                view = self._buffer(min(self.chunk, remaining))
+                view = self._ring.buffer(min(self.chunk, remaining))
                 n = handle.readinto(view)
                 if not n:
-                    raise CorruptObject(f"{what}object {oid[:12]}… is truncated")
+                    raise CorruptObject.truncated(oid, what)
                 piece = view[:n]
-                self._busy[self._turn] = self._pool.submit(digest.update, piece)
+                self._ring.submit(digest.update, piece)
                 yield piece
                 remaining -= n
-        self._pool.submit(self._verdict, digest, oid, what)
-
-    def _buffer(self, n: int) -> memoryview:
-        """The next ring buffer, once the hash of the piece it held has finished."""
-        self._turn = (self._turn + 1) % self.RING
-        if self._turn == len(self._bufs):
-            self._bufs.append(bytearray(self.chunk))
-        elif self._busy[self._turn] is not None:
-            self._busy[self._turn].result()
-        return memoryview(self._bufs[self._turn])[:n]
+        self._ring.after(self._verdict, digest, oid, what)
 
     def _verdict(self, digest: Any, oid: str, what: str) -> None:
         if digest.hexdigest() != oid:
-            self._errors.append(CorruptObject(
-                f"{what}object {oid[:12]}… is corrupt (its sha256 does not match); "
-                "run `git theta fsck`, then restore it from a remote"))
+            self._errors.append(CorruptObject.mismatch(oid, what))
 
     def check(self) -> None:
         """Wait for every hash; raise the first object's CorruptObject, if any."""
@@ -294,4 +320,4 @@ class OverlappedVerifier:
             raise self._errors[0]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._ring.close()

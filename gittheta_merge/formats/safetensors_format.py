@@ -16,9 +16,11 @@ from gittheta_merge.errors import ThetaError
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.formats.streams import read_exact_into
 from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.store import BufferRing
 
 MAX_HEADER = 100_000_000  # safetensors' own limit
 METADATA_KEY = "__metadata__"
+PUT_ON_HELPER_BYTES = 1 << 20  # clean: blocks this large are hashed and stored on a helper thread
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -121,9 +123,12 @@ class SafetensorsFormat(CheckpointFormat):
         read_exact_into(stream, memoryview(raw_header), f"{where} (header)")
         file_meta, tensors, key_order = parse_header(bytes(raw_header), where)
 
+        # blocks of 1 MiB and more are hashed and stored on a helper thread while the next block is read from
+        # git (two buffers taking turns); smaller ones at once, a thread hand-off costs more than they do
         stored: list[tuple[str, str, list[int], list[tuple[Any, int]]]] = []  # blocks: (oid or its future, rows)
         done_bytes = 0
-        with _OverlappedPut(ctx.store) as putter:
+        ring = BufferRing(2, "theta-put")
+        try:
             for name, dtype, shape, start, end in tensors:
                 plan = plan_row_blocks(dtype, shape, ctx.max_block_bytes)
                 rows = shape[0] if shape else 1
@@ -131,17 +136,21 @@ class SafetensorsFormat(CheckpointFormat):
                 blocks: list[tuple[Any, int]] = []
                 for block_rows in plan:
                     size = block_rows * row_bytes if rows else 0
-                    view = putter.buffer(size)
+                    view = ring.buffer(size)
                     read_exact_into(stream, view, f"{where}: tensor {name!r}")
-                    blocks.append((putter.put(view), block_rows))
+                    oid = ctx.store.put(view)[0] if size < PUT_ON_HELPER_BYTES else ring.submit(ctx.store.put, view)
+                    blocks.append((oid, block_rows))
                 stored.append((name, dtype, shape, blocks))
                 done_bytes += end - start
                 if ctx.progress:
                     ctx.progress(len(stored), done_bytes)
             if stream.read(1):
                 raise ThetaError(f"{where}: unexpected bytes after the last tensor: the header lies about sizes")
-        entries = [TensorEntry(name, dtype, shape, [(_oid(oid), rows) for oid, rows in blocks])
-                   for name, dtype, shape, blocks in stored]  # every put has finished
+        finally:
+            ring.close()
+        entries = [TensorEntry(name, dtype, shape, [(oid if isinstance(oid, str) else oid.result()[0], rows)
+                                                    for oid, rows in blocks])
+                   for name, dtype, shape, blocks in stored]
 
         info: dict[str, Any] = {}
         if file_meta is not None:
@@ -197,47 +206,3 @@ class SafetensorsFormat(CheckpointFormat):
         finally:
             verifier.close()
 
-
-def _oid(stored: Any) -> str:
-    return stored if isinstance(stored, str) else stored.result()[0]
-
-
-class _OverlappedPut:
-    """Stores blocks on a helper thread while the caller reads the next one from git (two buffers taking
-    turns): hashing a block (sha256, ~0.6 s per 0.8 GB) then runs beside the pipe reads instead of after them.
-    Blocks under 1 MiB are stored at once (a thread hand-off costs more than they do). put() returns the oid,
-    or a future of (oid, new) for a block stored on the helper."""
-
-    SMALL = 1 << 20
-
-    def __init__(self, store: Any) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.store = store
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="theta-put")
-        self._bufs = [bytearray(0), bytearray(0)]
-        self._pending: list[Any] = [None, None]
-        self._turn = 0
-
-    def buffer(self, size: int) -> memoryview:
-        """A buffer for the next block: the one whose put finished longest ago."""
-        self._turn ^= 1
-        pending = self._pending[self._turn]
-        if pending is not None:
-            pending.result()
-            self._pending[self._turn] = None
-        if len(self._bufs[self._turn]) < size:
-            self._bufs[self._turn] = bytearray(size)
-        return memoryview(self._bufs[self._turn])[:size]
-
-    def put(self, view: memoryview) -> Any:
-        if len(view) < self.SMALL:
-            return self.store.put(view)[0]
-        self._pending[self._turn] = future = self._pool.submit(self.store.put, view)
-        return future
-
-    def __enter__(self) -> _OverlappedPut:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True)  # no put may still read a buffer, or write an object, after this

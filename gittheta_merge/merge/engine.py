@@ -375,7 +375,7 @@ class _Runner:
         cores split reads, hash verification and the kernel while the caller stores the output; a source whose
         reads must stay in order (the object store's incremental verification) is read one chunk after the other
         (`_InOrder`). (Over plain files the kernel does its own I/O instead: `_merge_in_files`.)"""
-        two_cpus = (os.cpu_count() or 1) >= 2
+        two_cpus = _cpus() >= 2
         on = self.options.prefetch if self.options.prefetch is not None else kind != "torch" and two_cpus
         if not on:
             return 0
@@ -498,8 +498,7 @@ class _Runner:
         parallel."""
         info = tp.info
         assert info is not None
-        srcs = self._inputs(strat)
-        base = srcs.pop() if strat.needs_base and self.base is not None else None
+        base = self.base if strat.needs_base else None
         out_fd, out_offset, out_what = sink.file_span(tp.name)
         n = info.numel
         step = max(1, min(FILE_STEP_ELEMS, self.plan.max_block_bytes // 4))
@@ -513,7 +512,7 @@ class _Runner:
             return fused.FileSpan(fd, offset + start * dtypes.itemsize(sinfo.dtype), sinfo.dtype, what)
 
         def run(start: int) -> None:
-            fused.run_files(spec, [span(src, start) for src in srcs], span(base, start) if base else None,
+            fused.run_files(spec, [span(src, start) for src in self.models], span(base, start) if base else None,
                             fused.FileSpan(out_fd, out_offset + start * dtypes.itemsize(info.dtype), info.dtype,
                                            out_what), min(per, n - start), step)
 
@@ -528,7 +527,7 @@ class _Runner:
         for fut in helpers:
             fut.result()
         sink.span_written(tp.name)
-        self.bytes_read += (len(srcs) + (base is not None)) * 4 * n
+        self.bytes_read += len(self._inputs(strat)) * 4 * n
 
     def uses_numpy(self) -> bool:
         """True when every merged tensor can take the torch-free path: CPU, strategies with merge_np and no
@@ -554,17 +553,15 @@ class _Runner:
         assert tp.info is not None
         out_bounds = sink.begin(tp.info)
         spec = self.lincomb_for(tp, strat) if use_numpy else None
-        if spec is not None and self.in_files(tp, strat, sink):  # plain files: the kernel does the I/O too
-            self._merge_in_files(tp, strat, spec, sink)
-            self.fused_tensors += 1
-            sink.end()
-            return
         if spec is not None:
-            # the compiled kernel combines the raw chunks where they are read (the prefetch threads, if any);
-            # this thread writes them in order
-            apply = partial(self._apply_lincomb, spec, tp.info.dtype)
-            for _chunk, result in self.chunks(tp, strat, out_bounds, entry, kind="raw", apply=apply):
-                sink.write(result)
+            if self.in_files(tp, strat, sink):  # plain files: the kernel does the I/O too
+                self._merge_in_files(tp, strat, spec, sink)
+            else:
+                # the compiled kernel combines the raw chunks where they are read (the prefetch threads, if
+                # any); this thread writes them in order
+                apply = partial(self._apply_lincomb, spec, tp.info.dtype)
+                for _chunk, result in self.chunks(tp, strat, out_bounds, entry, kind="raw", apply=apply):
+                    sink.write(result)
             self.fused_tensors += 1
             sink.end()
             return

@@ -102,8 +102,9 @@ def supports(*dtypes: str) -> bool:
     return all(d in DTYPE_CODES for d in dtypes)
 
 
-def _checked(spec: LinComb, n_inputs: int, has_base: bool) -> Any:
-    """The loaded library, after checking the inputs and base match the combination."""
+def _checked(spec: LinComb, n_inputs: int, has_base: bool, used: list[str]) -> Any:
+    """The loaded library, after checking the inputs and base match the combination and every dtype `used`
+    (inputs, base, output) is one the kernel has."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the compiled merge kernel is unavailable: {_load_error}")
@@ -111,6 +112,9 @@ def _checked(spec: LinComb, n_inputs: int, has_base: bool) -> Any:
         raise ValueError(f"{n_inputs} inputs for {len(spec.scales)} scales")
     if has_base != (spec.base_scale is not None):
         raise ValueError("a base is given exactly when the combination has a base scale")
+    for dtype in used:
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"the compiled kernel has no {dtype}")
     return lib
 
 
@@ -119,11 +123,9 @@ def run(spec: LinComb, inputs: list[tuple[Any, str]], base: tuple[Any, str] | No
     """Compute `spec` over `n` elements. inputs / base: (contiguous numpy array of raw bytes, dtype); out: a
     contiguous numpy array for `n` elements of out_dtype. Sizes are checked here, not trusted: the C side
     indexes raw pointers."""
-    lib = _checked(spec, len(inputs), base is not None)
     arrays = [*inputs, *([base] if base is not None else []), (out, out_dtype)]
+    lib = _checked(spec, len(inputs), base is not None, [dtype for _, dtype in arrays])
     for arr, dtype in arrays:
-        if dtype not in DTYPE_CODES:
-            raise ValueError(f"the compiled kernel has no {dtype}")
         if not arr.flags.c_contiguous or arr.nbytes < n * dtypes.itemsize(dtype):
             raise ValueError(f"buffer of {arr.nbytes} bytes for {n} {dtype} elements")
     if not out.flags.writeable:
@@ -160,10 +162,9 @@ def run_files(spec: LinComb, inputs: list[FileSpan], base: FileSpan | None, out:
     between (the GIL is released for the whole call, so threads run ranges in parallel). Errors name the file
     and tensor; a failed call may have written part of the output range (the caller's file is a temporary
     one that is deleted on failure)."""
-    lib = _checked(spec, len(inputs), base is not None)
-    for span in [*inputs, *([base] if base else []), out]:
-        if span.dtype not in DTYPE_CODES:
-            raise ValueError(f"the compiled kernel has no {span.dtype}")
+    spans = [*inputs, *([base] if base else []), out]
+    lib = _checked(spec, len(inputs), base is not None, [span.dtype for span in spans])
+    for span in spans:
         if span.fd < 0 or span.offset < 0:
             raise ValueError(f"{span.what}: bad file span ({span.fd}, {span.offset})")
     if n < 0 or step < 1:

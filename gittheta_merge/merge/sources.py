@@ -186,8 +186,7 @@ class StoreSource(_RowSource):
         elif state[1].hexdigest() == oid:
             self._verified.add(oid)
         else:
-            raise CorruptObject(f"{what}object {oid[:12]}… is corrupt (its sha256 does not match); "
-                                "run `git theta fsck`, then restore it from a remote")
+            raise CorruptObject.mismatch(oid, what)
 
 
 class SafetensorsSource(_RowSource):
