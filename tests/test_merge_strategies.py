@@ -70,9 +70,22 @@ def ref_ties_flat(base, models, density, lam):
 
 
 def ref_ties_local(base, models, density, lam):
+    """mergekit's ties, from its formulas: per tensor keep the max(1, int(density*n)) largest |tau| (argsort), elect
+    + where the trimmed sum is >= 0, else -, and average the entries whose sign equals the elected one."""
     out = {}
     for k in base:
-        out.update(ref_ties_flat({k: base[k]}, [{k: m[k]} for m in models], density, lam))
+        taus = []
+        for m in models:
+            tau = (m[k] - base[k]).reshape(-1)
+            keep = max(1, int(density * tau.numel()))
+            mask = torch.zeros_like(tau)
+            mask[torch.argsort(tau.abs(), descending=True)[:keep]] = 1
+            taus.append(tau * mask)
+        tv = torch.stack(taus)
+        elected = (tv.sum(0) >= 0).float() * 2 - 1
+        agree = (tv.sign() == elected).float()
+        merged = (tv * agree).sum(0) / agree.sum(0).clamp(min=1)
+        out[k] = base[k] + lam * merged.reshape(base[k].shape)
     return out
 
 

@@ -11,8 +11,10 @@ reference). The merge pass then needs only each chunk: disjoint mean of the entr
 elected sign (s > 0 selects positive entries, otherwise negative ones, exactly like the reference), and
 theta_0 + lambda * tau*. Peak memory: (M+1) chunks + 2 x 65536 x M counters.
 
-`ties_local`: the same algorithm with the top-k and the majority sign computed per tensor (mergekit
-calls this "ties"); a different method, hence a different name.
+`ties_local`: mergekit's `ties` (0.1.5, `sparsify.magnitude` + `get_mask(method="sum")`), per tensor: keep
+exactly max(1, int(density * n)) entries of tau_i by magnitude (the k-th largest |tau_i| is the threshold; the
+paper's code keeps one more), elect sign(sum_i trimmed tau_i) with a zero sum counting as +1 (no majority pass),
+and average the entries that share the elected sign. A different method from `ties`, hence a different name.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def trim_(tau: Any, threshold: float) -> Any:
     """tau * (|tau| >= threshold), in place."""
     import torch
 
-    if threshold > 0:
+    if threshold == float("inf"):
+        tau.zero_()
+    elif threshold > 0:
         torch.hardshrink(tau, below(threshold), out=tau)
     return tau
 
@@ -88,9 +92,10 @@ def _count_sum(values: Any) -> int:
 class _Selector:
     """Exact k-th smallest |tau| per model by two histogram passes over float32 bit patterns."""
 
-    def __init__(self, n_models: int, pool: Any) -> None:
+    def __init__(self, n_models: int, pool: Any, keep_exactly: bool = False) -> None:
         import torch
 
+        self.keep_exactly = keep_exactly  # mergekit: exactly max(1, k) entries; the paper's code: k + 1
         self.n = n_models
         self.pool = pool
         self.total = 0
@@ -99,6 +104,7 @@ class _Selector:
         self.rank = [0] * n_models  # rank of the wanted value inside its high bin (1-indexed)
         self.thresholds: list[float] = [0.0] * n_models
         self.keep_all = False
+        self.keep_none = False
 
     def _high(self, tau: Any) -> tuple[Any, Any]:
         """(|tau| bits, their high 16 bits), flat; |tau| is taken in place."""
@@ -122,8 +128,16 @@ class _Selector:
     def end_high(self, density: float) -> None:
         import torch
 
-        kth = self.total - keep_count(self.total, density)
-        if kth <= 0 or self.total == 0:
+        keep = keep_count(self.total, density)
+        if self.keep_exactly:
+            if density <= 0:
+                self.keep_none = True
+                return
+            keep = max(1, keep)
+        # the threshold is the kth smallest |tau|: kthvalue(D - k) in the paper's code (keeps k + 1 entries),
+        # the k-th largest, kthvalue(D - k + 1), where exactly k are kept
+        kth = self.total - keep + (1 if self.keep_exactly else 0)
+        if kth <= 0 or self.total == 0 or (self.keep_exactly and density >= 1):
             self.keep_all = True  # density 1: every entry is kept (|tau| >= 0)
             return
         for i, hist in enumerate(self.hist):
@@ -139,7 +153,7 @@ class _Selector:
         bin count in bin 0, above it in 65537, and the boundary bin's entries land in 1..65536."""
         import torch
 
-        if self.keep_all:
+        if self.keep_all or self.keep_none:
             return
         for i, tau in enumerate(taus):
             bits = tau.abs_().view(-1).view(torch.int32)
@@ -156,8 +170,8 @@ class _Selector:
         import torch
 
         for i, hist in enumerate(self.hist):
-            if self.keep_all:
-                self.thresholds[i] = 0.0
+            if self.keep_all or self.keep_none:
+                self.thresholds[i] = float("inf") if self.keep_none else 0.0
                 continue
             cumulative = torch.cumsum(hist, 0)
             low = int(torch.searchsorted(cumulative, self.rank[i]))
@@ -167,9 +181,12 @@ class _Selector:
 
 
 class Ties(Strategy):
+    """TIES as the paper's code computes it: global top-k per task (k + 1 kept), global majority sign."""
+
     name = "ties"
     needs_base = True
     n_passes = 3
+    keep_exactly = False  # top-k convention: the paper's kthvalue(D - k) (see _Selector)
     pass_scope = "model"
     chunk_bytes = STREAM_CHUNK_BYTES
     params_spec = {
@@ -192,7 +209,7 @@ class Ties(Strategy):
 
     def begin_pass(self, index: int) -> None:
         if index == 0:
-            self._selector = _Selector(self.n_models, self.pool)
+            self._selector = _Selector(self.n_models, self.pool, keep_exactly=self.keep_exactly)
             self._sign_total = 0
 
     def _trimmed_sum(self, taus: list[Any]) -> Any:
@@ -269,10 +286,22 @@ class Ties(Strategy):
 
 
 class TiesLocal(Ties):
-    """TIES with per-tensor top-k and per-tensor majority sign (mergekit's "ties")."""
+    """mergekit's `ties`, per tensor: exactly max(1, int(density * n)) entries kept by magnitude, a zero sign sum
+    elects + (mergekit's get_mask), so there is no majority pass; equal to mergekit 0.1.5 (tests/test_vs_mergekit)."""
 
     name = "ties_local"
     pass_scope = "tensor"
+    n_passes = 2
+    keep_exactly = True
+    params_spec = {
+        "density": Param(0.2, "float", "fraction of each tensor's task vector kept, exactly max(1, int(density*n)) "
+                                       "entries (mergekit's convention)"),
+        "lambda": Param(1.0, "float", "scale of the merged task vector (mergekit's lambda)"),
+    }
+
+    def end_pass(self, index: int) -> None:
+        super().end_pass(index)
+        self.majority = 1.0  # mergekit: majority_sign = +1 where the sum of trimmed task vectors is >= 0
 
     def summary(self) -> dict[str, Any]:
         return {}
