@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from gittheta_merge import __version__
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, storage_error
 from gittheta_merge.gitutil import Repo
 
 _NO_HINT = {"install", "filter-process", "clean", "smudge", "pre-push", "--help", "--version"}
@@ -59,6 +59,12 @@ class ThetaGroup(click.Group):
             return super().invoke(ctx)
         except ThetaError as exc:
             click.echo(f"git-theta: error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # disk full, quota, read-only, permissions: the user's to fix, in one line
+            err = storage_error(exc)
+            if err is None:
+                raise
+            click.echo(f"git-theta: error: {err}", err=True)
             sys.exit(1)
 
 
@@ -173,15 +179,20 @@ def fsck() -> None:
 @click.option("--prune", default="1.hour", show_default=True,
               help="keep unreferenced objects younger than this (N.second|minute|hour|day, or 'now')")
 @click.option("--dry-run", is_flag=True, help="only report what would be removed")
-def gc(prune: str, dry_run: bool) -> None:
-    """Delete objects no commit, reflog or index entry refers to."""
+@click.option("--no-wait", is_flag=True, help="refuse (naming it) instead of waiting while a command writes objects")
+def gc(prune: str, dry_run: bool, no_wait: bool) -> None:
+    """Delete objects no commit, reflog or index entry refers to, and temp files of killed commands. Waits for
+    running commands that store objects (git add, merges, stats, downloads) and keeps what they wrote."""
     from gittheta_merge import maintenance
-    from gittheta_merge.inspect_cmds import human_bytes
+    from gittheta_merge.errors import human_bytes
 
-    report = maintenance.gc(Repo.discover(), grace_seconds=_parse_age(prune), dry_run=dry_run)
+    report = maintenance.gc(Repo.discover(), grace_seconds=_parse_age(prune), dry_run=dry_run, wait=not no_wait)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {report.removed} objects ({human_bytes(report.removed_bytes)}), kept {report.kept}"
-               + (f", spared {report.spared_recent} recent" if report.spared_recent else ""))
+               + (f", spared {report.spared_recent} recent" if report.spared_recent else "")
+               + (f", spared {report.spared_pending} not yet in git's index" if report.spared_pending else "")
+               + (f"; {verb} {report.tmp_removed} temp file(s) of killed commands ({human_bytes(report.tmp_bytes)})"
+                  if report.tmp_removed else ""))
 
 
 def _parse_age(text: str) -> float:
@@ -269,9 +280,11 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
         diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
         label_field=label_field)
     summary = {k: v for k, v in stat.provenance.items() if isinstance(v, (str, int, float, bool))}
-    tmp_dir = ObjectStore.for_repo(repo).tmp_dir
+    store = ObjectStore.for_repo(repo)
+    tmp_dir = store.tmp_dir
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="stats-") as tmp:
+    # the lock from before the temp folder until the index has the blob: gc removes neither meanwhile
+    with store.guard.session(eager=True), tempfile.TemporaryDirectory(dir=tmp_dir, prefix="stats-") as tmp:
         blob = Path(tmp) / f"{kind}.safetensors"
         save_statistic(stat, blob)  # written straight to disk: the blob is never a second copy in memory
         for info in attach.attach(repo, tracked, kind, blob, summary,

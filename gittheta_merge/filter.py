@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 from typing import BinaryIO
 
-from gittheta_merge import formats
-from gittheta_merge.errors import ThetaError
+from gittheta_merge import formats, testhooks
+from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
 from gittheta_merge.formats.base import Context
 from gittheta_merge.formats.streams import PrefixedStream, read_head
 from gittheta_merge.gitutil import Repo
@@ -47,6 +47,16 @@ class Filter:
         ctx = Context(path, self.store, self.max_block_bytes, str(self.scratch), bar.update)
         return ctx, bar
 
+    def require_checkout_space(self, path: str, size: int) -> None:
+        """git writes what we give it into the work tree (after removing the old file): refuse up front, with the
+        numbers, when it cannot fit, instead of git's error after it has removed the old version."""
+        target = self.repo.root / path
+        try:
+            reclaimed = target.stat().st_size
+        except OSError:
+            reclaimed = 0
+        require_space(target.parent, size - reclaimed, f"{path}: checking out {human_bytes(size)}")
+
     def clean(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
         head = read_head(stream, 64)
         if not head:
@@ -63,6 +73,8 @@ class Filter:
         finally:
             bar.close()
         self.carry_over_stats(path, meta)
+        self.store.require_present(meta.iter_objects(), path)  # never answer git with an object that is gone
+        testhooks.pause("clean-answer")
         out.write(meta.to_bytes())
 
     def carry_over_stats(self, path: str, meta: Metadata) -> None:
@@ -104,6 +116,7 @@ class Filter:
         return names
 
     def smudge_meta(self, path: str, meta: Metadata, out: BinaryIO) -> None:
+        self.require_checkout_space(path, meta.total_bytes)
         fmt = formats.by_name(meta.format)
         ctx, bar = self.context(path, "smudge", meta.total_bytes, len(meta.tensors))
         try:
@@ -133,6 +146,8 @@ def _log_peak_rss() -> None:
 
 
 def _report(exc: BaseException) -> None:
+    if isinstance(exc, OSError):
+        exc = storage_error(exc) or exc
     if isinstance(exc, ThetaError):
         sys.stderr.write(f"git-theta: error: {exc}\n")
     else:
@@ -167,6 +182,11 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
             writer.text(f"capability={cap}")
     writer.flush()
     filt = Filter(repo or Repo.discover())
+    with filt.store.guard.session(owner="git"):  # git writes the index that refers to what we store after we answer
+        _serve_requests(filt, reader, writer)
+
+
+def _serve_requests(filt: Filter, reader: PktReader, writer: PktWriter) -> None:
     try:
         from gittheta_merge.tracking import install_hooks
 
@@ -250,10 +270,11 @@ def single_shot(command: str, path: str) -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     filt = Filter(Repo.discover(Path.cwd()))
     try:
-        if command == "clean":
-            filt.clean(path, stdin, stdout)
-        else:
-            filt.smudge(path, stdin, stdout)
+        with filt.store.guard.session(owner="git"):
+            if command == "clean":
+                filt.clean(path, stdin, stdout)
+            else:
+                filt.smudge(path, stdin, stdout)
     except ThetaError as exc:
         _report(exc)
         return 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, human_bytes
 from gittheta_merge.gitutil import CatFile, Repo, blob_sizes, iter_index_blobs, iter_tree_blobs
 from gittheta_merge.metadata import MAX_METADATA_BYTES, Metadata, TensorEntry, is_metadata
 from gittheta_merge.store import ObjectStore
@@ -50,14 +50,6 @@ def tracked_files(repo: Repo, rev: str, paths: list[str] | None = None) -> dict[
 
 def format_shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
 
 
 def ls_lines(meta: Metadata, path: str, show_oids: bool = True) -> list[str]:

@@ -9,10 +9,12 @@ plain git-lfs pointer files, which share the store.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.gitutil import CatFile, Repo
@@ -135,32 +137,79 @@ class GcReport:
     removed: int = 0
     removed_bytes: int = 0
     spared_recent: int = 0
+    spared_pending: int = 0  # written by a running command (or for a git that has not written its index yet)
+    tmp_removed: int = 0  # temp files of killed writers
+    tmp_bytes: int = 0
 
 
 def gc(repo: Repo, store: ObjectStore | None = None, grace_seconds: float = 3600,
-       dry_run: bool = False) -> GcReport:
-    """Delete objects nothing in history, the reflogs or the index refers to.
+       dry_run: bool = False, wait: bool = True) -> GcReport:
+    """Delete objects nothing in history, the reflogs or the index refers to, and temp files of killed writers.
 
-    Objects younger than the grace period are kept: a concurrent `git add` may have written them
-    before the index that will reference them.
+    Runs under the store's exclusive lock (storelock.GcLock): writers of objects finish first (or, with
+    wait=False, gc refuses and names them), and objects a writer handed to a git that has not yet written its
+    index are spared. Objects younger than the grace period are kept too (a writer without the lock: an older
+    version of this tool, or a filesystem without flock).
     """
+    from gittheta_merge.storelock import GcLock
+
     store = store or ObjectStore.for_repo(repo)
-    needed = reachable_oids(repo)
     report = GcReport()
-    cutoff = time.time() - grace_seconds
-    for oid in list(store.iter_oids()):
-        if oid in needed:
-            report.kept += 1
-            continue
-        path = store.path(oid)
-        stat = path.stat()
-        if stat.st_mtime > cutoff:
-            report.spared_recent += 1
-            continue
-        report.removed += 1
-        report.removed_bytes += stat.st_size
-        if not dry_run:
-            store.delete(oid)
-    if not dry_run:
-        store.clean_tmp(grace_seconds)
+    with GcLock(store.lfs_dir, wait=wait) as lock:
+        needed = reachable_oids(repo)
+        cutoff = time.time() - grace_seconds
+        for oid in list(store.iter_oids()):
+            if oid in needed:
+                report.kept += 1
+                continue
+            if oid in lock.protected:
+                report.spared_pending += 1
+                continue
+            try:
+                stat = store.path(oid).stat()
+            except FileNotFoundError:
+                continue
+            if stat.st_mtime > cutoff:
+                report.spared_recent += 1
+                continue
+            report.removed += 1
+            report.removed_bytes += stat.st_size
+            if not dry_run:
+                store.delete(oid)
+        for folder in (store.tmp_dir, repo.common_dir / "theta" / "tmp"):  # objects' and the filter's scratch
+            count, size = remove_stale_temp(folder, grace_seconds, dry_run)
+            report.tmp_removed += count
+            report.tmp_bytes += size
     return report
+
+
+TEMP_PREFIXES = ("theta-", "derived-stats-", "stats-")  # how our writers name their temp files and folders
+
+
+def remove_stale_temp(folder: Path, older_than_s: float, dry_run: bool = False) -> tuple[int, int]:
+    """Remove temp files and folders our killed writers left; returns (count, bytes). git-lfs's own temp files
+    (in lfs/tmp too) are left to git-lfs. Called under gc's lock, so no writer of ours is mid-file; the age
+    limit still protects a writer that runs without the lock (an older version, a filesystem without flock)."""
+    if not folder.is_dir():
+        return 0, 0
+    cutoff = time.time() - older_than_s
+    removed = size = 0
+    for entry in folder.iterdir():
+        if not entry.name.startswith(TEMP_PREFIXES):
+            continue
+        try:
+            stat = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if older_than_s > 0 and stat.st_mtime >= cutoff:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            size += sum(p.lstat().st_size for p in entry.rglob("*") if p.is_file())
+            if not dry_run:
+                shutil.rmtree(entry, ignore_errors=True)
+        else:
+            size += stat.st_size
+            if not dry_run:
+                entry.unlink(missing_ok=True)
+        removed += 1
+    return removed, size

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, loads_untrusted
 from gittheta_merge.store import check_oid
 
 SCHEMA_VERSION = 1
@@ -181,10 +181,7 @@ class Metadata:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "metadata") -> Metadata:
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ThetaError(f"{where}: not a valid gittheta metadata file ({exc})") from None
+        raw = loads_untrusted(data, where, "gittheta metadata file")
         if not isinstance(raw, dict) or "gittheta" not in raw:
             raise ThetaError(f"{where}: not a gittheta metadata file")
         version = raw["gittheta"]

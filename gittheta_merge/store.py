@@ -7,21 +7,24 @@ docs/object-format.md for why not tensorstore/zarr): the oid is then the exact c
 tensor, and a row range is one seek away.
 
 Writes go to a temp file in `lfs/tmp` and are renamed into place, so a killed `git add` leaves either a
-complete object or none.
+complete object or none. Every write or reuse is first registered with the store's WriterGuard
+(storelock.py), so `git theta gc` never deletes an object between its write and git's index.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge import testhooks
+from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
+from gittheta_merge.storelock import WriterGuard
 
 _OID_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_CHUNK = 8 << 20
@@ -32,6 +35,17 @@ def check_oid(oid: object, where: str = "") -> str:
     if not isinstance(oid, str) or not _OID_RE.match(oid):
         raise ThetaError(f"{where}invalid object id {oid!r} (expected 64 hex digits)")
     return oid
+
+
+_GUARDS: dict[str, WriterGuard] = {}
+
+
+def writer_guard(lfs_dir: Path) -> WriterGuard:
+    """One guard per store and process, however many ObjectStore instances point at it."""
+    key = os.path.realpath(lfs_dir)
+    if key not in _GUARDS:
+        _GUARDS[key] = WriterGuard(Path(lfs_dir))
+    return _GUARDS[key]
 
 
 class CorruptObject(ThetaError):
@@ -59,6 +73,7 @@ class ObjectStore:
         self.objects_dir = self.lfs_dir / "objects"
         self.tmp_dir = self.lfs_dir / "tmp"
         self.fsync = fsync
+        self.guard = writer_guard(self.lfs_dir)
 
     @classmethod
     def for_repo(cls, repo: object) -> ObjectStore:
@@ -75,6 +90,15 @@ class ObjectStore:
     def has(self, oid: str) -> bool:
         return self.path(oid).is_file()
 
+    def require_present(self, objects: Iterable[tuple[str, int, str]], where: str) -> None:
+        """Before metadata naming these objects is handed on: each is still here (defence in depth against a
+        deletion between our write and git's index, e.g. by a gc of a version of this tool without the lock)."""
+        gone = [what or oid[:12] for oid, _, what in objects if not self.has(oid)]
+        if gone:
+            raise ThetaError(f"{where}: {len(gone)} object(s) just stored are gone from {self.objects_dir} "
+                             f"({', '.join(gone[:3])}{' …' if len(gone) > 3 else ''}): something deleted them "
+                             "meanwhile (a concurrent gc?). Nothing was recorded; run the command again")
+
     def size(self, oid: str) -> int:
         return self.path(oid).stat().st_size
 
@@ -85,8 +109,10 @@ class ObjectStore:
             return True
         except FileNotFoundError:
             return False
-        except PermissionError:
-            return True
+        except OSError as exc:  # a store this user may read but not write (shared, read-only): reuse still works
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return self.has(oid)
+            raise
 
     def iter_oids(self) -> Iterator[str]:
         if not self.objects_dir.is_dir():
@@ -105,13 +131,27 @@ class ObjectStore:
     def put(self, data: bytes | bytearray | memoryview) -> tuple[str, bool]:
         """Store bytes; returns (oid, newly_written). Existing objects are not rewritten."""
         oid = hashlib.sha256(data).hexdigest()
-        if self._touch(oid):
-            return oid, False
-        self._write_atomic(oid, [memoryview(data)])
+        with self.guard.hold():
+            self.guard.record(oid)
+            if self._touch(oid):
+                return oid, False
+            self._write_atomic(oid, [memoryview(data)])
+        testhooks.pause("object-written")
         return oid, True
 
     def put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         """Store exactly `size` bytes read from a stream, in bounded memory (temp file + rename)."""
+        require_space(self.lfs_dir, size, f"storing an object in {self.objects_dir}")
+        with self.guard.hold():
+            try:
+                oid, new = self._put_stream(source, size)
+            except OSError as exc:
+                raise self._storage_error(exc, size) from None
+        if new:
+            testhooks.pause("object-written")
+        return oid, new
+
+    def _put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="theta-")
@@ -131,6 +171,7 @@ class ObjectStore:
                     out.flush()
                     os.fsync(out.fileno())
             oid = digest.hexdigest()
+            self.guard.record(oid)
             if self._touch(oid):
                 os.unlink(tmp)
                 return oid, False
@@ -144,7 +185,19 @@ class ObjectStore:
                 os.unlink(tmp)
             raise
 
+    def _storage_error(self, exc: OSError, needed: int) -> BaseException:
+        err = storage_error(exc, f"storing an object of {human_bytes(needed)} in {self.objects_dir}", needed)
+        return err if err is not None else exc
+
     def _write_atomic(self, oid: str, parts: list[memoryview]) -> None:
+        size = sum(len(p) for p in parts)
+        require_space(self.lfs_dir, size, f"storing an object in {self.objects_dir}")
+        try:
+            self._write_atomic_unchecked(oid, parts)
+        except OSError as exc:
+            raise self._storage_error(exc, size) from None
+
+    def _write_atomic_unchecked(self, oid: str, parts: list[memoryview]) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         final = self.path(oid)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -227,18 +280,6 @@ class ObjectStore:
     def delete(self, oid: str) -> None:
         path = self.path(oid)
         path.unlink(missing_ok=True)
-
-    def clean_tmp(self, older_than_s: float = 3600) -> int:
-        """Remove temp files left by killed processes."""
-        if not self.tmp_dir.is_dir():
-            return 0
-        cutoff = time.time() - older_than_s
-        removed = 0
-        for entry in self.tmp_dir.iterdir():
-            if entry.name.startswith("theta-") and entry.stat().st_mtime < cutoff:
-                entry.unlink(missing_ok=True)
-                removed += 1
-        return removed
 
 
 class BufferRing:

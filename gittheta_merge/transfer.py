@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge import testhooks
+from gittheta_merge.errors import ThetaError, require_space
 from gittheta_merge.gitutil import Repo
 from gittheta_merge.maintenance import iter_referencing_blobs
 from gittheta_merge.metadata import Metadata
@@ -136,6 +137,14 @@ def fetch_objects(repo: Repo, wanted: list[Needed], remote: str | None = None, c
         return 0
     require_git_lfs()
     remote = remote or default_remote(repo)
+    with store.guard.session(eager=True):  # gc waits while git-lfs writes objects and we verify them
+        return _fetch(repo, store, missing, remote, context)
+
+
+def _fetch(repo: Repo, store: ObjectStore, missing: list[Needed], remote: str, context: str) -> int:
+    require_space(store.lfs_dir, sum(n.size for n in missing), f"downloading {len(missing)} object(s) from {remote}")
+    for need in missing:
+        store.guard.record(need.oid)
     with tempfile.TemporaryDirectory(prefix="theta-fetch-") as tmp:
         paths = []
         for i, need in enumerate(missing):
@@ -155,6 +164,7 @@ def fetch_objects(repo: Repo, wanted: list[Needed], remote: str | None = None, c
                      f"from {remote}\n")
     proc = subprocess.run(["git", "lfs", "fetch", remote, commit], cwd=repo.root, env=env,
                           stdout=subprocess.DEVNULL, stderr=None)  # git-lfs draws its own progress bar
+    testhooks.pause("objects-fetched")
     fetched = 0
     problems: list[str] = []
     for need in missing:

@@ -20,7 +20,7 @@ from gittheta_merge.merge import config
 
 def start_paused_merge(repo: Path, branch: str, pidfile: Path) -> tuple[subprocess.Popen, int]:
     """`git merge BRANCH` whose driver stops after its first merged tensor; returns (git, driver pid)."""
-    env = {**os.environ, "GITTHETA_TEST_PAUSE_AFTER": f"1:{pidfile}"}
+    env = {**os.environ, "GITTHETA_TEST_PAUSE": f"merge-tensor:1:{pidfile}"}
     proc = subprocess.Popen(["git", "merge", "--no-edit", branch], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120

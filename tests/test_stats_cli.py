@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,28 +15,6 @@ from gittheta_merge.inspect_cmds import read_metadata
 from gittheta_merge.stats import DataSpec, compute_statistic, iter_examples, statistic_from_bytes
 from gittheta_merge.stats.attach import blob_path
 from gittheta_merge.store import ObjectStore
-
-WORDS = "the a cat dog runs sits big small red blue good bad movie book not very is was".split()
-
-
-@pytest.fixture
-def hf_repo(repo: Path) -> Path:
-    model_dir = repo / "model"
-    model_dir.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=24, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(cfg).save_pretrained(model_dir, safe_serialization=True)
-    rows = [{"text": "the cat runs", "label": 1}, {"text": "a bad movie", "label": 0},
-            {"text": "very good book", "label": 1}, {"text": "not big", "label": 0}, {"text": "dog", "label": 1}]
-    (repo / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    git(repo, "theta", "track", "model")
-    git(repo, "add", ".")
-    git(repo, "commit", "-q", "-m", "model")
-    return repo
 
 
 @pytest.mark.parametrize("kind", ["fisher", "gram"])

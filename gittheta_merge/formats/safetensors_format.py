@@ -12,7 +12,7 @@ import json
 from typing import Any, BinaryIO
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, loads_untrusted
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.formats.streams import read_exact_into
 from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
@@ -59,9 +59,10 @@ HeaderTensor = tuple[str, str, list[int], int, int]  # name, dtype, shape, start
 def parse_header(raw: bytes, where: str) -> tuple[dict[str, Any] | None, list[HeaderTensor], list[str]]:
     """Validate a header; returns (__metadata__, tensors in data order with offsets, key order)."""
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ThetaError(f"{where}: safetensors header is not valid JSON ({exc})") from None
+    doc = loads_untrusted(text, where, "safetensors header", object_pairs_hook=_no_duplicates)
     if not isinstance(doc, dict):
         raise ThetaError(f"{where}: safetensors header is not a JSON object")
     file_meta = doc.get(METADATA_KEY)

@@ -137,6 +137,7 @@ def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path:
             report["statistics"]["derived"] = derived
     if res.fallback:
         print(f"git-theta: {path}: {res.fallback}", file=sys.stderr)
+    store.require_present(merged.iter_objects(), path)
     return merged, report
 
 
@@ -160,10 +161,11 @@ def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | No
         store = ObjectStore.for_repo(repo)
         block = repo.config_int("theta.blockBytes", 64 << 20)
         ours_name, theirs_name = _branch_names(repo)
-        merged, report = merge_tracked(sides, base, store, settings, path, ["ours", "theirs"],
-                                       [f"ours ({ours_name})", f"theirs ({theirs_name})"], block_bytes=block,
-                                       progress=False)
-        _atomic_write(Path(ours), merged.to_bytes())
+        with store.guard.session(owner="git"):  # the git merge that called us refers to them after we answer
+            merged, report = merge_tracked(sides, base, store, settings, path, ["ours", "theirs"],
+                                           [f"ours ({ours_name})", f"theirs ({theirs_name})"], block_bytes=block,
+                                           progress=False)
+            _atomic_write(Path(ours), merged.to_bytes())
         _write_report(repo, path, report)
         print(f"git-theta: {path}: {summary_text(report)}", file=sys.stderr)
         return 0
@@ -264,32 +266,35 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         current = repo.git("commit-tree", out[0], "-p", current, "-p", commit,
                            input=b"git theta merge (intermediate)").decode().strip()
     tree = repo.git("rev-parse", f"{current}^{{tree}}").decode().strip()
-    # 2. models: the N-way merge, staged into a temporary index on top of that tree
-    block = repo.config_int("theta.blockBytes", 64 << 20)
-    reports: dict[str, Any] = {}
-    index = repo.git_dir / "theta" / "merge-index"
-    index.parent.mkdir(parents=True, exist_ok=True)
-    env_index = {"GIT_INDEX_FILE": str(index)}
-    try:
-        repo.git("read-tree", tree, env=env_index)
-        for path, sides, bmeta, settings in todo:
-            metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
-            merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
-                                           block_bytes=block, resolved=resolved[path])
-            blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=merged.to_bytes()).decode().strip()
-            repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env_index)
-            _write_report(repo, path, report)
-            reports[path] = report
-            echo(f"{path}: {summary_text(report)}")
-        final_tree = repo.git("write-tree", env=env_index).decode().strip()
-    finally:
-        index.unlink(missing_ok=True)
-    what = ", ".join(sorted(strategies_used)) or "none"
-    msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
-    parents = [arg for c in revs for arg in ("-p", c)]
-    commit = repo.git("commit-tree", final_tree, *parents, input=msg.encode()).decode().strip()
-    # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
-    repo.git("merge", "--ff-only", "-q", commit)
+    # the merged objects stay locked against gc until the merge commit refers to them
+    with store.guard.session():
+        # 2. models: the N-way merge, staged into a temporary index on top of that tree
+        block = repo.config_int("theta.blockBytes", 64 << 20)
+        reports: dict[str, Any] = {}
+        index = repo.git_dir / "theta" / "merge-index"
+        index.parent.mkdir(parents=True, exist_ok=True)
+        env_index = {"GIT_INDEX_FILE": str(index)}
+        try:
+            repo.git("read-tree", tree, env=env_index)
+            for path, sides, bmeta, settings in todo:
+                metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
+                merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
+                                               block_bytes=block, resolved=resolved[path])
+                blob = repo.git("hash-object", "-w", "--no-filters", "--stdin",
+                                input=merged.to_bytes()).decode().strip()
+                repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env_index)
+                _write_report(repo, path, report)
+                reports[path] = report
+                echo(f"{path}: {summary_text(report)}")
+            final_tree = repo.git("write-tree", env=env_index).decode().strip()
+        finally:
+            index.unlink(missing_ok=True)
+        what = ", ".join(sorted(strategies_used)) or "none"
+        msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
+        parents = [arg for c in revs for arg in ("-p", c)]
+        commit = repo.git("commit-tree", final_tree, *parents, input=msg.encode()).decode().strip()
+        # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
+        repo.git("merge", "--ff-only", "-q", commit)
     return {"paths": list(reports), "base": base, "commit": commit}
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from gittheta_merge import dtypes
+from gittheta_merge import dtypes, testhooks
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge import fused, npkernels, strategies
 from gittheta_merge.merge.buffers import Pool
@@ -670,21 +670,6 @@ def intra_op_threads(strat: Strategy) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _test_pause(merged: int) -> None:
-    """Test-only hook, so tests can kill a merge at a known point instead of racing a timer:
-    GITTHETA_TEST_PAUSE_AFTER=N[:PIDFILE] writes the pid to PIDFILE and sleeps after the N-th merged tensor."""
-    spec = os.environ.get("GITTHETA_TEST_PAUSE_AFTER")
-    if not spec:
-        return
-    count, _, pidfile = spec.partition(":")
-    if merged == int(count):
-        if pidfile:
-            with open(pidfile + ".tmp", "w") as fh:
-                fh.write(str(os.getpid()))
-            os.replace(pidfile + ".tmp", pidfile)
-        time.sleep(300)
-
-
 def merge_models(models: list[Source], base: Source | None, sink: Sink, options: MergeOptions | None = None,
                  stats: StatsAccess | None = None, plan: MergePlan | None = None) -> MergeResult:
     """Merge `models` (model 0 = ours/target) against `base` into `sink`; returns the plan and report."""
@@ -693,6 +678,8 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     options = options or MergeOptions()
     stats = stats or StatsAccess()
     plan = plan or plan_merge(models, base, options, stats)
+    if hasattr(sink, "require_space"):  # before minutes of merging, not after
+        sink.require_space(plan.merged_bytes())
     runner = _Runner(models, base, plan, options, stats)
     use_numpy = runner.uses_numpy()  # then torch is never imported
     started = time.monotonic()
@@ -734,7 +721,7 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                     runner.run_passes(strat, [tp])
                 runner.merge_tensor(tp, strat, sink, entry, use_numpy)
                 merged_count += 1
-                _test_pause(merged_count)
+                testhooks.pause("merge-tensor")
                 done_bytes += tp.info.nbytes
                 elements = entry.pop("elements", None)
                 if elements:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, human_bytes, require_space
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
 from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
 from gittheta_merge.store import ObjectStore
@@ -51,6 +51,10 @@ class StoreSink:
 
     def start(self, outputs: list[TensorInfo]) -> None:
         self.entries = []
+
+    def require_space(self, merged_bytes: int) -> None:
+        """Before merging: the merged tensors' new objects fit in the store (kept tensors reuse theirs)."""
+        require_space(self.store.lfs_dir, merged_bytes, f"storing {human_bytes(merged_bytes)} of merged tensors")
 
     def keep(self, name: str, source: Any, info: TensorInfo) -> None:
         if isinstance(source, StoreSource) and source.store.objects_dir == self.store.objects_dir:
@@ -150,6 +154,7 @@ class SafetensorsSink:
         from gittheta_merge.formats.safetensors_format import render_header
 
         header = render_header(self.file_metadata, [(t.name, t.dtype, list(t.shape)) for t in outputs])
+        require_space(self.path.parent, 8 + len(header) + sum(t.nbytes for t in outputs), f"writing {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         pos = 8 + len(header)

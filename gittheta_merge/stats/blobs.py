@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, loads_untrusted
 from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header, render_header
 
 from .statistic import Statistic
@@ -43,7 +43,9 @@ def _tensors(stat: Statistic) -> dict[str, torch.Tensor]:
 def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, where: str) -> Statistic:
     if not meta or meta.get("format") != FORMAT or METADATA_KEY not in meta:
         raise ValueError(f"{where}: not a gittheta statistic blob (missing {FORMAT!r} metadata)")
-    provenance: dict[str, Any] = json.loads(meta[METADATA_KEY])
+    provenance = loads_untrusted(meta[METADATA_KEY], where, "statistic provenance")
+    if not isinstance(provenance, dict):
+        raise ThetaError(f"{where}: the statistic's provenance is not a JSON object")
     return Statistic(kind=meta["kind"], tensors=tensors, provenance=provenance)
 
 
@@ -94,8 +96,8 @@ def provenance_in(file_meta: dict[str, str]) -> dict[str, Any]:
     JSON under "provenance"; {} when there is none or it is not a JSON object."""
     raw = file_meta.get(METADATA_KEY) or file_meta.get("provenance")
     try:
-        value = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
+        value = loads_untrusted(raw, "statistic blob", "provenance") if raw else {}
+    except ThetaError:
         return {}
     return value if isinstance(value, dict) else {}
 

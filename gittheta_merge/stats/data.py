@@ -86,6 +86,8 @@ def _rows(spec: DataSpec) -> Iterator[tuple[str, dict[str, Any]]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{spec.path}:{lineno}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise ValueError(f"{spec.path}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{spec.path}:{lineno}: expected a JSON object per line")
                 yield f"{spec.path}:{lineno}", row
