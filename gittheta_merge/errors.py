@@ -74,3 +74,8 @@ def loads_untrusted(data: str | bytes, where: str, what: str = "JSON", **kwargs:
                          "nothing was stored") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ThetaError(f"{where}: not a valid {what}: not valid JSON ({exc})") from None
+
+
+class StatsError(ThetaError, ValueError):
+    """A mistake in computing or attaching statistics (data file, task, kind, labels): a ThetaError for the CLI, and
+    still a ValueError for API callers who catch that."""

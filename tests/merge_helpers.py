@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from gittheta_merge import formats
 from gittheta_merge.formats.base import Context
-from gittheta_merge.metadata import Metadata
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.metadata import Metadata
+from gittheta_merge.storage.store import ObjectStore
 
 SHAPES = {"emb.weight": (50, 16), "l0.weight": (24, 16), "l0.bias": (24,), "l1.weight": (16, 24),
           "ln.weight": (16,), "scale": ()}
@@ -71,7 +71,7 @@ def to_meta(sd: dict, store: ObjectStore, block_bytes: int = 64 << 20) -> Metada
 
 
 def from_meta(meta: Metadata, store: ObjectStore) -> dict:
-    from gittheta_merge.tensors import load_tensor
+    from gittheta_merge.storage.tensors import load_tensor
 
     return {t.name: load_tensor(store, t) for t in meta.tensors}
 

@@ -17,7 +17,7 @@ import torch
 from conftest import git, init_repo, random_state, store_objects
 from safetensors.torch import load_file, save_file
 
-from gittheta_merge.storelock import PENDING_DIR
+from gittheta_merge.storage.storelock import PENDING_DIR
 
 GIT_THETA = [sys.executable, "-m", "gittheta_merge"]
 
@@ -112,7 +112,7 @@ def test_gc_between_the_clean_and_gits_index_spares_pending_objects(repo: Path, 
     lists = list(folder.iterdir())
     oids = store_objects(repo)
     me = os.getpid()
-    from gittheta_merge.storelock import _start_time
+    from gittheta_merge.storage.storelock import _start_time
 
     (folder / "999999999").write_text(f"999999999 0 {me} {_start_time(me)} git-theta filter-process\n"
                                       + "".join(o + "\n" for o in oids))

@@ -14,7 +14,7 @@ import torch
 from conftest import git, random_state, store_objects
 from safetensors.torch import save_file
 
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.store import ObjectStore
 
 
 def tracked(repo: Path) -> Path:

@@ -1,4 +1,4 @@
-"""`git theta diff` statistics (inspect_cmds.change_stats, numpy; torch only for float8) against the formulas
+"""`git theta diff` statistics (revisions.change_stats, numpy; torch only for float8) against the formulas
 computed with torch on whole tensors: ‖Δ‖₂, ‖Δ‖/‖old‖ and max |Δ| in float64, and the fraction of entries
 whose values differ (-0.0 equals 0.0, NaN differs from everything), over several stored blocks."""
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from gittheta_merge import dtypes
-from gittheta_merge.inspect_cmds import change_stats
-from gittheta_merge.metadata import TensorEntry
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage import revisions
+from gittheta_merge.storage.metadata import TensorEntry
+from gittheta_merge.storage.revisions import change_stats
+from gittheta_merge.storage.store import ObjectStore
 
 
 def _entry(store: ObjectStore, name: str, t: torch.Tensor, rows_per_block: int) -> TensorEntry:
@@ -42,9 +43,8 @@ def _reference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 def test_change_stats_equal_the_formulas(tmp_path: Path, monkeypatch, dtype: torch.dtype) -> None:
     """In chunks of 7 elements that straddle the stored blocks, with the two versions stored in different
     blocks (8 rows vs 5): the elements still line up."""
-    from gittheta_merge import inspect_cmds
 
-    monkeypatch.setattr(inspect_cmds, "STATS_CHUNK_ELEMS", 7)
+    monkeypatch.setattr(revisions, "STATS_CHUNK_ELEMS", 7)
     g = torch.Generator().manual_seed(3)
     if dtype == torch.bool:
         a = torch.rand(37, 5, generator=g) > 0.5

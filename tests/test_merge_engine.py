@@ -12,7 +12,7 @@ from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.api import merge_metadata
 from gittheta_merge.merge.engine import MergeOptions
 from gittheta_merge.merge.rules import parse_rule
-from gittheta_merge.metadata import Metadata
+from gittheta_merge.storage.metadata import Metadata
 
 
 @pytest.fixture

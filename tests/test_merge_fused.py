@@ -319,7 +319,7 @@ def test_object_store_with_two_helpers_verifies_in_order_and_fails_cleanly(tmp_p
     from gittheta_merge.merge.api import merge_metadata
     from gittheta_merge.merge.engine import MergeOptions
     from gittheta_merge.merge.sources import StoreSource
-    from gittheta_merge.store import CorruptObject, ObjectStore
+    from gittheta_merge.storage.store import CorruptObject, ObjectStore
 
     _set_chunk(monkeypatch, 256)  # 64 bf16 elements per chunk: many chunks per 2 KB block
     store = ObjectStore(tmp_path / "lfs")

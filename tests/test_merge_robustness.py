@@ -14,8 +14,8 @@ from conftest import git
 from safetensors.torch import load_file
 from test_merge_git import commit_model, setup
 
-from gittheta_merge.gitutil import Repo
 from gittheta_merge.merge import config
+from gittheta_merge.storage.gitutil import Repo
 
 
 def start_paused_merge(repo: Path, branch: str, pidfile: Path) -> tuple[subprocess.Popen, int]:

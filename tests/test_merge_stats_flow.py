@@ -10,10 +10,10 @@ import torch
 from conftest import git
 from safetensors.torch import load_file, save_file
 
-from gittheta_merge.gitutil import Repo
-from gittheta_merge.inspect_cmds import read_metadata
 from gittheta_merge.stats.blobs import statistic_to_bytes
 from gittheta_merge.stats.statistic import Statistic
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.revisions import read_metadata
 
 SHAPES = {"q.weight": (16, 16), "k.weight": (16, 16), "up.weight": (24, 16), "up.bias": (24,),
           "down.weight": (16, 24), "ln.weight": (16,)}

@@ -15,7 +15,7 @@ from gittheta_merge.merge.api import merge_files, merge_metadata
 from gittheta_merge.merge.engine import MergeOptions
 from gittheta_merge.merge.strategies import average, task_arithmetic, ties
 from gittheta_merge.merge.strategies.ties import elect_and_merge
-from gittheta_merge.store import CorruptObject, ObjectStore
+from gittheta_merge.storage.store import CorruptObject, ObjectStore
 
 STREAMING = [("average", {}), ("task_arithmetic", {"lambda": 0.7}), ("ties", {"density": 0.3, "lambda": 0.9}),
              ("ties_local", {"density": 0.4})]

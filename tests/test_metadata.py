@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.metadata import Metadata, TensorEntry, is_metadata, plan_row_blocks
+from gittheta_merge.storage.metadata import Metadata, TensorEntry, is_metadata, plan_row_blocks
 
 OID_A = "a" * 64
 OID_B = "b" * 64

@@ -7,7 +7,7 @@ import io
 import os
 import threading
 
-from gittheta_merge.pktline import MAX_PAYLOAD, PktReader, PktWriter
+from gittheta_merge.filter.pktline import MAX_PAYLOAD, PktReader, PktWriter
 
 
 def test_batched_content_over_a_small_pipe_equals_packet_by_packet() -> None:

@@ -14,11 +14,11 @@ from test_safetensors_format import ALL_DTYPES, make_tensor
 
 from gittheta_merge import formats
 from gittheta_merge.formats.base import Context
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.store import ObjectStore
 
 PLUGIN = '''
 from gittheta_merge.formats.base import CheckpointFormat
-from gittheta_merge.metadata import Metadata, TensorEntry
+from gittheta_merge.storage.metadata import Metadata, TensorEntry
 
 
 class RawU8Format(CheckpointFormat):

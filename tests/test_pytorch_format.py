@@ -14,7 +14,7 @@ import torch
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.formats.base import Context
 from gittheta_merge.formats.pytorch_format import PytorchFormat
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.store import ObjectStore
 
 
 def assert_same(a: object, b: object) -> None:

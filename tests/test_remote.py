@@ -10,7 +10,7 @@ import pytest
 from conftest import git, init_repo, random_state, store_objects
 from safetensors.torch import save_file
 
-from gittheta_merge.tracking import PRE_PUSH_HOOK
+from gittheta_merge.storage.tracking import PRE_PUSH_HOOK
 
 pytestmark = pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs not installed")
 
@@ -195,7 +195,7 @@ def test_fsck_in_a_lazy_clone_tells_not_downloaded_from_missing(tmp_path: Path, 
     """A fresh clone has only the checked-out commit's objects: the rest of the remote's history is "not
     downloaded yet" (exit 0, with the command that fetches them), while an object that no remote has and
     that is gone locally is "missing" (exit 1)."""
-    from gittheta_merge.store import ObjectStore
+    from gittheta_merge.storage.store import ObjectStore
 
     repo, remote = origin
     base = random_state(4)

@@ -16,7 +16,7 @@ from gittheta_merge import formats
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.formats.base import Context
 from gittheta_merge.formats.safetensors_format import SafetensorsFormat
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.store import ObjectStore
 
 ALL_DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,

@@ -10,11 +10,11 @@ import transformers
 from conftest import git
 from safetensors.torch import load_file
 
-from gittheta_merge.gitutil import Repo
-from gittheta_merge.inspect_cmds import read_metadata
 from gittheta_merge.stats import DataSpec, compute_statistic, iter_examples, statistic_from_bytes
 from gittheta_merge.stats.attach import blob_path
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.revisions import read_metadata
+from gittheta_merge.storage.store import ObjectStore
 
 
 @pytest.mark.parametrize("kind", ["fisher", "gram"])

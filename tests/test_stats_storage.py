@@ -11,10 +11,10 @@ from conftest import git, init_repo, random_state
 from safetensors.torch import load_file, save_file
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo
-from gittheta_merge.inspect_cmds import read_metadata
 from gittheta_merge.stats import attach
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.revisions import read_metadata
+from gittheta_merge.storage.store import ObjectStore
 
 
 def setup_model(repo: Path) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.store import CorruptObject, MissingObject, ObjectStore
+from gittheta_merge.storage.store import CorruptObject, MissingObject, ObjectStore
 
 
 def test_put_is_content_addressed_in_git_lfs_layout(tmp_path: Path) -> None:

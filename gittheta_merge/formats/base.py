@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from gittheta_merge.metadata import Metadata
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.constants import BLOCK_BYTES
+from gittheta_merge.storage.metadata import Metadata
+from gittheta_merge.storage.store import ObjectStore
 
 ProgressFn = Callable[[int, int], None]  # (tensors done, bytes done)
 
@@ -23,7 +24,7 @@ class Context:
 
     path: str
     store: ObjectStore
-    max_block_bytes: int = 64 << 20
+    max_block_bytes: int = BLOCK_BYTES
     scratch_dir: str | None = None  # where formats that cannot stream may spool to disk
     progress: ProgressFn | None = None
 

@@ -22,8 +22,8 @@ from typing import Any, BinaryIO
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.formats.base import CheckpointFormat, Context
-from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
-from gittheta_merge.tensors import load_tensor
+from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.storage.tensors import load_tensor
 
 ZIP_MAGIC = b"PK\x03\x04"
 

@@ -15,8 +15,8 @@ from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError, loads_untrusted
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.formats.streams import read_exact_into
-from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
-from gittheta_merge.store import BufferRing
+from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.storage.store import BufferRing
 
 MAX_HEADER = 100_000_000  # safetensors' own limit
 METADATA_KEY = "__metadata__"

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gittheta_merge.constants import BLOCK_BYTES
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.engine import MergeOptions, MergePlan, MergeResult, merge_models, plan_merge
 from gittheta_merge.merge.rules import Rule, parse_rule
@@ -22,8 +23,8 @@ from gittheta_merge.merge.sinks import SafetensorsSink, StoreSink
 from gittheta_merge.merge.sources import SafetensorsSource, StoreSource
 from gittheta_merge.merge.statsflow import StatFile
 from gittheta_merge.merge.strategies.base import StatsAccess
-from gittheta_merge.metadata import Metadata
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.metadata import Metadata
+from gittheta_merge.storage.store import ObjectStore
 
 PathLike = str | Path
 
@@ -87,7 +88,7 @@ def merge_files(models: Sequence[PathLike], output: PathLike, base: PathLike | N
 
 def merge_metadata(models: Sequence[Metadata], base: Metadata | None, store: ObjectStore,
                    options: MergeOptions | None = None, stats: StatsAccess | None = None,
-                   block_bytes: int = 64 << 20) -> tuple[Metadata, MergeResult]:
+                   block_bytes: int = BLOCK_BYTES) -> tuple[Metadata, MergeResult]:
     """Merge tracked checkpoints (metadata + objects in `store`); new objects go to the same store."""
     options = options or MergeOptions()
     labels = options.labels or []

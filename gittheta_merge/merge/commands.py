@@ -19,8 +19,10 @@ from typing import Any
 
 import click
 
+from gittheta_merge.constants import BLOCK_BYTES, MERGE_CHUNK_BYTES
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.metadata import configured_block_bytes
 
 DEFAULT_STRATEGY = "average"
 
@@ -115,7 +117,7 @@ def resolve_merge(metas: list[Any], bmeta: Any, store: Any, settings: Any, path:
 
 
 def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path: str, labels: list[str],
-                  names: list[str], explicit: Any = None, block_bytes: int = 64 << 20,
+                  names: list[str], explicit: Any = None, block_bytes: int = BLOCK_BYTES,
                   progress: bool | None = None, resolved: tuple[Any, Any] | None = None
                   ) -> tuple[Any, dict[str, Any]]:
     """Merge tracked checkpoints of one path with statistics found in their metadata; the merged metadata
@@ -145,8 +147,8 @@ def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | No
     """The merge driver body; returns git's exit status (0 = merged, 1 = conflict)."""
     from gittheta_merge.merge import config
     from gittheta_merge.merge.engine import summary_text
-    from gittheta_merge.metadata import Metadata, is_metadata
-    from gittheta_merge.store import ObjectStore
+    from gittheta_merge.storage.metadata import Metadata, is_metadata
+    from gittheta_merge.storage.store import ObjectStore
 
     repo = repo or Repo.discover()
     if os.environ.get("GIT_THETA_MERGE_DRIVER") == "ours":
@@ -159,7 +161,7 @@ def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | No
         sides = [Metadata.from_bytes(blobs[1], f"{path} (ours)"), Metadata.from_bytes(blobs[2], f"{path} (theirs)")]
         settings = config.resolve(repo, path)
         store = ObjectStore.for_repo(repo)
-        block = repo.config_int("theta.blockBytes", 64 << 20)
+        block = configured_block_bytes(repo)
         ours_name, theirs_name = _branch_names(repo)
         with store.guard.session(owner="git"):  # the git merge that called us refers to them after we answer
             merged, report = merge_tracked(sides, base, store, settings, path, ["ours", "theirs"],
@@ -199,17 +201,25 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     Settings are resolved per model path (merge/config.py: .gittheta.toml < attributes < git config < `cli`);
     statistics come from `stats` files if given, else from each branch's metadata.
     """
-    from gittheta_merge.inspect_cmds import tracked_files
     from gittheta_merge.merge import config
     from gittheta_merge.merge.api import load_stats
     from gittheta_merge.merge.engine import plan_merge, summary_text
     from gittheta_merge.merge.sources import StoreSource
-    from gittheta_merge.store import ObjectStore
+    from gittheta_merge.storage.revisions import tracked_files
+    from gittheta_merge.storage.store import ObjectStore
 
     if not branches:
         raise ThetaError("name at least one branch to merge")
+    if cli and cli.get("strategy"):
+        from gittheta_merge.merge import strategies
+
+        strategies.get(cli["strategy"])  # an unknown name is an error even when there is nothing to merge
     head = _rev(repo, "HEAD")
     commits = [_rev(repo, b) for b in branches]
+    merged_already = [b for b, c in zip(branches, commits) if repo.is_ancestor(c, head)]
+    if len(merged_already) == len(branches):
+        echo(f"Already up to date ({', '.join(branches)} already in HEAD); nothing to merge.")
+        return {"paths": [], "base": None}
     base_out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
     base = base_out[0] if base_out else None
     labels = ["HEAD", *branches]
@@ -269,7 +279,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     # the merged objects stay locked against gc until the merge commit refers to them
     with store.guard.session():
         # 2. models: the N-way merge, staged into a temporary index on top of that tree
-        block = repo.config_int("theta.blockBytes", 64 << 20)
+        block = configured_block_bytes(repo)
         reports: dict[str, Any] = {}
         index = repo.git_dir / "theta" / "merge-index"
         index.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +378,7 @@ def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, 
 @click.option("--set", "sets", multiple=True, help="strategy parameter KEY=VALUE (repeatable)")
 @click.option("--rule", "rules", multiple=True, help="per-tensor rule REGEX=ACTION (repeatable)")
 @click.option("--stats", "stats", multiple=True, help="KIND=FILE,… one statistics file per model")
-@click.option("--max-block-bytes", type=int, default=64 << 20, show_default=True)
+@click.option("--max-block-bytes", type=int, default=MERGE_CHUNK_BYTES, show_default=True)
 @click.option("--report", default=None, help="write the JSON merge report here")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]: one block at a time there")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gittheta_merge.constants import MERGE_CHUNK_BYTES
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.rules import Rule, parse_action, parse_rule
 from gittheta_merge.merge.strategies.base import parse_bool
@@ -44,7 +45,7 @@ class MergeSettings:
     params: dict[str, Any] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     shortcuts: str = "git"
-    max_block_bytes: int = 64 << 20
+    max_block_bytes: int = MERGE_CHUNK_BYTES
     missing_stats: str = "error"
     allow_stale_stats: bool = False
     device: str = "cpu"

@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from gittheta_merge import dtypes, testhooks
+from gittheta_merge.constants import MERGE_CHUNK_BYTES
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge import fused, npkernels, strategies
 from gittheta_merge.merge.buffers import Pool
@@ -45,7 +46,6 @@ from gittheta_merge.merge.rules import Rule, first_match
 from gittheta_merge.merge.sources import TensorInfo
 from gittheta_merge.merge.strategies.base import Chunk, StatsAccess, Strategy
 
-DEFAULT_MAX_BLOCK_BYTES = 64 << 20
 # the compiled kernel's file loop (fused.run_files): elements per read-merge-write step (1 MiB of float32:
 # measured faster than 128-512 KiB, docs/merge.md) and the least elements worth a thread of their own
 FILE_STEP_ELEMS = 1 << 18
@@ -84,7 +84,7 @@ class MergeOptions:
     strategy: str = "average"
     params: dict[str, Any] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
-    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES
+    max_block_bytes: int = MERGE_CHUNK_BYTES
     shortcuts: str = "git"  # git | exact
     device: str = "cpu"
     labels: list[str] | None = None

@@ -16,10 +16,10 @@ from typing import Any
 
 from gittheta_merge.errors import ThetaError, human_bytes, require_space
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
-from gittheta_merge.metadata import Metadata, TensorEntry, plan_row_blocks
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.storage.store import ObjectStore
 
-COPY_CHUNK_BYTES = 64 << 20
+COPY_CHUNK_BYTES = 64 << 20  # a kept tensor copied into a file output: this many bytes at a time
 
 
 def byte_view(rows: Any) -> memoryview:

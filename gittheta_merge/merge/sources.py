@@ -18,8 +18,8 @@ from typing import Any
 
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.metadata import Metadata, TensorEntry
-from gittheta_merge.store import CorruptObject, ObjectStore
+from gittheta_merge.storage.metadata import Metadata, TensorEntry
+from gittheta_merge.storage.store import CorruptObject, ObjectStore
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
@@ -95,7 +95,7 @@ class _RowSource:
 
     def read_native(self, name: str, start: int, end: int) -> Any:
         """Rows [start, end) as a torch tensor of the stored dtype (viewing the read buffer: no copy)."""
-        from gittheta_merge.tensors import bytes_to_tensor
+        from gittheta_merge.storage.tensors import bytes_to_tensor
 
         info = self._infos[name]
         return bytes_to_tensor(self.read_raw(name, start, end), info.dtype, info.rows_shape(start, end))

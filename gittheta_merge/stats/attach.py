@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo
-from gittheta_merge.inspect_cmds import INDEX, read_metadata
-from gittheta_merge.metadata import Metadata
 from gittheta_merge.stats.blobs import blob_header, provenance_in
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.metadata import Metadata
+from gittheta_merge.storage.revisions import INDEX, read_metadata
+from gittheta_merge.storage.store import ObjectStore
 
 COMPUTE_HINT = "git theta stats compute {path} --kind {kind} --data DATA.jsonl"
 

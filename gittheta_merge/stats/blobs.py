@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError, loads_untrusted
+from gittheta_merge.errors import StatsError, ThetaError, loads_untrusted
 from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header, render_header
 
 from .statistic import Statistic
@@ -42,7 +42,7 @@ def _tensors(stat: Statistic) -> dict[str, torch.Tensor]:
 
 def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, where: str) -> Statistic:
     if not meta or meta.get("format") != FORMAT or METADATA_KEY not in meta:
-        raise ValueError(f"{where}: not a gittheta statistic blob (missing {FORMAT!r} metadata)")
+        raise StatsError(f"{where}: not a gittheta statistic blob (missing {FORMAT!r} metadata)")
     provenance = loads_untrusted(meta[METADATA_KEY], where, "statistic provenance")
     if not isinstance(provenance, dict):
         raise ThetaError(f"{where}: the statistic's provenance is not a JSON object")

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gittheta_merge.errors import StatsError
+
 from .. import __version__
 from .data import Example
 from .statistic import KINDS, Statistic
@@ -75,7 +77,7 @@ def load_model(path: str, task: str, **kwargs: Any) -> nn.Module:
 
 def _check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+        raise StatsError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
     return task
 
 
@@ -119,7 +121,7 @@ def _label_id(label: Any, label_map: Mapping[str, int] | None, where: str) -> in
             return int(label)
         except ValueError:
             pass
-    raise ValueError(f"{where}: label {label!r} is not an integer and not in the label map "
+    raise StatsError(f"{where}: label {label!r} is not an integer and not in the label map "
                      f"({sorted(label_map) if label_map else 'none given'}); pass label_map={{name: id}}")
 
 
@@ -144,9 +146,9 @@ class _Encoder:
         self.gen = torch.Generator().manual_seed(seed)
         self.mlm_probability = mlm_probability
         if tokenizer.pad_token is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) first")
+            raise StatsError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) first")
         if task == "masked-lm" and tokenizer.mask_token_id is None:
-            raise ValueError("masked-lm needs a tokenizer with a mask token")
+            raise StatsError("masked-lm needs a tokenizer with a mask token")
 
     def encode(self, examples: list[Example]) -> _Batch:
         tok = self.tok
@@ -174,7 +176,7 @@ class _Encoder:
             for i, e in enumerate(examples):
                 if e.label is None:
                     if self.needs_gold:
-                        raise ValueError("the empirical label policy needs a label for every example (missing one)")
+                        raise StatsError("the empirical label policy needs a label for every example (missing one)")
                     continue
                 targets[i] = _label_id(e.label, self.label_map, "label")
             target_mask = None
@@ -192,15 +194,15 @@ class _Encoder:
                         mlm_mask[i, cand[torch.randint(len(cand), (1,), generator=self.gen)]] = True
         if self.task == "token-classification":
             if not getattr(tok, "is_fast", False):
-                raise ValueError("token-classification needs a fast tokenizer (word_ids aligns labels to sub-tokens)")
+                raise StatsError("token-classification needs a fast tokenizer (word_ids aligns labels to sub-tokens)")
             targets = torch.zeros(B, T, dtype=torch.long)
             target_mask = torch.zeros(B, T, dtype=torch.bool)
             for i, e in enumerate(examples):
                 labels = e.label
                 if labels is not None and not isinstance(labels, (list, tuple)):
-                    raise ValueError("token-classification labels must be a list with one label per word")
+                    raise StatsError("token-classification labels must be a list with one label per word")
                 if labels is None and self.needs_gold:
-                    raise ValueError("the empirical label policy needs word labels for every example")
+                    raise StatsError("the empirical label policy needs word labels for every example")
                 prev = None
                 for t, w in enumerate(enc.word_ids(i)):
                     if w is not None and w != prev:
@@ -845,11 +847,11 @@ def _precision(d: torch.dtype | str) -> _Precision:
     float64-exact and torch dtypes are accepted as spellings."""
     if isinstance(d, torch.dtype):
         if d not in (torch.float32, torch.float64):
-            raise ValueError("statistics accumulate in float32 or float64 (half precision underflows, §10)")
+            raise StatsError("statistics accumulate in float32 or float64 (half precision underflows, §10)")
         return _Precision(d, None)
     name = {"float32": "fp32", "float64": "fp64", "float64-exact": "fp64-exact"}.get(d, d)
     if name not in ACCUMULATIONS:
-        raise ValueError(f"unknown accumulate_dtype {d!r} (one of {', '.join(ACCUMULATIONS)}; half precision "
+        raise StatsError(f"unknown accumulate_dtype {d!r} (one of {', '.join(ACCUMULATIONS)}; half precision "
                          f"underflows, §10)")
     return _Precision(torch.float32, None) if name == "fp32" else \
         _Precision(torch.float64, torch.float64 if name == "fp64-exact" else None)
@@ -891,17 +893,17 @@ def compute_statistic(
     batch, loop fallback), "vmap" (no fallback) or "loop". `data_digest` / `data_source` are copied into the
     provenance (see `data.file_digest`)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+        raise StatsError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
     _check_task(task)
     if label_policy not in LABEL_POLICIES:
-        raise ValueError(f"unknown label policy {label_policy!r} (one of {', '.join(LABEL_POLICIES)})")
+        raise StatsError(f"unknown label policy {label_policy!r} (one of {', '.join(LABEL_POLICIES)})")
     if label_policy == "exact" and task not in ("sequence-classification", "token-classification"):
-        raise ValueError("the exact label policy is for classification tasks (an LM vocabulary makes the "
+        raise StatsError("the exact label policy is for classification tasks (an LM vocabulary makes the "
                          "expectation intractable); use sampled")
     if per_example not in ("auto", "vmap", "loop"):
-        raise ValueError("per_example is auto, vmap or loop")
+        raise StatsError("per_example is auto, vmap or loop")
     if diagonal_only and kind == "fisher":
-        raise ValueError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
+        raise StatsError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
     precision = _precision(accumulate_dtype)
     acc_dtype = precision.sum
     dev = torch.device(device)
@@ -944,7 +946,7 @@ def compute_statistic(
             names = [k for k, v in params.items() if v.requires_grad
                      and (include is None or re.search(include, k)) and not (exclude and re.search(exclude, k))]
             if not names:
-                raise ValueError("no parameters selected for the Fisher")
+                raise StatsError("no parameters selected for the Fisher")
             with _eager_attention(model) as attention:
                 sums, method, reason, n, tokens = _fisher(model, batches, runner, names, precision, per_example,
                                                            per_example_chunk)
@@ -990,7 +992,7 @@ def compute_statistic(
             if kind == "kfac" and label_policy == "exact":
                 prov["kfac_exact_counts"] = "token rows counted once per (class, position) term"
         if n == 0:
-            raise ValueError("no examples were read")
+            raise StatsError("no examples were read")
         # the dtype the products (X^T X, squared gradients) were formed in, as actually run
         prov["product_dtype"] = ",".join(sorted(str(d).removeprefix("torch.") for d in product_dtypes))
     finally:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gittheta_merge.errors import StatsError
+
 __all__ = ["DataSpec", "Example", "file_digest", "iter_examples"]
 
 
@@ -53,9 +55,9 @@ class DataSpec:
             elif suffix in (".csv", ".tsv", ".txt"):
                 fmt = "csv"
             else:
-                raise ValueError(f"cannot infer the data format of {self.path!s}; pass format='jsonl' or 'csv'")
+                raise StatsError(f"cannot infer the data format of {self.path!s}; pass format='jsonl' or 'csv'")
         if fmt not in ("jsonl", "csv"):
-            raise ValueError(f"unknown data format {fmt!r} (jsonl or csv)")
+            raise StatsError(f"unknown data format {fmt!r} (jsonl or csv)")
         delimiter = self.delimiter or ("\t" if suffix in (".tsv", ".txt") else ",")
         return fmt, delimiter
 
@@ -85,11 +87,11 @@ def _rows(spec: DataSpec) -> Iterator[tuple[str, dict[str, Any]]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{spec.path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise StatsError(f"{spec.path}:{lineno}: not valid JSON ({e.msg})") from None
                 except RecursionError:
-                    raise ValueError(f"{spec.path}:{lineno}: JSON nested too deeply") from None
+                    raise StatsError(f"{spec.path}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{spec.path}:{lineno}: expected a JSON object per line")
+                    raise StatsError(f"{spec.path}:{lineno}: expected a JSON object per line")
                 yield f"{spec.path}:{lineno}", row
         else:
             reader = csv.DictReader(f, delimiter=delimiter)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from gittheta_merge.errors import StatsError
+
 __all__ = ["KINDS", "Statistic"]
 
 KINDS = ("fisher", "gram", "kfac")
@@ -30,7 +32,7 @@ class Statistic:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown statistic kind {self.kind!r} (one of {', '.join(KINDS)})")
+            raise StatsError(f"unknown statistic kind {self.kind!r} (one of {', '.join(KINDS)})")
 
     @property
     def sharing(self) -> dict[str, str]:

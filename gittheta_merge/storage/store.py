@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from gittheta_merge import testhooks
 from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
-from gittheta_merge.storelock import WriterGuard
+from gittheta_merge.storage.storelock import WriterGuard
 
 _OID_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_CHUNK = 8 << 20
@@ -77,7 +77,7 @@ class ObjectStore:
 
     @classmethod
     def for_repo(cls, repo: object) -> ObjectStore:
-        from gittheta_merge.gitutil import Repo
+        from gittheta_merge.storage.gitutil import Repo
 
         assert isinstance(repo, Repo)
         return cls(repo.common_dir / "lfs", fsync=repo.config_bool("theta.fsync", False))

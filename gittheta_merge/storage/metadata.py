@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gittheta_merge import dtypes
+from gittheta_merge.constants import BLOCK_BYTES, MAX_METADATA_BYTES  # noqa: F401 - re-exported
 from gittheta_merge.errors import ThetaError, loads_untrusted
-from gittheta_merge.store import check_oid
+from gittheta_merge.storage.store import check_oid
 
 SCHEMA_VERSION = 1
 MAGIC = b'{"gittheta":'
-MAX_METADATA_BYTES = 64 << 20  # larger blobs are never metadata: walks skip them unread
 MAX_ELEMENTS = 1 << 50  # far above any real tensor; rejects absurd shapes before arithmetic
 
 
@@ -236,6 +236,11 @@ def _sized_oids_in(value: Any) -> Iterator[tuple[str, int]]:
     elif isinstance(value, list):
         for item in value:
             yield from _sized_oids_in(item)
+
+
+def configured_block_bytes(repo: Any) -> int:
+    """theta.blockBytes of this repository: the largest stored object."""
+    return int(repo.config_int("theta.blockBytes", BLOCK_BYTES))
 
 
 def plan_row_blocks(dtype: str, shape: list[int], max_block_bytes: int) -> list[int]:

@@ -14,9 +14,9 @@ from typing import Any
 
 from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError, human_bytes
-from gittheta_merge.gitutil import CatFile, Repo, blob_sizes, iter_index_blobs, iter_tree_blobs
-from gittheta_merge.metadata import MAX_METADATA_BYTES, Metadata, TensorEntry, is_metadata
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.gitutil import CatFile, Repo, blob_sizes, iter_index_blobs, iter_tree_blobs
+from gittheta_merge.storage.metadata import MAX_METADATA_BYTES, Metadata, TensorEntry, is_metadata
+from gittheta_merge.storage.store import ObjectStore
 
 INDEX = ":"
 
@@ -134,7 +134,7 @@ def _values(raw: bytearray, dtype: str) -> tuple[Any, Any]:
     else:
         import torch
 
-        from gittheta_merge.tensors import bytes_to_tensor
+        from gittheta_merge.storage.tensors import bytes_to_tensor
 
         values = bytes_to_tensor(bytearray(raw), dtype, [len(raw) // dtypes.itemsize(dtype)]).to(torch.float64).numpy()
     return values, values.astype(np.float64)

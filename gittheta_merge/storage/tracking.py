@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import Repo, iter_index_blobs, iter_tree_blobs, run_git
+from gittheta_merge.storage.gitutil import Repo, iter_index_blobs, iter_tree_blobs, run_git
 
 # the same text as hooks/pre-push (a test keeps them equal); embedded so wheels carry it
 PRE_PUSH_HOOK = """#!/bin/sh
@@ -96,7 +96,7 @@ def install_hooks(repo: Repo) -> Path:
 
 def materialise(repo: Repo) -> list[str]:
     """Check out again tracked files that are still plain metadata text (cloned before install)."""
-    from gittheta_merge.metadata import is_metadata
+    from gittheta_merge.storage.metadata import is_metadata
 
     files = [p for _, p in iter_index_blobs(repo)]
     attrs = repo.check_attr("filter", files)
@@ -175,7 +175,7 @@ def track(targets: list[str], cwd: str | None = None) -> list[str]:
 
 def committed_raw(repo: Repo, paths: list[str]) -> list[str]:
     """Tracked paths whose committed version is a raw file (they need `git add --renormalize`)."""
-    from gittheta_merge.inspect_cmds import tracked_files
+    from gittheta_merge.storage.revisions import tracked_files
 
     if not repo.git("rev-parse", "--verify", "-q", "HEAD", check=False).strip():
         return []

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.gitutil import CatFile, Repo
-from gittheta_merge.metadata import MAX_METADATA_BYTES, Metadata, is_metadata
 from gittheta_merge.progress import Progress
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.gitutil import CatFile, Repo
+from gittheta_merge.storage.metadata import MAX_METADATA_BYTES, Metadata, is_metadata
+from gittheta_merge.storage.store import ObjectStore
 
 _LFS_POINTER = re.compile(rb"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\n", re.M)
 
@@ -151,7 +151,7 @@ def gc(repo: Repo, store: ObjectStore | None = None, grace_seconds: float = 3600
     index are spared. Objects younger than the grace period are kept too (a writer without the lock: an older
     version of this tool, or a filesystem without flock).
     """
-    from gittheta_merge.storelock import GcLock
+    from gittheta_merge.storage.storelock import GcLock
 
     store = store or ObjectStore.for_repo(repo)
     report = GcReport()

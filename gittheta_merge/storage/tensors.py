@@ -10,8 +10,8 @@ import warnings
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.metadata import TensorEntry
-from gittheta_merge.store import ObjectStore
+from gittheta_merge.storage.metadata import TensorEntry
+from gittheta_merge.storage.store import ObjectStore
 
 
 def bytes_to_tensor(buf: bytearray | bytes, dtype: str, shape: list[int]) -> Any:

@@ -66,6 +66,10 @@ class Repo:
             env: Mapping[str, str] | None = None) -> bytes:
         return run_git(*args, cwd=self.root, input=input, check=check, env=env)
 
+    def is_ancestor(self, commit: str, of: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", commit, of], cwd=self.root,
+                              capture_output=True).returncode == 0
+
     def config_get(self, key: str, default: str | None = None) -> str | None:
         out = run_git("config", "--get", key, cwd=self.root, check=False).decode().strip()
         return out if out else default

@@ -18,15 +18,14 @@ from typing import BinaryIO
 
 from gittheta_merge import formats, testhooks
 from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
+from gittheta_merge.filter.pktline import PktReader, PktWriter
 from gittheta_merge.formats.base import Context
 from gittheta_merge.formats.streams import PrefixedStream, read_head
-from gittheta_merge.gitutil import Repo
-from gittheta_merge.metadata import Metadata, is_metadata
-from gittheta_merge.pktline import PktReader, PktWriter
 from gittheta_merge.progress import Progress
-from gittheta_merge.store import MissingObject, ObjectStore
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.metadata import Metadata, configured_block_bytes, is_metadata
+from gittheta_merge.storage.store import MissingObject, ObjectStore
 
-DEFAULT_BLOCK_BYTES = 64 << 20
 PROGRESS_MIN_BYTES = 32 << 20
 
 
@@ -36,7 +35,7 @@ class Filter:
     def __init__(self, repo: Repo) -> None:
         self.repo = repo
         self.store = ObjectStore.for_repo(repo)
-        self.max_block_bytes = repo.config_int("theta.blockBytes", DEFAULT_BLOCK_BYTES)
+        self.max_block_bytes = configured_block_bytes(repo)
         self.scratch = repo.common_dir / "theta" / "tmp"
         self.auto_fetch = repo.config_bool("theta.autoFetch", True) and bool(repo.git("remote").strip())
 
@@ -84,7 +83,7 @@ class Filter:
         over keeps `git status` clean after `git theta stats compute`, and once the weights change
         they stay attached but are reported stale (their recorded weights digest no longer matches).
         """
-        from gittheta_merge.inspect_cmds import INDEX, read_metadata
+        from gittheta_merge.storage.revisions import INDEX, read_metadata
 
         try:
             staged = read_metadata(self.repo, INDEX, path)
@@ -98,7 +97,7 @@ class Filter:
         meta = Metadata.from_bytes(data, path)
         context = f" (commit {commit})" if commit else ""
         if self.auto_fetch and self._missing(meta):
-            from gittheta_merge import transfer
+            from gittheta_merge.storage import transfer
 
             transfer.fetch_objects(self.repo, list(transfer.needs_of(meta, path)), context=context)
         missing = self._missing(meta)
@@ -188,7 +187,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
 
 def _serve_requests(filt: Filter, reader: PktReader, writer: PktWriter) -> None:
     try:
-        from gittheta_merge.tracking import install_hooks
+        from gittheta_merge.storage.tracking import install_hooks
 
         install_hooks(filt.repo)  # a fresh clone with a user-scope install gets the pre-push hook too
     except (ThetaError, OSError) as exc:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from gittheta_merge import testhooks
 from gittheta_merge.errors import ThetaError, require_space
-from gittheta_merge.gitutil import Repo
-from gittheta_merge.maintenance import iter_referencing_blobs
-from gittheta_merge.metadata import Metadata
-from gittheta_merge.store import CorruptObject, ObjectStore
+from gittheta_merge.storage.gitutil import Repo
+from gittheta_merge.storage.maintenance import iter_referencing_blobs
+from gittheta_merge.storage.metadata import Metadata
+from gittheta_merge.storage.store import CorruptObject, ObjectStore
 
 ZERO = "0" * 40
 PUSH_BATCH = 400
@@ -196,7 +196,7 @@ def pre_push(repo: Repo, remote: str, url: str, stdin_data: bytes) -> int:
         target = remote if remote else url
         sys.stderr.write(f"git-theta: uploading {len(needed)} tensor object(s) to {target}\n")
         push_objects(repo, target, sorted(needed))
-    from gittheta_merge.tracking import hooks_dir
+    from gittheta_merge.storage.tracking import hooks_dir
 
     local = hooks_dir(repo) / "pre-push.local"
     if local.exists() and os.access(local, os.X_OK):

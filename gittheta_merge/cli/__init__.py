@@ -1,0 +1,84 @@
+"""The `git-theta` command line (so `git theta …` works as a git subcommand): the group, its error handling and
+the lazily loaded merge commands; each command group lives in its own module here, thin: parse, call, print."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from gittheta_merge import __version__
+from gittheta_merge.errors import ThetaError, storage_error
+from gittheta_merge.storage.gitutil import Repo
+
+_NO_HINT = {"install", "filter-process", "clean", "smudge", "pre-push", "--help", "--version"}
+
+
+def _hint_if_not_installed() -> None:
+    """A clone made before `git theta install` has metadata text where models should be: say so."""
+    try:
+        repo = Repo.discover()
+    except ThetaError:
+        return
+    attributes = repo.root / ".gitattributes"
+    if not attributes.exists() or "filter=theta" not in attributes.read_text(errors="replace"):
+        return
+    from gittheta_merge.storage.tracking import is_installed
+
+    if not is_installed(repo):
+        click.echo("git-theta: this repository tracks models with gittheta-merge, but the theta filter is "
+                   "not configured in this clone, so models are checked out as metadata text and `git add` "
+                   "would commit raw files. Run `git theta install` (it also checks the models out).", err=True)
+
+
+# commands whose modules are imported only when used: the filter process runs inside every
+# `git add`/`checkout` and must not pay for importing the merge engine
+LAZY_COMMANDS = {"merge": "merge_cmd", "merge-driver": "merge_driver_cmd", "merge-files": "merge_files_cmd"}
+
+
+class ThetaGroup(click.Group):
+    """Turns ThetaError into a one-line message and exit code 1, without a traceback; loads the
+    merge commands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            from gittheta_merge.merge import commands
+
+            self.add_command(getattr(commands, LAZY_COMMANDS[name]), name)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> object:
+        if ctx.protected_args and ctx.protected_args[0] not in _NO_HINT:
+            _hint_if_not_installed()
+        try:
+            return super().invoke(ctx)
+        except ThetaError as exc:
+            click.echo(f"git-theta: error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # disk full, quota, read-only, permissions: the user's to fix, in one line
+            err = storage_error(exc)
+            if err is None:
+                raise
+            click.echo(f"git-theta: error: {err}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ThetaGroup)
+@click.version_option(__version__, prog_name="git-theta")
+def main() -> None:
+    """Version model checkpoints in git as per-tensor objects, and merge them."""
+
+
+def _register() -> None:
+    from gittheta_merge.cli import filters, inspect, maintenance, remote, stats, tracking
+
+    for command in (tracking.install, tracking.track, inspect.ls_cmd, inspect.diff_cmd, maintenance.fsck,
+                    maintenance.gc, stats.stats, remote.pull_objects, remote.pre_push_cmd, filters.filter_process,
+                    filters.clean, filters.smudge):
+        main.add_command(command)
+
+
+_register()

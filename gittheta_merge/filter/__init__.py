@@ -1,0 +1,1 @@
+"""git's clean/smudge filter: pkt-line framing and the long-running process."""
