@@ -29,10 +29,24 @@ for task in "abc":
     save_file(sd, f"{work}/task-{task}.safetensors")
 PY
 
-run() {  # run the scenario with the package found first on PYTHONPATH ($1), outputs under $2
+DEPS=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")  # torch, numpy, … of this env
+
+env_for() {  # a venv that sees this env's dependencies but the package only from $1 (no editable finder)
+  local pkg=$1 venv=$2
+  python -m venv --without-pip "$venv"
+  local site; site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  printf '%s\n%s\n' "$pkg" "$DEPS" > "$site/compare-versions.pth"  # plain paths: their own .pth files are not run
+  printf '#!%s\nfrom gittheta_merge.cli import main\nmain()\n' "$venv/bin/python" > "$venv/bin/git-theta"
+  chmod +x "$venv/bin/git-theta"
+  "$venv/bin/python" -c "import gittheta_merge, sys; assert gittheta_merge.__file__.startswith(sys.argv[1]), gittheta_merge.__file__" "$pkg"
+}
+
+run() {  # run the scenario with the package from $1, outputs under $2
   local pkg=$1 out=$2
-  mkdir -p "$out"
-  export PYTHONPATH="$pkg"
+  mkdir -p "$out"; cd "$WORK"  # not in the source tree: '' on sys.path would find its package
+  env_for "$pkg" "$out/venv"
+  local saved_path=$PATH
+  export PATH="$out/venv/bin:$PATH"
   local repo="$out/repo"
   git init -q -b main "$repo"; cd "$repo"
   git config user.email t@e; git config user.name t
@@ -55,7 +69,7 @@ run() {  # run the scenario with the package found first on PYTHONPATH ($1), out
   cp model.safetensors "$out/ta-driver.safetensors"
   rm model.safetensors; git checkout -- model.safetensors; cp model.safetensors "$out/checkout.safetensors"
   git theta fsck | tail -1 > "$out/fsck.txt"
-  cd "$WORK"; unset PYTHONPATH
+  cd "$WORK"; export PATH=$saved_path
 }
 run "$WORK/old-src" "$WORK/old"
 run "$SRC" "$WORK/new"
