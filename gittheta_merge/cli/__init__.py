@@ -73,11 +73,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from gittheta_merge.cli import filters, inspect, maintenance, remote, stats, tracking
+    from gittheta_merge.cli import filters, inspect, maintenance, remote, stats, strategies, tracking
 
     for command in (tracking.install, tracking.track, inspect.ls_cmd, inspect.diff_cmd, maintenance.fsck,
                     maintenance.gc, stats.stats, remote.pull_objects, remote.pre_push_cmd, filters.filter_process,
-                    filters.clean, filters.smudge):
+                    filters.clean, filters.smudge, strategies.strategies_cmd):
         main.add_command(command)
 
 

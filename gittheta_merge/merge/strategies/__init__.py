@@ -1,7 +1,10 @@
 """Merge strategies are plugins in the `gittheta_merge.strategies` entry-point group.
 
-The built-in ones register exactly like a third party would (pyproject.toml); the fallback table below
-only matters when the package metadata is stale (an old editable install), so a checkout still works.
+The built-in ones register exactly like a third party would (pyproject.toml). Where the package metadata is
+stale (an old editable install) a built-in strategy is still found by scanning this package's modules, so adding
+a strategy is one file plus one entry point, with no table to keep. `describe` and `markdown` read the
+strategies' own declarations (docstring, needs_base, params_spec, stat_kinds) for `git theta strategies` and
+docs/strategies.md.
 """
 
 from __future__ import annotations
@@ -16,18 +19,6 @@ from gittheta_merge.merge.strategies.base import Strategy
 
 GROUP = "gittheta_merge.strategies"
 
-BUILTIN = {
-    "average": "gittheta_merge.merge.strategies.average:Average",
-    "task_arithmetic": "gittheta_merge.merge.strategies.task_arithmetic:TaskArithmetic",
-    "ties": "gittheta_merge.merge.strategies.ties:Ties",
-    "ties_local": "gittheta_merge.merge.strategies.ties:TiesLocal",
-    "dare": "gittheta_merge.merge.strategies.dare:Dare",
-    "fisher": "gittheta_merge.merge.strategies.fisher:Fisher",
-    "regmean": "gittheta_merge.merge.strategies.regmean:RegMean",
-    "mats": "gittheta_merge.merge.strategies.mats:Mats",
-}
-
-
 def _load(target: str) -> type[Strategy]:
     module, _, attr = target.partition(":")
     return getattr(import_module(module), attr)
@@ -36,18 +27,40 @@ def _load(target: str) -> type[Strategy]:
 @cache
 def registry() -> dict[str, Any]:
     """name -> entry point target (loaded lazily, so listing strategies imports none of them)."""
-    found: dict[str, Any] = dict(BUILTIN)
+    found: dict[str, Any] = {}
     for ep in entry_points(group=GROUP):
         found[ep.name] = ep
     return found
 
 
+def all_names() -> list[str]:
+    """Every installed strategy: entry points, and built-ins missing from stale metadata (imports them)."""
+    return sorted(set(registry()) | set(_scan_builtin()))
+
+
+@cache
+def _scan_builtin() -> dict[str, type[Strategy]]:
+    """Strategy subclasses with a name in this package's modules (only the stale-metadata fallback imports them)."""
+    import pkgutil
+
+    out: dict[str, type[Strategy]] = {}
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name == "base":
+            continue
+        module = import_module(f"{__name__}.{mod.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Strategy) and value.name \
+                    and value.__module__ == module.__name__:
+                out[value.name] = value
+    return out
+
+
 def get(name: str) -> type[Strategy]:
-    reg = registry()
-    target = reg.get(name.replace("-", "_"))
+    key = name.replace("-", "_")
+    target = registry().get(key) or _scan_builtin().get(key)
     if target is None:
-        raise ThetaError(f"unknown merge strategy {name!r} (known: {', '.join(sorted(reg))})")
-    cls = _load(target) if isinstance(target, str) else target.load()
+        raise ThetaError(f"unknown merge strategy {name!r} (known: {', '.join(all_names())})")
+    cls = target if isinstance(target, type) else _load(target) if isinstance(target, str) else target.load()
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ThetaError(f"merge strategy {name!r} does not provide a Strategy subclass")
     return cls
@@ -55,3 +68,58 @@ def get(name: str) -> type[Strategy]:
 
 def create(name: str, params: dict[str, Any] | None, n_models: int) -> Strategy:
     return get(name)(params or {}, n_models)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """What a user needs to choose and set a strategy, from its own declarations."""
+    cls = get(name)
+    try:
+        kinds = cls({}, 2).stat_kinds()
+    except ThetaError:
+        kinds = ()
+    doc = " ".join((cls.__doc__ or "").split())
+    return {"name": name, "doc": doc, "needs_base": cls.needs_base, "statistics": list(kinds),
+            "params": [{"name": key, "kind": p.kind, "default": p.default, "help": p.help, "choices": list(p.choices)}
+                       for key, p in cls.params_spec.items()]}
+
+
+def _default(value: Any) -> str:
+    return "(uniform)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def text(names: list[str] | None = None) -> str:
+    """`git theta strategies`: one block per strategy."""
+    lines = []
+    for name in names or all_names():
+        d = describe(name)
+        needs = ["a base (the common ancestor)"] if d["needs_base"] else []
+        needs += [f"statistics: {', '.join(d['statistics'])}"] if d["statistics"] else []
+        lines.append(f"{name}" + (f"  [needs {'; '.join(needs)}]" if needs else ""))
+        if d["doc"]:
+            lines.append(f"  {d['doc']}")
+        for p in d["params"]:
+            kind = "|".join(p["choices"]) if p["choices"] else p["kind"]
+            lines.append(f"    --set {p['name']}=<{kind}>  default {_default(p['default'])}: {p['help']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown(names: list[str] | None = None) -> str:
+    """docs/strategies.md, generated (a test fails when the committed page is stale)."""
+    out = ["# Merge strategies", "",
+           "Generated by `git theta strategies --markdown` from each strategy's own declarations; do not edit. "
+           "Set parameters with `--set KEY=VALUE`, `git config theta.merge.KEY VALUE` or `.gittheta.toml` "
+           "(docs/merge.md).", ""]
+    for name in names or all_names():
+        d = describe(name)
+        out += [f"## `{name}`", "", d["doc"] or "(no description)", ""]
+        needs = (["a base (the common ancestor)"] if d["needs_base"] else []) + \
+            ([f"statistics `{'`, `'.join(d['statistics'])}`"] if d["statistics"] else [])
+        out += [f"Needs: {', '.join(needs) if needs else 'nothing but the models'}.", ""]
+        if d["params"]:
+            out += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
+            for p in d["params"]:
+                kind = " \\| ".join(p["choices"]) if p["choices"] else p["kind"]
+                out.append(f"| `{p['name']}` | {kind} | `{_default(p['default'])}` | {p['help']} |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"

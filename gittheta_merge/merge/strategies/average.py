@@ -14,6 +14,9 @@ from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Para
 
 
 class Average(Strategy):
+    """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (Wortsman et al. 2022, model soups); needs
+    no base. The linear family: the compiled kernel and numpy compute the same formula."""
+
     name = "average"
     chunk_bytes = STREAM_CHUNK_BYTES
     numpy_merge = True

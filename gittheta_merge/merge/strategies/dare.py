@@ -53,6 +53,9 @@ def dare_keep_mask(seed: int, name: str, model: int, shape: list[int] | tuple[in
 
 
 class Dare(Strategy):
+    """DARE (Yu et al. 2024): drop each task-vector entry with probability p, rescale survivors by 1/(1-p),
+    then add (or, with elect=true, TIES-elect and average); seeded per tensor and model."""
+
     name = "dare"
     needs_base = True
     params_spec = {

@@ -23,6 +23,9 @@ KIND = "fisher"
 
 
 class Fisher(Strategy):
+    """Fisher merging (Matena & Raffel 2022): per-parameter average weighted by each model's diagonal Fisher
+    (statistic `fisher`, from `git theta stats compute --kind fisher`)."""
+
     name = "fisher"
     params_spec = {
         "floor": Param(1e-6, "float", "minimum Fisher value (FISH --fisher_floor)"),

@@ -62,6 +62,10 @@ def conjugate_gradient(op: Callable[[Any], Any], b: Any, x0: Any, iterations: in
 
 
 class Mats(Strategy):
+    """MaTS (Tam et al. 2024): solves sum_i C_i theta = sum_i C_i theta_i by conjugate gradient, C_i from each
+    model's statistics (objective regmean: Grams; kfac: Grams and gradient Grams; fisher_diag: Fisher); blocks
+    without statistics are averaged."""
+
     name = "mats"
     row_separable = False
     params_spec = {

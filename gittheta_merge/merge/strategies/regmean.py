@@ -100,6 +100,9 @@ class _Solver:
 
 
 class RegMean(Strategy):
+    """RegMean (Jin et al. 2023): per linear layer, (sum_i G_i)^-1 sum_i G_i W_i with each model's input Gram
+    G_i (statistic `gram`); blocks without a Gram are (weighted) averaged."""
+
     name = "regmean"
     params_spec = {
         "alpha": Param(1.0, "float", "scale of the Grams' off-diagonal entries (1 = none)"),

@@ -16,6 +16,8 @@ from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Para
 
 
 class TaskArithmetic(Strategy):
+    """Task arithmetic (Ilharco et al. 2023): theta_0 + lambda * sum_i w_i (theta_i - theta_0)."""
+
     name = "task_arithmetic"
     needs_base = True
     chunk_bytes = STREAM_CHUNK_BYTES
