@@ -33,7 +33,8 @@ process in the tree (git or its filter), which is what the git-theta anchors mea
 process tree is polled (``VmHWM`` in ``/proc``, every 20 ms; a high-water mark, so a late sample still
 sees an earlier peak; a command done before the first sample shows "-") to split git's own peak from
 its filter's, and this tool's filter process reports
-its exact peak through ``GIT_THETA_RSS_LOG``.  During a checkout git itself holds the whole smudged file
+its exact peak through ``GIT_THETA_RSS_LOG`` (benchmarks/inject/sitecustomize.py, put on its PYTHONPATH).
+During a checkout git itself holds the whole smudged file
 in memory before writing it (a git limitation that hits every filter, git-lfs included), so git's peak
 is about the file size whatever the filter does; the split makes that visible.
 
@@ -70,6 +71,8 @@ from typing import Any
 
 import numpy as np
 from measure import dir_bytes, settle_index
+
+INJECT = Path(__file__).resolve().parent / "inject"  # sitecustomize: the filter reports its peak RSS
 
 MB = 1_000_000
 KB_PER_MB = 1000 / 1024  # /usr/bin/time and VmHWM report KiB; tables show MB (10^6 bytes)
@@ -342,7 +345,8 @@ class Runner:
         log_path = Path(f"{tag}.rss")
         env = dict(env)
         if rss_log:
-            env["GIT_THETA_RSS_LOG"] = str(log_path)
+            env["GIT_THETA_RSS_LOG"] = str(log_path)  # read by benchmarks/inject/sitecustomize.py
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(INJECT), env.get("PYTHONPATH", "")]))
         peaks: dict[int, tuple[str, int, int]] = {}  # pid: name, VmHWM, max sampled RssAnon
         git_pid = -1
         with open(out_path, "wb") as out, open(err_path, "wb") as err:

@@ -21,6 +21,15 @@ def git(cwd: Path, *args: str, check: bool = True, input: bytes | None = None,
     return proc
 
 
+INJECT = Path(__file__).resolve().parent / "inject"
+
+
+def pause_env(point: str, pidfile: Path, count: int = 1) -> dict[str, str]:
+    """Environment for a command that should stop at a named pause point (tests/inject/sitecustomize.py)."""
+    return {**os.environ, "GITTHETA_TEST_PAUSE": f"{point}:{count}:{pidfile}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH", "")]))}
+
+
 def init_repo(path: Path, install: bool = True) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     git(path, "init", "-q", "-b", "main")

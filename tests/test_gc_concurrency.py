@@ -1,6 +1,6 @@
 """`git theta gc --prune now` beside commands that store objects loses nothing (issue: a concurrent gc deleted 50
 objects of a version being added, and the later checkout deleted the only copy), and gc cleans what killed
-commands left. Each command is held at a named pause point (gittheta_merge/testhooks.py), not raced by a timer."""
+commands left. Each command is held at a named pause point (tests/inject/sitecustomize.py), not raced by a timer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import git, init_repo, random_state, store_objects
+from conftest import git, init_repo, pause_env, random_state, store_objects
 from safetensors.torch import load_file, save_file
 
 from gittheta_merge.storage.storelock import PENDING_DIR
@@ -27,7 +27,7 @@ class Paused:
 
     def __init__(self, args: list[str], cwd: Path, point: str, tmp: Path, count: int = 1) -> None:
         self.pidfile = tmp / f"pause-{point}"
-        env = {**os.environ, "GITTHETA_TEST_PAUSE": f"{point}:{count}:{self.pidfile}"}
+        env = pause_env(point, self.pidfile, count)
         self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
         deadline = time.monotonic() + 120
@@ -104,7 +104,7 @@ def test_gc_between_the_clean_and_gits_index_spares_pending_objects(repo: Path, 
     pending list of the filter, tied to the git that called it, keeps them."""
     git(repo, "theta", "track", "model.safetensors")
     save_file(random_state(4, seed=3), repo / "model.safetensors")
-    adding = Paused(["git", "add", "model.safetensors"], repo, "clean-answer", tmp_path)
+    adding = Paused(["git", "add", "model.safetensors"], repo, "objects-checked", tmp_path)
     rc, out = adding.resume()
     assert rc == 0, out
     # simulate the window directly: a pending list whose owner (this test process) is alive protects its oids
@@ -134,7 +134,7 @@ def test_gc_during_git_theta_merge_loses_nothing(repo: Path, tmp_path: Path) -> 
         save_file({k: v + 0.1 * i for k, v in base.items()}, repo / "model.safetensors")
         git(repo, "commit", "-qam", f"ft{i}")
     git(repo, "checkout", "-q", "main")
-    merging = Paused(GIT_THETA + ["merge", "ft1", "ft2", "--strategy", "average"], repo, "merge-tensor", tmp_path)
+    merging = Paused(GIT_THETA + ["merge", "ft1", "ft2", "--strategy", "average"], repo, "object-written", tmp_path)
     gc_beside(repo, merging)
     assert_all_objects_there(repo)
     got = load_file(str(repo / "model.safetensors"))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import git
+from conftest import git, pause_env
 from safetensors.torch import load_file
 from test_merge_git import commit_model, setup
 
@@ -20,7 +20,7 @@ from gittheta_merge.storage.gitutil import Repo
 
 def start_paused_merge(repo: Path, branch: str, pidfile: Path) -> tuple[subprocess.Popen, int]:
     """`git merge BRANCH` whose driver stops after its first merged tensor; returns (git, driver pid)."""
-    env = {**os.environ, "GITTHETA_TEST_PAUSE": f"merge-tensor:1:{pidfile}"}
+    env = pause_env("object-written", pidfile)  # after the driver stored its first merged block
     proc = subprocess.Popen(["git", "merge", "--no-edit", branch], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120

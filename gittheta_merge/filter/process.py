@@ -10,13 +10,12 @@ smudge, so the filter never destroys data it does not understand.
 from __future__ import annotations
 
 import io
-import os
 import sys
 import traceback
 from pathlib import Path
 from typing import BinaryIO
 
-from gittheta_merge import formats, testhooks
+from gittheta_merge import formats
 from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
 from gittheta_merge.filter.pktline import PktReader, PktWriter
 from gittheta_merge.formats.base import Context
@@ -73,7 +72,6 @@ class Filter:
             bar.close()
         self.carry_over_stats(path, meta)
         self.store.require_present(meta.iter_objects(), path)  # never answer git with an object that is gone
-        testhooks.pause("clean-answer")
         out.write(meta.to_bytes())
 
     def carry_over_stats(self, path: str, meta: Metadata) -> None:
@@ -134,16 +132,6 @@ class Filter:
         self.smudge_meta(path, meta, out)
 
 
-def _log_peak_rss() -> None:
-    """Benchmarks set GIT_THETA_RSS_LOG to learn this process's own peak RSS (git's is separate)."""
-    target = os.environ.get("GIT_THETA_RSS_LOG")
-    if target:
-        import resource
-
-        with open(target, "a") as log:
-            log.write(f"{os.getpid()} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n")
-
-
 def _report(exc: BaseException) -> None:
     if isinstance(exc, OSError):
         exc = storage_error(exc) or exc
@@ -197,7 +185,6 @@ def _serve_requests(filt: Filter, reader: PktReader, writer: PktWriter) -> None:
         try:
             headers = reader.read_text_list()
         except EOFError:
-            _log_peak_rss()
             return
         fields = dict(h.split("=", 1) for h in headers if "=" in h)
         command, path = fields.get("command"), fields.get("pathname", "<unknown>")

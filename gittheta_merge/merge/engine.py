@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from gittheta_merge import dtypes, testhooks
+from gittheta_merge import dtypes
 from gittheta_merge.constants import MERGE_CHUNK_BYTES
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge import fused, npkernels, strategies
@@ -721,7 +721,6 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                     runner.run_passes(strat, [tp])
                 runner.merge_tensor(tp, strat, sink, entry, use_numpy)
                 merged_count += 1
-                testhooks.pause("merge-tensor")
                 done_bytes += tp.info.nbytes
                 elements = entry.pop("elements", None)
                 if elements:

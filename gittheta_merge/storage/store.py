@@ -22,7 +22,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gittheta_merge import testhooks
 from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
 from gittheta_merge.storage.storelock import WriterGuard
 
@@ -136,7 +135,6 @@ class ObjectStore:
             if self._touch(oid):
                 return oid, False
             self._write_atomic(oid, [memoryview(data)])
-        testhooks.pause("object-written")
         return oid, True
 
     def put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
@@ -144,12 +142,9 @@ class ObjectStore:
         require_space(self.lfs_dir, size, f"storing an object in {self.objects_dir}")
         with self.guard.hold():
             try:
-                oid, new = self._put_stream(source, size)
+                return self._put_stream(source, size)
             except OSError as exc:
                 raise self._storage_error(exc, size) from None
-        if new:
-            testhooks.pause("object-written")
-        return oid, new
 
     def _put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

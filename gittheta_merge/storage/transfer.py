@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gittheta_merge import testhooks
 from gittheta_merge.errors import ThetaError, require_space
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.maintenance import iter_referencing_blobs
@@ -164,7 +163,6 @@ def _fetch(repo: Repo, store: ObjectStore, missing: list[Needed], remote: str, c
                      f"from {remote}\n")
     proc = subprocess.run(["git", "lfs", "fetch", remote, commit], cwd=repo.root, env=env,
                           stdout=subprocess.DEVNULL, stderr=None)  # git-lfs draws its own progress bar
-    testhooks.pause("objects-fetched")
     fetched = 0
     problems: list[str] = []
     for need in missing:
