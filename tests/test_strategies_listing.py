@@ -31,3 +31,38 @@ def test_unknown_name_is_one_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "gittheta_merge", "strategies", "nosuch"], capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "unknown merge strategy 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_settings_table_in_docs_is_generated_from_the_settings_model() -> None:
+    from gittheta_merge.merge import config
+
+    page = (ROOT / "docs" / "merge.md").read_text()
+    table = page.split("<!-- settings-table -->\n", 1)[1].split("<!-- /settings-table -->", 1)[0]
+    assert table == config.settings_table(), "docs/merge.md's settings table is stale (merge/config.py SETTINGS)"
+
+
+def test_every_setting_is_read_from_each_layer(tmp_path) -> None:
+    """Each declared setting, set in .gittheta.toml, then overridden by git config, then by the command line."""
+    import subprocess as sp
+
+    from gittheta_merge.merge import config
+    from gittheta_merge.storage.gitutil import Repo
+
+    sp.run(["git", "init", "-q", str(tmp_path)], check=True)
+    values = {"shortcuts": ("exact", "git"), "max_block_bytes": ("1048576", "2097152"),
+              "missing_stats": ("average", "ties"), "allow_stale_stats": ("true", "false"), "device": ("cuda", "cpu")}
+    assert set(values) == {s.name for s in config.SETTINGS}
+    (tmp_path / ".gittheta.toml").write_text("[merge]\n" + "".join(
+        f"{k} = {v[0] if k in ('max_block_bytes', 'allow_stale_stats') else repr(v[0])}\n" for k, v in values.items()))
+    repo = Repo.discover(tmp_path)
+    got = config.resolve(repo, "m.safetensors")
+    for st in config.SETTINGS:
+        assert getattr(got, st.name) == st.parse(values[st.name][0], "test")
+        assert got.origin[st.name].startswith(".gittheta")
+    for st in config.SETTINGS:
+        sp.run(["git", "config", f"theta.merge.{st.git_key}", values[st.name][1]], cwd=tmp_path, check=True)
+    got = config.resolve(repo, "m.safetensors")
+    for st in config.SETTINGS:
+        assert getattr(got, st.name) == st.parse(values[st.name][1], "test") and got.origin[st.name] == "git config"
+    got = config.resolve(repo, "m.safetensors", {"device": "cuda:1"})
+    assert got.device == "cuda:1" and got.origin["device"] == "command line"

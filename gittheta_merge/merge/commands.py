@@ -21,6 +21,7 @@ import click
 
 from gittheta_merge.constants import BLOCK_BYTES, MERGE_CHUNK_BYTES
 from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge import config
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.metadata import configured_block_bytes
 
@@ -145,7 +146,6 @@ def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path:
 
 def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | None = None) -> int:
     """The merge driver body; returns git's exit status (0 = merged, 1 = conflict)."""
-    from gittheta_merge.merge import config
     from gittheta_merge.merge.engine import summary_text
     from gittheta_merge.storage.metadata import Metadata, is_metadata
     from gittheta_merge.storage.store import ObjectStore
@@ -201,7 +201,6 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     Settings are resolved per model path (merge/config.py: .gittheta.toml < attributes < git config < `cli`);
     statistics come from `stats` files if given, else from each branch's metadata.
     """
-    from gittheta_merge.merge import config
     from gittheta_merge.merge.api import load_stats
     from gittheta_merge.merge.engine import plan_merge, summary_text
     from gittheta_merge.merge.sources import StoreSource
@@ -352,13 +351,13 @@ def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...
 @click.option("--rule", "rules", multiple=True, help="per-tensor rule REGEX=ACTION (repeatable)")
 @click.option("--stats", "stats", multiple=True,
               help="KIND=FILE,… statistics per model (HEAD first); default: the ones each branch carries")
-@click.option("--allow-stale-stats", is_flag=True, help="use statistics computed on other weights")
-@click.option("--missing-stats", default=None,
-              help="when a branch has no statistics: error (default) or a data-free strategy to use instead")
+@click.option("--allow-stale-stats", is_flag=True, help=config.BY_NAME["allow_stale_stats"].help)
+@click.option("--missing-stats", default=None, help=config.BY_NAME["missing_stats"].help)
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
-@click.option("--max-block-bytes", type=int, default=None, help="row-chunk size (default 64 MiB)")
-@click.option("--shortcuts", type=click.Choice(["git", "exact"]), default=None)
-@click.option("--device", default=None, help="cpu (default) or cuda[:N]: one block at a time on that device")
+@click.option("--max-block-bytes", type=int, default=None, help=config.BY_NAME["max_block_bytes"].help)
+@click.option("--shortcuts", type=click.Choice(config.BY_NAME["shortcuts"].choices), default=None,
+              help=config.BY_NAME["shortcuts"].help)
+@click.option("--device", default=None, help=config.BY_NAME["device"].help)
 @click.option("-m", "--message", default=None)
 def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...],
               stats: tuple[str, ...], allow_stale_stats: bool, missing_stats: str | None, dry_run: bool,

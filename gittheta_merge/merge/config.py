@@ -4,12 +4,11 @@ Why layers: a team commits how its models merge (`.gittheta.toml`, reviewed like
 clone — git config is not versioned), a user overrides it locally (git config) or for one command (flags).
 Lowest to highest precedence:
 
-  1. built-in defaults (average, shortcuts=git, 64 MiB blocks, missing statistics = error, cpu)
+  1. built-in defaults (average, and SETTINGS below: shortcuts=git, 64 MiB chunks, missing statistics = error, cpu)
   2. `.gittheta.toml` at the repository root, `[merge]`
   3. `.gittheta.toml` `[[merge.path]]` entries whose `match` glob matches the file (in file order)
   4. the `theta-merge-strategy` git attribute of the file (.gitattributes), e.g. `*.bin theta-merge-strategy=ties`
-  5. git config `theta.merge.*` (strategy, <param>, rule, shortcuts, maxBlockBytes, missingStats,
-     allowStaleStats, device)
+  5. git config `theta.merge.*` (strategy, <param>, rule, and each Setting's git_key)
   6. command-line flags (`git theta merge --strategy/--set/--rule/...`)
 
 A layer that changes the strategy drops the parameters collected so far (they belong to another strategy);
@@ -28,13 +27,67 @@ from typing import Any
 from gittheta_merge.constants import MERGE_CHUNK_BYTES
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.rules import Rule, parse_action, parse_rule
-from gittheta_merge.merge.strategies.base import parse_bool
+from gittheta_merge.merge.strategies.base import parse_value
 
 CONFIG_FILE = ".gittheta.toml"
 ATTRIBUTE = "theta-merge-strategy"
-SETTING_KEYS = {"shortcuts", "max_block_bytes", "missing_stats", "allow_stale_stats", "device"}
-GIT_SETTING = {"shortcuts": "shortcuts", "maxblockbytes": "max_block_bytes", "max-block-bytes": "max_block_bytes",
-               "missingstats": "missing_stats", "allowstalestats": "allow_stale_stats", "device": "device"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One merge setting, declared once: its type, default and help, and the names it has in each place it can be
+    set (`.gittheta.toml` key = `name`; git config `theta.merge.<git_key>`; the flag of `git theta merge`)."""
+
+    name: str
+    kind: str  # str | int | bool | choice (parsed like strategy parameters)
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def git_key(self) -> str:
+        head, *rest = self.name.split("_")
+        return head + "".join(w.capitalize() for w in rest)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, value: Any, where: str) -> Any:
+        return parse_value(self.kind, value, f"{where}: {self.name}", self.choices)
+
+
+# Every setting besides strategy, params and rules (which are structured: see the module docstring). The engine's
+# MergeOptions, the layers below, the CLI flags' help and the settings table in docs/merge.md all come from here.
+SETTINGS = (
+    Setting("shortcuts", "choice", "git", "how tensors are settled from metadata alone: git (3-way: a tensor changed "
+            "on one side only is taken from it) or exact (only tensors equal everywhere)", ("git", "exact")),
+    Setting("max_block_bytes", "int", MERGE_CHUNK_BYTES, "the merge's row-chunk size in float32 bytes; peak memory "
+            "is about (models + 1 + a strategy's temporaries) chunks"),
+    Setting("missing_stats", "str", "error", "when a side has no statistics for a data-aware strategy: error, or "
+            "the name of a data-free strategy to merge that file with instead"),
+    Setting("allow_stale_stats", "bool", False, "use statistics computed on other weights than the ones merged"),
+    Setting("device", "str", "cpu", "cpu or cuda[:N]: each chunk is merged on that device"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+SETTING_KEYS = set(BY_NAME)
+GIT_SETTING = {alias: s.name for s in SETTINGS for alias in (s.git_key.lower(), s.name.replace("_", "-"))}
+
+
+def settings_table() -> str:
+    """The markdown table of settings in docs/merge.md (a test keeps the two equal)."""
+    rows = ["| setting (`.gittheta.toml`) | git config | flag | type | default | meaning |",
+            "|---|---|---|---|---|---|",
+            "| `strategy` | `theta.merge.strategy` | `--strategy` | name | `average` | the merge strategy "
+            "(`git theta strategies`) |",
+            "| `params` (table) | `theta.merge.<param>` | `--set K=V` | per strategy | per strategy | the strategy's "
+            "parameters |",
+            "| `rules` (list) | `theta.merge.rule` (multi) | `--rule RE=ACTION` | rules | none | per-tensor rules |"]
+    for st in SETTINGS:
+        kind = " \\| ".join(st.choices) if st.choices else st.kind
+        default = str(st.default).lower() if isinstance(st.default, bool) else st.default
+        rows.append(f"| `{st.name}` | `theta.merge.{st.git_key}` | `{st.flag}` | {kind} | `{default}` | {st.help} |")
+    return "\n".join(rows) + "\n"
 
 
 @dataclass
@@ -44,11 +97,11 @@ class MergeSettings:
     strategy: str = "average"
     params: dict[str, Any] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
-    shortcuts: str = "git"
-    max_block_bytes: int = MERGE_CHUNK_BYTES
-    missing_stats: str = "error"
-    allow_stale_stats: bool = False
-    device: str = "cpu"
+    shortcuts: str = BY_NAME["shortcuts"].default
+    max_block_bytes: int = BY_NAME["max_block_bytes"].default
+    missing_stats: str = BY_NAME["missing_stats"].default
+    allow_stale_stats: bool = BY_NAME["allow_stale_stats"].default
+    device: str = BY_NAME["device"].default
     origin: dict[str, str] = field(default_factory=dict)
 
     def apply(self, layer: dict[str, Any], where: str) -> None:
@@ -64,15 +117,10 @@ class MergeSettings:
         if layer.get("rules"):
             self.rules = list(layer["rules"]) + self.rules
             self.origin["rules"] = where
-        for key in SETTING_KEYS:
-            if layer.get(key) is not None:
-                value = layer[key]
-                if key == "max_block_bytes":
-                    value = _int(value, f"{where}: max_block_bytes")
-                elif key == "allow_stale_stats":
-                    value = _bool(value, f"{where}: allow_stale_stats")
-                setattr(self, key, value)
-                self.origin[key] = where
+        for setting in SETTINGS:
+            if layer.get(setting.name) is not None:
+                setattr(self, setting.name, setting.parse(layer[setting.name], where))
+                self.origin[setting.name] = where
 
     def options(self, **kwargs: Any) -> Any:
         """MergeOptions for the engine."""
@@ -81,20 +129,6 @@ class MergeSettings:
         return MergeOptions(strategy=self.strategy, params=dict(self.params), rules=list(self.rules),
                             max_block_bytes=self.max_block_bytes, shortcuts=self.shortcuts, device=self.device,
                             **kwargs)
-
-
-def _int(value: Any, where: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ThetaError(f"{where}: {value!r} is not an integer") from None
-
-
-def _bool(value: Any, where: str) -> bool:
-    try:
-        return parse_bool(value)
-    except ValueError:
-        raise ThetaError(f"{where}: {value!r} is not a boolean") from None
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
