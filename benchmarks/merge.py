@@ -173,7 +173,7 @@ def mergekit_run(venv: Path, work: Path, paths: dict[str, Path], method: str, si
 
 SWEEP_CHILD = r"""
 import contextlib, json, os, sys
-from gittheta_merge.merge import engine
+from gittheta_merge.merge import engine, runner
 from gittheta_merge.merge.api import merge_files
 from gittheta_merge.merge.strategies import average, task_arithmetic, ties
 work, strategy, variant, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -184,7 +184,7 @@ if chunk:
     kw["max_block_bytes"] = max(chunk, 64 << 20)
 if variant == "omp2":  # torch's own 2 intra-op threads instead of 1
     import torch
-    engine.intra_op_threads = lambda strat: contextlib.nullcontext()
+    engine.intra_op_threads = lambda strat: contextlib.nullcontext()  # engine's name for runner's
     torch.set_num_threads(2)
 elif variant == "prefetch":
     kw["prefetch"] = True
@@ -195,9 +195,9 @@ elif variant == "torch":
 elif variant == "numpy":  # the torch-free path without the compiled kernel
     kw["fused_kernel"] = False
 elif variant == "pyloop":  # the compiled kernel fed chunk by chunk from Python (two helpers read and merge,
-    engine._Runner.in_files = lambda self, tp, strat, sink: False  # the main thread writes): the store's path
+    runner._Runner.in_files = lambda self, tp, strat, sink: False  # the main thread writes): the store's path
 elif variant.startswith("step"):  # the file loop's elements per read-merge-write step: step65536, ...
-    engine.FILE_STEP_ELEMS = int(variant[4:])
+    runner.FILE_STEP_ELEMS = int(variant[4:])
 params = {"density": 0.2} if strategy.startswith("ties") else {}
 out = os.path.join(work, "sweep-out.safetensors")
 if os.path.exists(out):

@@ -10,7 +10,7 @@ from merge_helpers import CountingStore, family, from_meta, to_meta
 
 from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.api import merge_metadata
-from gittheta_merge.merge.engine import MergeOptions
+from gittheta_merge.merge.plan import MergeOptions
 from gittheta_merge.merge.rules import parse_rule
 from gittheta_merge.storage.metadata import Metadata
 

@@ -200,11 +200,11 @@ def _set_chunk(monkeypatch, nbytes: int) -> None:
 
 def _small_file_ranges(monkeypatch, threads: int = 3) -> None:
     """The file loop with tiny steps and ranges, so even these small tensors split over `threads` threads."""
-    from gittheta_merge.merge import engine
+    from gittheta_merge.merge import runner
 
-    monkeypatch.setattr(engine, "FILE_STEP_ELEMS", 37)
-    monkeypatch.setattr(engine, "FILE_PART_MIN_ELEMS", 50)
-    monkeypatch.setattr(engine, "_cpus", lambda: threads)
+    monkeypatch.setattr(runner, "FILE_STEP_ELEMS", 37)
+    monkeypatch.setattr(runner, "FILE_PART_MIN_ELEMS", 50)
+    monkeypatch.setattr(runner, "worker_threads", lambda: threads)
 
 
 @pytest.mark.parametrize("strategy,params", [("average", {"weights": [0.2, 0.5, 0.3]}),
@@ -317,7 +317,7 @@ def test_object_store_with_two_helpers_verifies_in_order_and_fails_cleanly(tmp_p
     from merge_helpers import flip_byte, from_meta, to_meta
 
     from gittheta_merge.merge.api import merge_metadata
-    from gittheta_merge.merge.engine import MergeOptions
+    from gittheta_merge.merge.plan import MergeOptions
     from gittheta_merge.merge.sources import StoreSource
     from gittheta_merge.storage.store import CorruptObject, ObjectStore
 
@@ -350,7 +350,7 @@ def test_in_order_turns_release_only_chunks_after_the_failed_one() -> None:
     for chunk 1's turn that never comes, is released with an error instead of hanging."""
     import threading
 
-    from gittheta_merge.merge.engine import _InOrder
+    from gittheta_merge.merge.runner import _InOrder
 
     turn = _InOrder()
     outcome: dict[str, object] = {}

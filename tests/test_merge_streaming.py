@@ -10,9 +10,9 @@ import torch
 from merge_helpers import f32, family, flip_byte, from_meta, to_meta, write_files
 from safetensors.torch import load_file
 
-from gittheta_merge.merge import engine
+from gittheta_merge.merge import runner
 from gittheta_merge.merge.api import merge_files, merge_metadata
-from gittheta_merge.merge.engine import MergeOptions
+from gittheta_merge.merge.plan import MergeOptions
 from gittheta_merge.merge.strategies import average, task_arithmetic, ties
 from gittheta_merge.merge.strategies.ties import elect_and_merge
 from gittheta_merge.storage.store import CorruptObject, ObjectStore
@@ -114,7 +114,7 @@ def test_torch_threads_restored(tmp_path: Path) -> None:
     base, models = family(2, seed=25)
     _run(tmp_path, "t", base, models, "ties", {})
     assert torch.get_num_threads() == before
-    with engine.intra_op_threads(ties.Ties({}, 2)):
+    with runner.intra_op_threads(ties.Ties({}, 2)):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 

@@ -28,7 +28,7 @@ from gittheta_merge.stats import (  # noqa: E402
     statistic_from_bytes,
     statistic_to_bytes,
 )
-from gittheta_merge.stats.compute import _Encoder  # noqa: E402
+from gittheta_merge.stats.batches import _Encoder  # noqa: E402
 
 WORDS = ("the a an cat dog bird runs sits flies over under big small red blue green house tree car road fast slow "
          "happy sad one two three four five six seven eight nine ten good bad movie book song play read sing "
@@ -470,13 +470,13 @@ def test_vmap_failure_falls_back_to_loop(tok, monkeypatch: pytest.MonkeyPatch) -
 def test_gram_symmetric_panels_equal_full_product(tok, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large Grams accumulate only upper-triangle blocks and mirror at the end; force that path on the tiny
     model."""
-    import gittheta_merge.stats.compute as compute
+    import gittheta_merge.stats.accumulate as accumulate
 
     model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3), seed=11)
     exs = seqcls_examples()
     kw = dict(kind="gram", task="sequence-classification", batch_size=3, progress=False)
     full = compute_statistic(model, tok, exs, **kw)
-    monkeypatch.setattr(compute, "_LEAF", 7)
+    monkeypatch.setattr(accumulate, "_LEAF", 7)
     panels = compute_statistic(model, tok, exs, **kw)
     for k, v in full.tensors.items():
         assert torch.equal(panels.tensors[k], panels.tensors[k].T)
@@ -486,14 +486,14 @@ def test_gram_symmetric_panels_equal_full_product(tok, monkeypatch: pytest.Monke
 def test_gram_buffered_blocks_equal_per_batch(tok, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows are held in a buffer and multiplied per block; blocks smaller than a batch (the batch goes straight to
     a product) and blocks spanning several batches give the same sums (float64 model: float64 products)."""
-    import gittheta_merge.stats.compute as compute
+    import gittheta_merge.stats.accumulate as accumulate
 
     model = make(transformers.BertForMaskedLM, bert_config(), seed=13)
     exs = [Example(text=s) for s in SENTENCES]
     kw = dict(kind="gram", task="masked-lm", batch_size=3, progress=False)
     ref = compute_statistic(model, tok, exs, **kw)
     for rows in (5, 40):
-        monkeypatch.setattr(compute, "_BUFFER_ROWS", rows)
+        monkeypatch.setattr(accumulate, "_BUFFER_ROWS", rows)
         got = compute_statistic(model, tok, exs, **kw)
         assert got.counts == ref.counts
         for k, v in ref.tensors.items():
@@ -505,14 +505,14 @@ def test_gram_float32_model_float32_products_within_bound(tok, monkeypatch: pyte
     """The default for a float32 model: float32 products per block of rows, float64 running sums. Every entry is
     within the float32 dot-product bound K·2⁻²⁴·sqrt(G_ii G_jj) of the all-float64 sum of the same activations
     (K = rows in one product block; docs/statistics.md, "Accumulation precision"), and fp64-exact is selectable."""
-    import gittheta_merge.stats.compute as compute
+    import gittheta_merge.stats.accumulate as accumulate
 
     model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3), seed=12).float()
     exs = seqcls_examples() * 3
     kw = dict(kind="gram", task="sequence-classification", batch_size=4, progress=False)
     exact = compute_statistic(model, tok, exs, accumulate_dtype="float64-exact", **kw)
-    monkeypatch.setattr(compute, "_BUFFER_ROWS", 16)  # several blocks, and batches taller than the buffer
-    monkeypatch.setattr(compute, "_LEAF", 7)  # triangle blocks too
+    monkeypatch.setattr(accumulate, "_BUFFER_ROWS", 16)  # several blocks, and batches taller than the buffer
+    monkeypatch.setattr(accumulate, "_LEAF", 7)  # triangle blocks too
     mixed = compute_statistic(model, tok, exs, **kw)
     assert (mixed.provenance["accumulation"], mixed.provenance["product_dtype"]) == ("fp64", "float32")
     assert (exact.provenance["accumulation"], exact.provenance["product_dtype"]) == ("fp64-exact", "float64")

@@ -6,7 +6,8 @@ Sources of tensors are either git-theta metadata + the object store, or plain sa
 (sources.py), so the git merge driver, `git theta merge` and the Python API share one engine.
 """
 
-from gittheta_merge.merge.engine import MergeOptions, MergeResult, merge_models
+from gittheta_merge.merge.engine import merge_models
+from gittheta_merge.merge.plan import MergeOptions, MergeResult
 from gittheta_merge.merge.rules import Rule, parse_rule
 
 __all__ = ["MergeOptions", "MergeResult", "Rule", "merge_models", "parse_rule"]

@@ -17,7 +17,8 @@ from typing import Any
 
 from gittheta_merge.constants import BLOCK_BYTES
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.merge.engine import MergeOptions, MergePlan, MergeResult, merge_models, plan_merge
+from gittheta_merge.merge.engine import merge_models
+from gittheta_merge.merge.plan import MergeOptions, MergePlan, MergeResult, plan_merge
 from gittheta_merge.merge.rules import Rule, parse_rule
 from gittheta_merge.merge.sinks import SafetensorsSink, StoreSink
 from gittheta_merge.merge.sources import SafetensorsSource, StoreSource

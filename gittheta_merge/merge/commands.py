@@ -202,7 +202,8 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     statistics come from `stats` files if given, else from each branch's metadata.
     """
     from gittheta_merge.merge.api import load_stats
-    from gittheta_merge.merge.engine import plan_merge, summary_text
+    from gittheta_merge.merge.engine import summary_text
+    from gittheta_merge.merge.plan import plan_merge
     from gittheta_merge.merge.sources import StoreSource
     from gittheta_merge.storage.revisions import tracked_files
     from gittheta_merge.storage.store import ObjectStore

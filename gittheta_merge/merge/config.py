@@ -124,7 +124,7 @@ class MergeSettings:
 
     def options(self, **kwargs: Any) -> Any:
         """MergeOptions for the engine."""
-        from gittheta_merge.merge.engine import MergeOptions
+        from gittheta_merge.merge.plan import MergeOptions
 
         return MergeOptions(strategy=self.strategy, params=dict(self.params), rules=list(self.rules),
                             max_block_bytes=self.max_block_bytes, shortcuts=self.shortcuts, device=self.device,

@@ -102,7 +102,7 @@ def needed_kinds(models: list[Any], base: Any, options: Any) -> set[str]:
     """
     from dataclasses import replace
 
-    from gittheta_merge.merge.engine import plan_merge
+    from gittheta_merge.merge.plan import plan_merge
 
     probe = replace(options, check_stats=False)
     plan = plan_merge(models, base, probe, StatsAccess())

@@ -5,8 +5,9 @@
 the data and fingerprint it. See docs/statistics.md.
 """
 
+from .batches import LABEL_POLICIES, TASKS, load_model
 from .blobs import load_statistic, read_provenance, save_statistic, statistic_from_bytes, statistic_to_bytes
-from .compute import LABEL_POLICIES, TASKS, compute_fisher, compute_gram, compute_kfac, compute_statistic, load_model
+from .compute import compute_fisher, compute_gram, compute_kfac, compute_statistic
 from .data import DataSpec, Example, file_digest, iter_examples
 from .statistic import KINDS, Statistic
 

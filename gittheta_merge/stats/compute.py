@@ -1,4 +1,7 @@
-"""Compute Fisher / Gram / K-FAC statistics of a transformers model over a stream of examples.
+"""Compute Fisher / Gram / K-FAC statistics of a transformers model over a stream of examples (the batches come
+from batches.py, the sums are accumulated by accumulate.py; this module holds log p, the three collectors and
+`compute_statistic`). Over 400 lines because the Fisher and the Gram/K-FAC collectors share the per-example
+runner and the log p definitions; splitting them further would scatter one algorithm.
 
 Definitions (merge-methods.md §4, §5, §6, §8; docs/statistics.md has the long form):
 
@@ -30,7 +33,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,200 +44,28 @@ from .. import __version__
 from .data import Example
 from .statistic import KINDS, Statistic
 
-__all__ = ["LABEL_POLICIES", "TASKS", "compute_fisher", "compute_gram", "compute_kfac", "compute_statistic",
-           "load_model"]
+__all__ = ["compute_fisher", "compute_gram", "compute_kfac", "compute_statistic"]
 
-# each task and the transformers Auto class that builds a model for it
-AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
-                "token-classification": "AutoModelForTokenClassification",
-                "causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM"}
-TASKS = tuple(AUTO_CLASSES)
-LABEL_POLICIES = ("empirical", "sampled", "exact")
-
-LOG_P_DEFINITION = {
-    "sequence-classification": "log softmax(logits)[y]",
-    "token-classification": "mean over labelled words (first sub-token) of log p(y_t|x)",
-    "causal-lm": "mean over next-token targets inside the unpadded sequence of log p(x_{t+1}|x_<=t)",
-    "masked-lm": "mean over masked positions of log p(x_t|x_masked)",
-}
-
-_CAUSAL_MODEL_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "mixtral", "qwen2", "qwen3", "phi",
-                       "phi3", "opt", "bloom", "falcon", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "starcoder2"}
-
-
-def auto_class(task: str) -> Any:
-    """The transformers Auto class for `task` (ValueError for an unknown task)."""
-    import transformers
-
-    return getattr(transformers, AUTO_CLASSES[_check_task(task)])
-
-
-def load_model(path: str, task: str, **kwargs: Any) -> nn.Module:
-    """Load an HF directory with the Auto class that matches `task` (a fresh head where the checkpoint has none)."""
-    return auto_class(task).from_pretrained(path, **kwargs)
-
-
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise StatsError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
-    return task
-
-
-# --------------------------------------------------------------------------------------------------------------
-# batches
-
-
-@dataclass
-class _Batch:
-    """Model inputs plus the target description shared by every kind. `targets` is aligned with the logits:
-    [B] for sequence classification, [B, T] for token tasks (causal LM already shifted: targets[:, t] is the token
-    at t+1), with `target_mask` [B, T] marking positions that enter log p. `uniform` [B] or [B, T] drives the
-    inverse-CDF sampling of the `sampled` policy, drawn from the seeded CPU generator so every device and both
-    per-example paths sample the same labels."""
-
-    inputs: dict[str, torch.Tensor]
-    attention_mask: torch.Tensor
-    targets: torch.Tensor
-    target_mask: torch.Tensor | None
-    uniform: torch.Tensor
-    n: int
-    tokens: int
-
-    def to(self, device: torch.device) -> _Batch:
-        return _Batch({k: v.to(device) for k, v in self.inputs.items()}, self.attention_mask.to(device),
-                      self.targets.to(device), None if self.target_mask is None else self.target_mask.to(device),
-                      self.uniform.to(device), self.n, self.tokens)
-
-
-def _label_id(label: Any, label_map: Mapping[str, int] | None, where: str) -> int:
-    if isinstance(label, bool):
-        return int(label)
-    if isinstance(label, int):
-        return label
-    if isinstance(label, float) and label.is_integer():
-        return int(label)
-    if isinstance(label, str):
-        if label_map is not None and label in label_map:
-            return int(label_map[label])
-        try:
-            return int(label)
-        except ValueError:
-            pass
-    raise StatsError(f"{where}: label {label!r} is not an integer and not in the label map "
-                     f"({sorted(label_map) if label_map else 'none given'}); pass label_map={{name: id}}")
-
-
-def _default_label_map(model: nn.Module) -> dict[str, int] | None:
-    label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
-    if not label2id or all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id):
-        return None
-    return {str(k): int(v) for k, v in label2id.items()}
-
-
-class _Encoder:
-    """Tokenizes examples into `_Batch`es for one task; owns the seeded generator for masking and sampling."""
-
-    def __init__(self, tokenizer: Any, task: str, max_length: int, label_map: Mapping[str, int] | None,
-                 needs_gold: bool, seed: int, mlm_probability: float, accepts_token_types: bool = True) -> None:
-        self.tok = tokenizer
-        self.accepts_token_types = accepts_token_types
-        self.task = task
-        self.max_length = max_length
-        self.label_map = label_map
-        self.needs_gold = needs_gold
-        self.gen = torch.Generator().manual_seed(seed)
-        self.mlm_probability = mlm_probability
-        if tokenizer.pad_token is None:
-            raise StatsError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) first")
-        if task == "masked-lm" and tokenizer.mask_token_id is None:
-            raise StatsError("masked-lm needs a tokenizer with a mask token")
-
-    def encode(self, examples: list[Example]) -> _Batch:
-        tok = self.tok
-        words = self.task == "token-classification"
-        texts = [(e.text.split() if isinstance(e.text, str) else list(e.text)) if words else
-                 (e.text if isinstance(e.text, str) else " ".join(e.text)) for e in examples]
-        pairs = [e.text_pair for e in examples]
-        kw: dict[str, Any] = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                                  return_special_tokens_mask=self.task == "masked-lm")
-        if words:
-            kw["is_split_into_words"] = True
-        enc = tok(texts, pairs, **kw) if any(p is not None for p in pairs) else tok(texts, **kw)
-        ids = enc["input_ids"]
-        am = enc["attention_mask"].bool()
-        inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"]}
-        if "token_type_ids" in enc and self.accepts_token_types:
-            inputs["token_type_ids"] = enc["token_type_ids"]
-        B, T = ids.shape
-        lengths = am.sum(1).tolist()
-        target_mask: torch.Tensor | None
-        # every random draw is made per example over its own unpadded length, so the masks and sampled labels
-        # depend on the seed and the examples only, not on the batch size or the padding
-        if self.task == "sequence-classification":
-            targets = torch.zeros(B, dtype=torch.long)
-            for i, e in enumerate(examples):
-                if e.label is None:
-                    if self.needs_gold:
-                        raise StatsError("the empirical label policy needs a label for every example (missing one)")
-                    continue
-                targets[i] = _label_id(e.label, self.label_map, "label")
-            target_mask = None
-            uniform = torch.rand(B, generator=self.gen, dtype=torch.float64)
-        else:
-            uniform = torch.zeros(B, T, dtype=torch.float64)
-            mlm_mask = torch.zeros(B, T, dtype=torch.bool)
-            eligible = am & ~enc["special_tokens_mask"].bool() if self.task == "masked-lm" else am
-            for i, L in enumerate(lengths):
-                uniform[i, :L] = torch.rand(L, generator=self.gen, dtype=torch.float64)
-                if self.task == "masked-lm":
-                    mlm_mask[i, :L] = (torch.rand(L, generator=self.gen) < self.mlm_probability) & eligible[i, :L]
-                    if not mlm_mask[i].any() and eligible[i].any():  # at least one target, or no likelihood
-                        cand = eligible[i].nonzero().flatten()
-                        mlm_mask[i, cand[torch.randint(len(cand), (1,), generator=self.gen)]] = True
-        if self.task == "token-classification":
-            if not getattr(tok, "is_fast", False):
-                raise StatsError("token-classification needs a fast tokenizer (word_ids aligns labels to sub-tokens)")
-            targets = torch.zeros(B, T, dtype=torch.long)
-            target_mask = torch.zeros(B, T, dtype=torch.bool)
-            for i, e in enumerate(examples):
-                labels = e.label
-                if labels is not None and not isinstance(labels, (list, tuple)):
-                    raise StatsError("token-classification labels must be a list with one label per word")
-                if labels is None and self.needs_gold:
-                    raise StatsError("the empirical label policy needs word labels for every example")
-                prev = None
-                for t, w in enumerate(enc.word_ids(i)):
-                    if w is not None and w != prev:
-                        target_mask[i, t] = True
-                        if labels is not None:
-                            targets[i, t] = _label_id(labels[w], self.label_map, "word label")
-                    prev = w
-        elif self.task == "causal-lm":
-            targets = torch.zeros(B, T, dtype=torch.long)
-            targets[:, :-1] = ids[:, 1:]
-            target_mask = torch.zeros(B, T, dtype=torch.bool)
-            target_mask[:, :-1] = am[:, 1:] & am[:, :-1]
-        elif self.task == "masked-lm":
-            target_mask = mlm_mask
-            targets = torch.where(target_mask, ids, torch.zeros_like(ids))
-            inputs["input_ids"] = torch.where(target_mask, torch.full_like(ids, tok.mask_token_id), ids)
-        return _Batch(inputs, am, targets, target_mask, uniform, B, int(am.sum()))
-
-
-def _batches(examples: Iterable[Example], encoder: _Encoder, batch_size: int, limit: int | None) -> Iterator[_Batch]:
-    buf: list[Example] = []
-    seen = 0
-    for e in examples:
-        if limit is not None and seen >= limit:
-            break
-        buf.append(e)
-        seen += 1
-        if len(buf) == batch_size:
-            yield encoder.encode(buf)
-            buf = []
-    if buf:
-        yield encoder.encode(buf)
-
+from .accumulate import (
+    ACCUMULATIONS,
+    _dims,
+    _linear_modules,
+    _OuterAcc,
+    _Precision,
+    _precision,
+    _RowIndex,
+    _weight_name,
+)
+from .batches import (
+    _CAUSAL_MODEL_TYPES,
+    LABEL_POLICIES,
+    LOG_P_DEFINITION,
+    _Batch,
+    _batches,
+    _check_task,
+    _default_label_map,
+    _Encoder,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # log p
@@ -276,202 +106,6 @@ def _log_p(logits: torch.Tensor, b_targets: torch.Tensor, b_mask: torch.Tensor |
     y = _chosen(logp, b_targets, uniform, policy)
     tok = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     return (tok * m).sum(-1) / count
-
-
-# --------------------------------------------------------------------------------------------------------------
-# module selection
-
-
-def _linear_modules(model: nn.Module, include: str | None, exclude: str | None) -> dict[str, nn.Module]:
-    """Every nn.Linear and HF Conv1D (by class name, so transformers stays optional), filtered by regexes on the
-    module name."""
-    out: dict[str, nn.Module] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
-            if include is not None and not re.search(include, name):
-                continue
-            if exclude is not None and re.search(exclude, name):
-                continue
-            out[name] = mod
-    return out
-
-
-def _dims(mod: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a Linear or Conv1D (Conv1D stores W as [d_in, d_out])."""
-    w = mod.weight
-    return (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-
-
-def _weight_name(module_name: str) -> str:
-    return f"{module_name}.weight" if module_name else "weight"
-
-
-class _RowIndex:
-    """Which rows of a module input/output are real tokens (attention mask 1). The flat index is computed once
-    per batch and shared by every hook (a boolean-mask index per module redoes the nonzero scan and is several
-    times slower)."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        self.mask = mask
-        self._idx: torch.Tensor | None = None
-        self.all_real = bool(mask.all())
-
-    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        """(2D rows, index of the real rows or None for all of them, how they were chosen)."""
-        mask = self.mask
-        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            flat = x.reshape(-1, x.shape[-1])
-            if self.all_real:
-                return flat, None, "attention_mask"
-            if self._idx is None:
-                self._idx = mask.reshape(-1).nonzero().squeeze(1)
-            return flat, self._idx, "attention_mask"
-        if x.dim() == 2 and x.shape[0] == mask.shape[0]:
-            return x, None, "per-example"  # pooled inputs (BERT pooler / classifier): one row per example
-        return x.reshape(-1, x.shape[-1]), None, "none"
-
-
-_LEAF = 96
-_BUFFER_ROWS = 2048
-
-
-@dataclass(frozen=True)
-class _Precision:
-    """How sums are accumulated: `sum` is the dtype of the running sum (what is stored); products (X^T X over a
-    block of rows, squared gradients) are formed in `product`, or, when `product` is None, in the dtype of the data
-    itself (at least float32, at most `sum`): float32 for a float32 model. A float32 product over K rows rounds
-    with relative error ≈ sqrt(K)·2⁻²⁴ (at most K·2⁻²⁴ of sqrt(G_ii G_jj)); the float64 running sum adds no
-    error that grows with the number of rows (docs/statistics.md, "Accumulation precision")."""
-
-    sum: torch.dtype
-    product: torch.dtype | None
-
-    def product_dtype(self, data: torch.dtype) -> torch.dtype:
-        if self.product is not None:
-            return self.product
-        p = torch.promote_types(data, torch.float32)
-        return p if p.itemsize <= self.sum.itemsize else self.sum
-
-    @property
-    def name(self) -> str:
-        return "fp32" if self.sum == torch.float32 else ("fp64-exact" if self.product == torch.float64 else "fp64")
-
-
-def _blocks(d: int) -> list[tuple[int, int, int, int, int]]:
-    """The blocks of the upper triangle of a symmetric d x d matrix that are multiplied, as (row start, row end,
-    column start, column end, offset in the packed layout): split the range in halves, keep the off-diagonal
-    rectangle, recurse into the two halves down to diagonal blocks of at most _LEAF (multiplied whole). At
-    d = 1536 that is 53 % of the full product's work in 31 well-shaped products (row-panel strips doing the same
-    work are thin products and run slower)."""
-    out: list[tuple[int, int, int, int, int]] = []
-    off = 0
-
-    def split(lo: int, hi: int) -> None:
-        nonlocal off
-        if hi - lo <= _LEAF:
-            out.append((lo, hi, lo, hi, off))
-            off += (hi - lo) ** 2
-            return
-        mid = (lo + hi) // 2
-        split(lo, mid)
-        out.append((lo, mid, mid, hi, off))
-        off += (mid - lo) * (hi - mid)
-        split(mid, hi)
-
-    split(0, d)
-    return out
-
-
-class _OuterAcc:
-    """Running sum of r r^T (or of r*r with diagonal_only) over rows, in the accumulation dtype, on the device.
-
-    Rows are gathered (padding dropped) into a row buffer in the product dtype; when it is full (or at the end)
-    one product over the buffered block is added to the sum: fewer, taller products run faster than one per batch,
-    and a product formed in a narrower dtype is widened into the sum once per block, in one operation. The matrix
-    is symmetric, so only the blocks of its upper triangle are multiplied and kept, packed one after another
-    (`_blocks`); `result()` unpacks and mirrors them."""
-
-    def __init__(self, dim: int, precision: _Precision, device: torch.device, diagonal_only: bool) -> None:
-        self.dim = dim
-        self.diagonal_only = diagonal_only
-        self.precision = precision
-        self.dtype = precision.sum
-        self.device = device
-        self.blocks = _blocks(dim) if not diagonal_only else []
-        packed = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in self.blocks) if not diagonal_only else dim
-        self.sum = torch.zeros(packed, dtype=self.dtype, device=device)
-        self.count = 0
-        self.masking: set[str] = set()
-        self.product_dtypes: set[torch.dtype] = set()
-        self._buf: torch.Tensor | None = None  # up to _BUFFER_ROWS rows held back, in the product dtype
-        self._held = 0
-        self._scratch: torch.Tensor | None = None  # a block's product when narrower than the sum (packed)
-
-    def result(self) -> torch.Tensor:
-        """The full sum: diagonal vector, or the symmetric matrix built from the packed upper blocks."""
-        self.flush()
-        if self.diagonal_only:
-            return self.sum
-        d = self.dim
-        full = torch.empty(d, d, dtype=self.dtype, device=self.device)
-        for r0, r1, c0, c1, off in self.blocks:
-            block = self.sum[off:off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            if r0 == c0:  # a diagonal block: its upper triangle is mirrored (the result is exactly symmetric)
-                full[r0:r1, c0:c1] = torch.triu(block)
-                full[r0:r1, c0:c1] += torch.triu(block, 1).T
-            else:  # above the diagonal, and its mirror image below
-                full[r0:r1, c0:c1] = block
-                full[c0:c1, r0:r1] = block.T
-        return full
-
-    def add(self, x: torch.Tensor, how: str, index: torch.Tensor | None = None, count: bool = True) -> None:
-        """Add the rows `x[index]` (all rows of the 2D `x` when index is None)."""
-        x = x.detach()
-        k = x.shape[0] if index is None else index.shape[0]
-        pd = self.precision.product_dtype(x.dtype)
-        self.product_dtypes.add(pd)
-        if count:  # the exact policy adds several weighted terms per token row; the row counts once
-            self.count += k
-        self.masking.add(how)
-        if k == 0:
-            return
-        if self.diagonal_only:
-            r = (x if index is None else x.index_select(0, index)).to(pd)
-            self.sum.add_(torch.sum(r * r, 0, dtype=self.dtype))
-            return
-        if self._buf is not None and (self._buf.dtype != pd or self._held + k > _BUFFER_ROWS):
-            self.flush()
-        if k > _BUFFER_ROWS:  # a block taller than the buffer goes straight to a product
-            self._product((x if index is None else x.index_select(0, index)).to(pd))
-            return
-        if self._buf is None or self._buf.dtype != pd:
-            self._buf = torch.empty(_BUFFER_ROWS, self.dim, dtype=pd, device=self.device)
-        dst = self._buf[self._held:self._held + k]
-        if index is None:
-            dst.copy_(x)
-        elif x.dtype == pd:
-            torch.index_select(x, 0, index, out=dst)
-        else:
-            dst.copy_(x.index_select(0, index))
-        self._held += k
-
-    def flush(self) -> None:
-        if self._buf is not None and self._held:
-            self._product(self._buf[:self._held])
-        self._held = 0
-
-    def _product(self, r: torch.Tensor) -> None:
-        """sum += the upper blocks of r^T r, formed in r's dtype."""
-        if r.dtype == self.dtype:
-            for r0, r1, c0, c1, off in self.blocks:
-                self.sum[off:off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0).addmm_(r[:, r0:r1].T, r[:, c0:c1])
-            return
-        if self._scratch is None or self._scratch.dtype != r.dtype:
-            self._scratch = torch.empty(self.sum.shape[0], dtype=r.dtype, device=self.device)
-        for r0, r1, c0, c1, off in self.blocks:
-            torch.mm(r[:, r0:r1].T, r[:, c0:c1], out=self._scratch[off:off + (r1 - r0) * (c1 - c0)].view(
-                r1 - r0, c1 - c0))
-        self.sum.add_(self._scratch)  # widened while adding: one operation for the whole block
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -832,29 +466,6 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of the tensor's bytes, hashed straight from its (CPU, contiguous) buffer: no bytes copy."""
     return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
-
-ACCUMULATIONS = {
-    "fp64": "running sums in float64; products (X^T X over blocks of at most 2048 rows or one batch, squared "
-            "gradients) in the data's dtype (at least float32)",
-    "fp64-exact": "running sums and every product in float64",
-    "fp32": "running sums and products in float32",
-}
-
-
-def _precision(d: torch.dtype | str) -> _Precision:
-    """`accumulate_dtype`: fp64 (default; float64 sums of products formed in the data's dtype, i.e.
-    float32 for a float32 model), fp64-exact (every product in float64 too) or fp32; float64 / float32 /
-    float64-exact and torch dtypes are accepted as spellings."""
-    if isinstance(d, torch.dtype):
-        if d not in (torch.float32, torch.float64):
-            raise StatsError("statistics accumulate in float32 or float64 (half precision underflows, §10)")
-        return _Precision(d, None)
-    name = {"float32": "fp32", "float64": "fp64", "float64-exact": "fp64-exact"}.get(d, d)
-    if name not in ACCUMULATIONS:
-        raise StatsError(f"unknown accumulate_dtype {d!r} (one of {', '.join(ACCUMULATIONS)}; half precision "
-                         f"underflows, §10)")
-    return _Precision(torch.float32, None) if name == "fp32" else \
-        _Precision(torch.float64, torch.float64 if name == "fp64-exact" else None)
 
 
 def compute_statistic(

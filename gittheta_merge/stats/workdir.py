@@ -17,7 +17,7 @@ def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None 
     """An HF directory (config + weights + tokenizer), or a weights file with `config_dir` beside it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: everything is in the working tree
 
-    from gittheta_merge.stats.compute import load_model
+    from gittheta_merge.stats.batches import load_model
 
     path = Path(model_path)
     if path.is_dir():
@@ -57,7 +57,7 @@ def _model_from_state(config_dir: str, task: str, state: dict[str, Any], weights
 
     import transformers
 
-    from gittheta_merge.stats.compute import TASKS, auto_class
+    from gittheta_merge.stats.batches import TASKS, auto_class
 
     if task not in TASKS:
         raise ThetaError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
