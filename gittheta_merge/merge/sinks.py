@@ -151,7 +151,7 @@ class SafetensorsSink:
         self._written = 0
 
     def start(self, outputs: list[TensorInfo]) -> None:
-        from gittheta_merge.formats.safetensors_format import render_header
+        from gittheta_merge.formats.safetensors_header import render_header
 
         header = render_header(self.file_metadata, [(t.name, t.dtype, list(t.shape)) for t in outputs])
         require_space(self.path.parent, 8 + len(header) + sum(t.nbytes for t in outputs), f"writing {self.path}")

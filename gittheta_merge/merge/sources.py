@@ -197,7 +197,7 @@ class SafetensorsSource(_RowSource):
     """
 
     def __init__(self, path: str | Path) -> None:
-        from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header
+        from gittheta_merge.formats.safetensors_header import MAX_HEADER, parse_header
 
         self.path = str(path)
         try:

@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 
 from gittheta_merge import dtypes
 from gittheta_merge.errors import StatsError, ThetaError, loads_untrusted
-from gittheta_merge.formats.safetensors_format import MAX_HEADER, parse_header, render_header
+from gittheta_merge.formats.safetensors_header import MAX_HEADER, parse_header, render_header
 
 from .statistic import Statistic
 
