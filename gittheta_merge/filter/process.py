@@ -199,19 +199,23 @@ def _serve_requests(filt: Filter, reader: PktReader, writer: PktWriter) -> None:
             writer.flush()
 
 
+def _answer(content: object, writer: PktWriter, exc: Exception | None = None) -> None:
+    """Read the rest of git's content, then say whether we take the request (a failure is reported first)."""
+    content.drain()  # type: ignore[attr-defined]
+    if exc is not None:
+        _report(exc)
+    writer.text("status=error" if exc is not None else "status=success")
+    writer.flush()
+
+
 def _serve_clean(filt: Filter, path: str, content: object, writer: PktWriter) -> None:
     out = io.BytesIO()
     try:
         filt.clean(path, content, out)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - every failure must become status=error, not a hang
-        content.drain()  # type: ignore[attr-defined]
-        _report(exc)
-        writer.text("status=error")
-        writer.flush()
+        _answer(content, writer, exc)
         return
-    content.drain()  # type: ignore[attr-defined]
-    writer.text("status=success")
-    writer.flush()
+    _answer(content, writer)
     writer.content_sink().write(out.getvalue())
     writer.flush()
     writer.flush()  # empty list: status unchanged
@@ -227,14 +231,9 @@ def _serve_smudge(filt: Filter, path: str, content: object, writer: PktWriter, c
         else:
             meta, rest = None, head + content.read()  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001
-        content.drain()  # type: ignore[attr-defined]
-        _report(exc)
-        writer.text("status=error")
-        writer.flush()
+        _answer(content, writer, exc)
         return
-    content.drain()  # type: ignore[attr-defined]
-    writer.text("status=success")
-    writer.flush()
+    _answer(content, writer)
     sink = writer.content_sink()
     try:
         if meta is None:

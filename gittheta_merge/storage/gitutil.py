@@ -145,29 +145,23 @@ def blob_sizes(repo: Repo, blobs: Iterable[str]) -> dict[str, int]:
     return sizes
 
 
+def _z_entries(repo: Repo, args: list[str], paths: list[str] | None) -> Iterator[tuple[list[str], str]]:
+    """(fields before the tab, path) of each NUL-terminated entry `git <args> [-- paths]` prints."""
+    for entry in repo.git(*args, *(["--", *paths] if paths else [])).split(b"\0"):
+        if entry:
+            meta, path = entry.split(b"\t", 1)
+            yield meta.decode().split(), path.decode()
+
+
 def iter_tree_blobs(repo: Repo, rev: str, paths: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """(blob id, path) of every blob in a commit's tree (recursive)."""
-    args = ["ls-tree", "-r", "-z", "--full-tree", rev]
-    if paths:
-        args += ["--", *paths]
-    for entry in repo.git(*args).split(b"\0"):
-        if not entry:
-            continue
-        meta, path = entry.split(b"\t", 1)
-        _mode, kind, oid = meta.decode().split()
+    for (_mode, kind, oid), path in _z_entries(repo, ["ls-tree", "-r", "-z", "--full-tree", rev], paths):
         if kind == "blob":
-            yield oid, path.decode()
+            yield oid, path
 
 
 def iter_index_blobs(repo: Repo, paths: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """(blob id, path) of every stage-0 entry in the index."""
-    args = ["ls-files", "-s", "-z"]
-    if paths:
-        args += ["--", *paths]
-    for entry in repo.git(*args).split(b"\0"):
-        if not entry:
-            continue
-        meta, path = entry.split(b"\t", 1)
-        _mode, oid, stage = meta.decode().split()
+    for (_mode, oid, stage), path in _z_entries(repo, ["ls-files", "-s", "-z"], paths):
         if stage == "0":
-            yield oid, path.decode()
+            yield oid, path
