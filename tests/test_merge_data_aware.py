@@ -177,7 +177,7 @@ def test_mats_matches_scipy_cg(tmp_path: Path, objective, iterations) -> None:
             o[k] = y.T @ y / 40
         outs.append(o)
     fs = fishers(base, 2, seed=3)
-    stats = {"gram": stat_files(tmp_path, "g", gs), "grad_gram": stat_files(tmp_path, "o", outs),
+    stats = {"gram": stat_files(tmp_path, "g", gs), "kfac": stat_files(tmp_path, "o", outs),
              "fisher": stat_files(tmp_path, "f", fs)}
     params = {"objective": objective, "iterations": iterations, "init_lambda": 0.3}
     got, report = merge(tmp_path, models, "mats", params, stats, base=base)

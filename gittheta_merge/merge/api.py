@@ -31,13 +31,14 @@ PathLike = str | Path
 
 
 def load_stats(stats: dict[str, Sequence[PathLike | None]] | None, n_models: int) -> StatsAccess:
-    """Statistic files per kind ('fisher', 'gram', 'grad_gram' = 'kfac'), one per model (None = none for it).
+    """Statistic files per kind ('fisher', 'gram', 'kfac'; 'grad_gram' is accepted for 'kfac'), one per model
+    (None = none for it).
 
     Read through StatFile, so blobs written by `git theta stats compute` (one Gram per distinct input plus a
     sharing map in the provenance) work as files too, as do plain files keyed by weight name."""
     access = StatsAccess()
     for kind, paths in (stats or {}).items():
-        kind = "grad_gram" if kind == "kfac" else kind
+        kind = "kfac" if kind == "grad_gram" else kind  # the name MaTS' code uses
         paths = list(paths)
         if len(paths) != n_models:
             raise ThetaError(f"{kind} statistics: {len(paths)} files for {n_models} models "

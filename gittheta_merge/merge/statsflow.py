@@ -33,7 +33,7 @@ from gittheta_merge.merge.sources import SafetensorsSource, TensorInfo
 from gittheta_merge.merge.strategies.base import StatsAccess
 
 # the merge strategies' name for a statistic kind -> the kind name attached to checkpoints (stats compute)
-ATTACHED_KIND = {"fisher": "fisher", "gram": "gram", "grad_gram": "kfac"}
+ATTACHED_KIND = {"fisher": "fisher", "gram": "gram", "kfac": "kfac"}
 DERIVABLE = {"regmean": "gram", "fisher": "fisher"}
 
 

@@ -182,7 +182,7 @@ class Strategy:
         return list(weights) if weights is not None else [1.0] * self.n_models
 
     def stat_kinds(self) -> tuple[str, ...]:
-        """Statistic kinds this strategy reads (fisher, gram, grad_gram): a merge finds them in git by these."""
+        """Statistic kinds this strategy reads (fisher, gram, kfac): a merge finds them in git by these."""
         return ()
 
     def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:

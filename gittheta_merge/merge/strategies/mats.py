@@ -3,7 +3,7 @@ started from the task-arithmetic merge and stopped after a fixed number of itera
 
 Objectives (`objective=`), for W [out, in] and X = W^T:
   regmean      X -> sum_i A~_i X,        A_i = input Gram (kind "gram"), A~ = alpha-shrunk (alpha=1: none)
-  kfac         X -> sum_i A~_i X B_i,    B_i = Gram of the output gradients (kind "grad_gram", [out, out])
+  kfac         X -> sum_i A~_i X B_i,    B_i = Gram of the output gradients (kind "kfac", [out, out])
   fisher_diag  W -> sum_i F_i * W        (kind "fisher", elementwise; CG converges to Fisher merging)
   average      W -> M W                  (the identity objective)
 Blocks without statistics are uniformly averaged (as the MaTS and git-theta code do), even with a TA init.
@@ -26,7 +26,7 @@ from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.strategies.base import Chunk, Param, StatsAccess, Strategy
 from gittheta_merge.merge.strategies.regmean import shrink
 
-KINDS = {"regmean": ("gram",), "kfac": ("gram", "grad_gram"), "fisher_diag": ("fisher",), "average": ()}
+KINDS = {"regmean": ("gram",), "kfac": ("gram", "kfac"), "fisher_diag": ("fisher",), "average": ()}
 
 
 def conjugate_gradient(op: Callable[[Any], Any], b: Any, x0: Any, iterations: int,
@@ -95,7 +95,7 @@ class Mats(Strategy):
                                  f"--stats {kind}=ours.safetensors,theirs.safetensors")
         if not self.has_stats(name, shape, stats):
             return
-        for kind in self.stat_kinds():  # fisher: the weight's shape; gram: [in, in]; grad_gram: [out, out]
+        for kind in self.stat_kinds():  # fisher: the weight's shape; gram: [in, in]; kfac: [out, out]
             want = list(shape) if kind == "fisher" else [shape[-1] if kind == "gram" else shape[0]] * 2
             for i in range(self.n_models):
                 got = stats.shape(kind, i, name)
@@ -139,7 +139,7 @@ class Mats(Strategy):
                 op = lambda x: a_sum @ x  # noqa: E731
                 b = sum(g @ w.T for g, w in zip(grams, models))
             else:
-                outs = [chunk.stats.whole("grad_gram", i, chunk.name).to(models[0].device, torch.float64)
+                outs = [chunk.stats.whole("kfac", i, chunk.name).to(models[0].device, torch.float64)
                         for i in range(self.n_models)]
                 op = lambda x: sum(g @ x @ o for g, o in zip(grams, outs))  # noqa: E731
                 b = sum(g @ w.T @ o for g, w, o in zip(grams, models, outs))
