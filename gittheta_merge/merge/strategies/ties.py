@@ -287,7 +287,8 @@ class Ties(Strategy):
 
 class TiesLocal(Ties):
     """mergekit's `ties`, per tensor: exactly max(1, int(density * n)) entries kept by magnitude, a zero sign sum
-    elects + (mergekit's get_mask), so there is no majority pass; equal to mergekit 0.1.5 (tests/test_vs_mergekit)."""
+    elects + (mergekit's get_mask), so there is no majority pass; equal to mergekit 0.1.5
+    (tests/e2e/test_vs_mergekit)."""
 
     name = "ties_local"
     pass_scope = "tensor"

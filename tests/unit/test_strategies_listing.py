@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gittheta_merge.merge import strategies
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_page_is_generated_from_the_declarations() -> None:

@@ -128,7 +128,7 @@ def test_plain_git_lfs_file_pushes_beside_the_model(tmp_path: Path, origin: tupl
     git(repo, "add", "data.bin", ".gitattributes")
     git(repo, "commit", "-q", "-m", "lfs data")
     hook = (repo / ".git" / "hooks" / "pre-push").read_text()
-    assert hook == PRE_PUSH_HOOK == (Path(__file__).parents[1] / "hooks" / "pre-push").read_text()
+    assert hook == PRE_PUSH_HOOK == (Path(__file__).parents[2] / "hooks" / "pre-push").read_text()
     git(repo, "push", "-q", "origin", "main")
     assert len(remote_objects(remote)) == 4  # 3 tensors + the git-lfs file
 

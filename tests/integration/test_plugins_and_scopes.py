@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import git, init_repo
 from safetensors.torch import save_file
-from test_safetensors_format import ALL_DTYPES, make_tensor
+from tensor_helpers import ALL_DTYPES, make_tensor
 
 from gittheta_merge import formats
 from gittheta_merge.formats.base import Context

@@ -1,0 +1,150 @@
+"""Our merges against mergekit 0.1.5 itself, on a tiny Llama, for every method both tools have.
+
+mergekit runs from its own virtualenv (scripts/reference-tools.sh makes `.reference/mergekit`; it needs its own
+dependency set), found there or through the MERGEKIT_YAML variable; without it these tests skip and say why.
+mergekit's `linear` is our `average`, its `task_arithmetic` ours, its `ties` our `ties_local` (our `ties` is the
+paper's code: global top-k, so it differs from mergekit's by definition)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mergekit_yaml() -> str | None:
+    for candidate in (os.environ.get("MERGEKIT_YAML"), str(ROOT / ".reference" / "mergekit" / "bin" / "mergekit-yaml"),
+                      shutil.which("mergekit-yaml")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+pytestmark = pytest.mark.skipif(mergekit_yaml() is None,
+                                reason="mergekit 0.1.5 not installed (bash scripts/reference-tools.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random Llama and three fine-tunes of it (every tensor moved), as Hugging Face directories."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("mk")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    base = LlamaForCausalLM(cfg)
+    dirs = {"base": root / "base"}
+    base.save_pretrained(dirs["base"])
+    for i in range(3):
+        ft = LlamaForCausalLM(cfg)
+        gen = torch.Generator().manual_seed(100 + i)
+        state = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.state_dict().items()}
+        ft.load_state_dict(state)
+        dirs[f"ft{i}"] = root / f"ft{i}"
+        ft.save_pretrained(dirs[f"ft{i}"])
+    torch.manual_seed(7)
+    dirs["other"] = root / "other"  # an independent initialisation: far from ft0, so SLERP takes its spherical branch
+    LlamaForCausalLM(cfg).save_pretrained(dirs["other"])
+    return dirs
+
+
+def run_mergekit(models: dict[str, Path], out: Path, method: str, params: dict[str, float],
+                 inputs: tuple[str, ...], base: str | None, shared: dict[str, float] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    lines = [f"merge_method: {method}", "dtype: float32"]
+    if base:
+        lines.append(f"base_model: {models[base]}")
+    lines.append("models:")
+    for name in inputs:
+        lines.append(f"  - model: {models[name]}")
+        if params:
+            lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
+    if shared:
+        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in shared.items()) + "}")
+    return _mergekit(lines, out)
+
+
+def _mergekit(lines: list[str], out: Path) -> dict[str, torch.Tensor]:
+    cfg = out.parent / f"{out.name}.yml"
+    cfg.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([mergekit_yaml(), str(cfg), str(out), "--no-copy-tokenizer"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merged: dict[str, torch.Tensor] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        merged.update(load_file(str(shard)))
+    return merged
+
+
+def run_ours(models: dict[str, Path], out: Path, strategy: str, sets: list[str], inputs: tuple[str, ...],
+             base: str | None) -> dict[str, torch.Tensor]:
+    args = [sys.executable, "-m", "gittheta_merge", "merge-files",
+            *(str(models[n] / "model.safetensors") for n in inputs), "-o", str(out), "--strategy", strategy]
+    if base:
+        args += ["--base", str(models[base] / "model.safetensors")]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return load_file(str(out))
+
+
+FT = ("ft0", "ft1", "ft2")
+CASES = [  # ours, its --set, mergekit's method, per-model parameters, shared parameters, inputs, base
+    ("average", [], "linear", {"weight": 1.0}, None, FT, None),
+    ("task_arithmetic", [], "task_arithmetic", {"weight": 1.0}, None, FT, "base"),
+    ("ties_local", ["density=0.3"], "ties", {"weight": 1.0, "density": 0.3}, {"normalize": "true"}, FT, "base"),
+    ("ties_local", ["density=0.05"], "ties", {"weight": 1.0, "density": 0.05}, {"normalize": "true"}, FT, "base"),
+    ("slerp", ["t=0.3"], "slerp", {}, {"t": 0.3}, ("ft0", "other"), "ft0"),  # the spherical branch
+    ("slerp", ["t=0.7"], "slerp", {}, {"t": 0.7}, ("ft0", "ft1"), "ft0"),  # nearly collinear: linear
+    ("breadcrumbs", ["density=0.6", "gamma=0.05"], "breadcrumbs", {"weight": 1.0, "density": 0.6, "gamma": 0.05},
+     None, FT, "base"),
+    ("breadcrumbs", ["density=0.5", "gamma=0.1", "weights=0.7,1.0,0.4", "normalize=true", "rescale=true",
+                     "lambda=0.8"], "breadcrumbs", None, {"normalize": "true", "rescale": "true", "lambda": 0.8},
+     FT, "base"),
+    ("breadcrumbs_ties", ["density=0.6", "gamma=0.05"], "breadcrumbs_ties",
+     {"weight": 1.0, "density": 0.6, "gamma": 0.05}, None, FT, "base"),
+    ("breadcrumbs_ties", ["density=0.4", "gamma=0.02", "normalize=true"], "breadcrumbs_ties",
+     {"weight": 1.0, "density": 0.4, "gamma": 0.02}, {"normalize": "true"}, FT, "base"),
+]
+PER_MODEL = {7: [{"weight": w, "density": 0.5, "gamma": 0.1} for w in (0.7, 1.0, 0.4)]}  # case 7: weights differ
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{' '.join(c[1])}" for c in CASES])
+def test_equals_mergekit(models: dict[str, Path], tmp_path: Path, case: int) -> None:
+    ours, sets, theirs, params, shared, inputs, base = CASES[case]
+    if case in PER_MODEL:
+        expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, PER_MODEL[case], inputs, base,
+                                          shared)
+    else:
+        expected = run_mergekit(models, tmp_path / "mergekit", theirs, params or {}, inputs, base, shared)
+    got = run_ours(models, tmp_path / "ours.safetensors", ours, sets, inputs, base)
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        have = got[name].to(torch.float32)
+        scale = want.abs().max().item()
+        worst = (have - want).abs().max().item()
+        assert worst <= 1e-6 * max(scale, 1e-12), f"{ours} vs mergekit {theirs}: {name}: max |diff| {worst:.3g} " \
+                                                  f"(max |value| {scale:.3g})"
+
+
+def run_mergekit_per_model(models: dict[str, Path], out: Path, method: str, per_model: list[dict[str, float]],
+                           inputs: tuple[str, ...], base: str | None, shared: dict[str, float] | None
+                           ) -> dict[str, torch.Tensor]:
+    """run_mergekit with a parameter table of its own for each model."""
+    lines = [f"merge_method: {method}", "dtype: float32", f"base_model: {models[base]}", "models:"]
+    for name, params in zip(inputs, per_model):
+        lines += [f"  - model: {models[name]}",
+                  "    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"]
+    if shared:
+        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in shared.items()) + "}")
+    return _mergekit(lines, out)

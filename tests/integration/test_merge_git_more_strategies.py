@@ -1,0 +1,68 @@
+"""The mergekit-family strategies through git: SLERP under a plain `git merge` (the driver, two sides) and
+breadcrumbs_ties under `git theta merge`; values against straight-from-the-formula float64 references (the
+strategies also equal mergekit itself: tests/e2e/test_vs_mergekit.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import git
+from safetensors.torch import load_file
+from test_merge_git import commit_model, setup
+
+
+def slerp_reference(t: float, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    x, y = a.double().numpy().ravel(), b.double().numpy().ravel()
+    cos = np.clip(np.dot(x / np.linalg.norm(x), y / np.linalg.norm(y)), -1, 1)
+    if abs(cos) > 0.9995:
+        return ((1 - t) * x + t * y).reshape(a.shape)
+    theta = np.arccos(cos)
+    return ((np.sin((1 - t) * theta) * x + np.sin(t * theta) * y) / np.sin(theta)).reshape(a.shape)
+
+
+def test_slerp_through_plain_git_merge(repo: Path) -> None:
+    base, models = setup(repo)
+    git(repo, "checkout", "-q", "t0")
+    ours = load_file(str(repo / "model.safetensors"))
+    far = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in ours.items()}
+    git(repo, "checkout", "-q", "-b", "far", "main")
+    commit_model(repo, dict(base, **{"l0.weight": far["l0.weight"]}), "far")  # an unrelated l0.weight
+    git(repo, "checkout", "-q", "t0")
+    git(repo, "config", "theta.merge.strategy", "slerp")
+    git(repo, "config", "theta.merge.t", "0.3")
+    git(repo, "merge", "-q", "--no-edit", "far")
+    got = load_file(str(repo / "model.safetensors"))
+    want = slerp_reference(0.3, ours["l0.weight"], far["l0.weight"])
+    np.testing.assert_allclose(got["l0.weight"].double().numpy(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert torch.equal(got["l1.weight"], ours["l1.weight"])  # changed on one side only: taken as is (git's rule)
+
+
+def breadcrumbs_ties_reference(base: torch.Tensor, models: list[torch.Tensor], density: float,
+                               gamma: float) -> np.ndarray:
+    b = base.double().numpy()
+    kept = []
+    for m in models:
+        tau = m.double().numpy() - b
+        n = tau.size
+        target, top = int(density * n), int(gamma * n)
+        bot = max(0, n - target - top)
+        order = np.argsort(np.abs(tau).ravel(), kind="stable")
+        mask = np.zeros(n)
+        mask[order[bot:bot + target]] = 1
+        kept.append(tau * mask.reshape(tau.shape))
+    taus = np.stack(kept)
+    elected = np.where(taus.sum(0) >= 0, 1.0, -1.0)
+    return b + (taus * (np.sign(taus) == elected)).sum(0)
+
+
+def test_breadcrumbs_ties_through_git_theta_merge(repo: Path) -> None:
+    base, models = setup(repo, n_branches=3)
+    out = git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "breadcrumbs_ties", "--set", "density=0.5",
+              "--set", "gamma=0.05")
+    assert b"strategy breadcrumbs_ties" in out.stdout
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = breadcrumbs_ties_reference(base[name], [m[name] for m in models], 0.5, 0.05)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)
