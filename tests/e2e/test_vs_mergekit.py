@@ -116,6 +116,11 @@ CASES = [  # ours, its --set, mergekit's method, per-model parameters, shared pa
     ("breadcrumbs_ties", ["density=0.4", "gamma=0.02", "normalize=true"], "breadcrumbs_ties",
      {"weight": 1.0, "density": 0.4, "gamma": 0.02}, {"normalize": "true"}, FT, "base"),
 ]
+CASES += [
+    ("model_stock", [], "model_stock", None, None, FT, "base"),
+    ("model_stock", ["filter_wise=true"], "model_stock", None, {"filter_wise": "true"}, FT, "base"),
+    ("model_stock", [], "model_stock", None, None, ("ft0", "ft1"), "base"),
+]
 PER_MODEL = {7: [{"weight": w, "density": 0.5, "gamma": 0.1} for w in (0.7, 1.0, 0.4)]}  # case 7: weights differ
 
 

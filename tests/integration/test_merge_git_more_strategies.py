@@ -66,3 +66,23 @@ def test_breadcrumbs_ties_through_git_theta_merge(repo: Path) -> None:
     for name in ("l0.weight", "l1.weight"):
         want = breadcrumbs_ties_reference(base[name], [m[name] for m in models], 0.5, 0.05)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)
+
+
+def model_stock_reference(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarray:
+    b = base.double().numpy().ravel()
+    ws = [m.double().numpy().ravel() for m in models]
+    d = [w - b for w in ws]
+    n = len(ws)
+    cos = np.mean([np.clip(d[i] @ d[j] / max(np.linalg.norm(d[i]) * np.linalg.norm(d[j]), 1e-6), -1, 1)
+                   for i in range(n) for j in range(i + 1, n)])
+    t = n * cos / (1 + (n - 1) * cos)
+    return (t * np.mean(ws, axis=0) + (1 - t) * b).reshape(base.shape)
+
+
+def test_model_stock_through_git_theta_merge(repo: Path) -> None:
+    base, models = setup(repo, n_branches=3)
+    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "model_stock")
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = model_stock_reference(base[name], [m[name] for m in models])
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-6)
