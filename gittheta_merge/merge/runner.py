@@ -50,9 +50,18 @@ class _Runner:
         self._executor: Any = None  # the prefetch threads (options.prefetch, prefetch_depth)
         self.fused_tensors = 0  # tensors the compiled kernel merged
 
-    def _inputs(self, strat: Strategy) -> list[Source]:
-        """The sources a strategy reads: the models, then the base if it needs one."""
-        return [*self.models, *([self.base] if strat.needs_base and self.base is not None else [])]
+    def _inputs(self, strat: Strategy, name: str) -> list[Source]:
+        """The sources a strategy reads for a tensor: the models, then the base if it gets one (_base_for)."""
+        base = self._base_for(strat, name)
+        return [*self.models, *([base] if base is not None else [])]
+
+    def _base_for(self, strat: Strategy, name: str) -> Source | None:
+        """The base a strategy gets for a tensor: always if it needs one; if it can use one, when there is one."""
+        if strat.needs_base:
+            return self.base
+        if strat.uses_base and self.base is not None and self.base.info(name) is not None:
+            return self.base
+        return None
 
     def chunks(self, tp: TensorPlan, strat: Strategy, extra_bounds: list[int], report: dict[str, Any],
                kind: str = "torch", apply: Any = None):
@@ -64,11 +73,11 @@ class _Runner:
         (buffer_set names the set of reused buffers this chunk is in, for apply's own output buffer)."""
         info = tp.info
         assert info is not None
-        base = self.base if strat.needs_base else None
+        base = self._base_for(strat, tp.name)
         whole = kind == "torch" and not strat.separable(tp.name, list(info.shape), self.stats)
         streaming = bool(strat.chunk_bytes) and not whole
         budget = min(self.plan.max_block_bytes, strat.chunk_bytes) if streaming else self.plan.max_block_bytes
-        ranges = chunk_ranges(info, self._inputs(strat), extra_bounds, budget, whole)
+        ranges = chunk_ranges(info, self._inputs(strat, tp.name), extra_bounds, budget, whole)
         if kind == "numpy":
             reader = self.read_np
         elif kind == "raw":
@@ -82,7 +91,7 @@ class _Runner:
         depth = self.prefetch_depth(kind) if streaming else 0
         # with two helpers, a source whose reads must stay in order is read by one chunk after the other,
         # while the other sources are read at the same time (different blocks hash on both cores)
-        turns = {id(src): _InOrder() for src in self._inputs(strat)
+        turns = {id(src): _InOrder() for src in self._inputs(strat, tp.name)
                  if depth > 1 and getattr(src, "ordered_reads", True)}
 
         def read_one(index: int, src: Source, slot: str, start: int, end: int) -> Any:
@@ -218,7 +227,7 @@ class _Runner:
         spec = strat.lincomb()
         if spec is None or tp.info is None or not fused.available():
             return None
-        infos = [src.info(tp.name) for src in self._inputs(strat)]
+        infos = [src.info(tp.name) for src in self._inputs(strat, tp.name)]
         if len(infos) != len(spec.scales) + (spec.base_scale is not None) or None in infos:
             return None
         return spec if fused.supports(tp.info.dtype, *(i.dtype for i in infos)) else None  # type: ignore[union-attr]
@@ -234,7 +243,7 @@ class _Runner:
         """True when the compiled kernel can do the tensor's whole I/O itself: every input's bytes lie
         contiguous in an open file (plain safetensors, not the object store, whose reads are hash-verified)
         and the sink gives the output's place in a file."""
-        return hasattr(sink, "file_span") and all(hasattr(src, "file_span") for src in self._inputs(strat))
+        return hasattr(sink, "file_span") and all(hasattr(src, "file_span") for src in self._inputs(strat, tp.name))
 
     def _merge_in_files(self, tp: TensorPlan, strat: Strategy, spec: fused.LinComb, sink: Any) -> None:
         """One tensor by the kernel's file loop (fused.run_files): no Python per chunk. Measured on the 400M
@@ -244,7 +253,7 @@ class _Runner:
         parallel."""
         info = tp.info
         assert info is not None
-        base = self.base if strat.needs_base else None
+        base = self._base_for(strat, tp.name)
         out_fd, out_offset, out_what = sink.file_span(tp.name)
         n = info.numel
         step = max(1, min(FILE_STEP_ELEMS, self.plan.max_block_bytes // 4))
@@ -273,7 +282,7 @@ class _Runner:
         for fut in helpers:
             fut.result()
         sink.span_written(tp.name)
-        self.bytes_read += len(self._inputs(strat)) * 4 * n
+        self.bytes_read += len(self._inputs(strat, tp.name)) * 4 * n
 
     def uses_numpy(self) -> bool:
         """True when every merged tensor can take the torch-free path: CPU, strategies with merge_np and no
@@ -287,7 +296,7 @@ class _Runner:
             if not strat.numpy_merge or strat.n_passes or not strat.chunk_bytes or tp.info is None \
                     or tp.info.dtype not in npkernels.DTYPES:
                 return False
-            for src in self._inputs(strat):
+            for src in self._inputs(strat, tp.name):
                 sinfo = src.info(tp.name)
                 if not hasattr(src, "read_into") or sinfo is None or sinfo.dtype not in npkernels.DTYPES:
                     return False

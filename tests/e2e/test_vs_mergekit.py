@@ -121,13 +121,26 @@ CASES += [
     ("model_stock", ["filter_wise=true"], "model_stock", None, {"filter_wise": "true"}, FT, "base"),
     ("model_stock", [], "model_stock", None, None, ("ft0", "ft1"), "base"),
 ]
+CASES += [
+    ("karcher", [], "karcher", None, None, FT, None),
+    ("karcher", [], "karcher", None, None, ("ft0", "other"), None),
+    ("nuslerp", ["weights=1,3"], "nuslerp", None, None, ("ft0", "other"), None),
+    ("nuslerp", ["weights=2,1", "vectors=rows"], "nuslerp", None, {"nuslerp_flatten": "false"}, ("ft0", "other"), None),
+    ("nuslerp", ["weights=1,1", "vectors=columns"], "nuslerp", None,
+     {"nuslerp_flatten": "false", "nuslerp_row_wise": "true"}, ("ft1", "ft2"), "base"),
+]
+NUSLERP_WEIGHTS = {"1,3": (1, 3), "2,1": (2, 1), "1,1": (1, 1)}
 PER_MODEL = {7: [{"weight": w, "density": 0.5, "gamma": 0.1} for w in (0.7, 1.0, 0.4)]}  # case 7: weights differ
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{' '.join(c[1])}" for c in CASES])
 def test_equals_mergekit(models: dict[str, Path], tmp_path: Path, case: int) -> None:
     ours, sets, theirs, params, shared, inputs, base = CASES[case]
-    if case in PER_MODEL:
+    if theirs == "nuslerp":  # per-model weights
+        w = NUSLERP_WEIGHTS[sets[0].split("=")[1]]
+        expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, [{"weight": x} for x in w], inputs,
+                                          base, shared)
+    elif case in PER_MODEL:
         expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, PER_MODEL[case], inputs, base,
                                           shared)
     else:
@@ -146,7 +159,8 @@ def run_mergekit_per_model(models: dict[str, Path], out: Path, method: str, per_
                            inputs: tuple[str, ...], base: str | None, shared: dict[str, float] | None
                            ) -> dict[str, torch.Tensor]:
     """run_mergekit with a parameter table of its own for each model."""
-    lines = [f"merge_method: {method}", "dtype: float32", f"base_model: {models[base]}", "models:"]
+    lines = [f"merge_method: {method}", "dtype: float32"] + ([f"base_model: {models[base]}"] if base else []) \
+        + ["models:"]
     for name, params in zip(inputs, per_model):
         lines += [f"  - model: {models[name]}",
                   "    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"]

@@ -86,3 +86,51 @@ def test_model_stock_through_git_theta_merge(repo: Path) -> None:
     for name in ("l0.weight", "l1.weight"):
         want = model_stock_reference(base[name], [m[name] for m in models])
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-6)
+
+
+def karcher_reference(models: list[torch.Tensor], iters: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """The geodesic mean direction on the sphere by the same fixed-point iteration, in float64, times the mean
+    norm."""
+    xs = [m.double().numpy().ravel() for m in models]
+    norms = [np.linalg.norm(x) for x in xs]
+    units = [x / n for x, n in zip(xs, norms)]
+    mean = np.mean(units, axis=0)
+    mean /= np.linalg.norm(mean)
+    for _ in range(iters):
+        tangent = np.zeros_like(mean)
+        for u in units:
+            cos = np.clip(mean @ u, -1, 1)
+            theta = np.arccos(cos)
+            if theta >= tol:
+                tangent += (theta / np.sin(theta)) * (u - cos * mean) / len(units)
+        step = np.linalg.norm(tangent)
+        if step < tol:
+            break
+        mean = np.cos(step) * mean + np.sin(step) * tangent / step
+        mean /= np.linalg.norm(mean)
+    return (np.mean(norms) * mean).reshape(models[0].shape)
+
+
+def test_karcher_and_nuslerp_through_merge_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    states = [{"w": torch.randn(40, 30, generator=gen), "b": torch.randn(30, generator=gen)} for _ in range(3)]
+    paths = []
+    for i, st in enumerate(states):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(st, paths[-1])
+    out = tmp_path / "k.safetensors"
+    git(tmp_path, "theta", "merge-files", *map(str, paths), "-o", str(out), "--strategy", "karcher")
+    got = load_file(str(out))
+    for name in ("w", "b"):
+        want = karcher_reference([st[name] for st in states])
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=2e-5 * np.abs(want).max())
+    out = tmp_path / "n.safetensors"
+    git(tmp_path, "theta", "merge-files", *map(str, paths[1:]), "--base", str(paths[0]), "-o", str(out),
+        "--strategy", "nuslerp", "--set", "weights=1,3")
+    got = load_file(str(out))
+    for name in ("w", "b"):  # with a base: the task vectors are interpolated (t = 3/4) and added to it
+        b0 = states[0][name]
+        want = b0.double().numpy() + slerp_reference(0.75, states[1][name] - b0, states[2][name] - b0)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)

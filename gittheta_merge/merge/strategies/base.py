@@ -136,6 +136,7 @@ class Strategy:
 
     name: str = ""
     needs_base: bool = False
+    uses_base: bool = False  # reads the base when one is given (needs_base: cannot merge without one)
     row_separable: bool = True  # False: the engine hands over the whole tensor as one chunk
     n_passes: int = 0  # statistics passes before the merge pass
     # Streaming (elementwise) strategies set a float32 working size per chunk, e.g. 1 MiB: the engine then

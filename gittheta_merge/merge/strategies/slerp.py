@@ -66,3 +66,55 @@ class Slerp(Strategy):
 
     def merge(self, chunk: Chunk) -> Any:
         return slerp(self.params["t"], chunk.models[0], chunk.models[1], self.params["dot_threshold"])
+
+
+def nuslerp(t: float, a: Any, b: Any, vectors: str, eps: float = 1e-8) -> Any:
+    """mergekit's nuslerp of a and b: over the flattened tensor (vectors="flatten"), per vector along the last
+    dimension ("rows") or along the first ("columns"; mergekit's nuslerp_row_wise); collinear vectors
+    (1 - cos^2 <= eps^2) are interpolated linearly."""
+    import torch
+
+    shape = a.shape
+    if vectors == "flatten":
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif vectors == "columns":
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= eps ** 2
+    theta = torch.acos(torch.where(collinear, torch.zeros_like(cos), cos))
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(collinear, (1 - t) * a + t * b, spherical)
+    if vectors == "columns":
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+class NuSlerp(Strategy):
+    """NuSLERP (mergekit's nuslerp): SLERP of two models, or of their task vectors when a base is given, with
+    t = w_1 / (w_0 + w_1) from two weights; over the flattened tensor, or per row / per column vector."""
+
+    name = "nuslerp"
+    uses_base = True
+    row_separable = False
+    params_spec = {
+        "weights": Param(None, "floats", "two weights; t = w1 / (w0 + w1) (default equal: t = 0.5)"),
+        "vectors": Param("flatten", "choice", "what is interpolated: the flattened tensor, each row (last "
+                         "dimension), or each column (mergekit's nuslerp_row_wise)", ("flatten", "rows", "columns")),
+        "use_base": Param(True, "bool", "with a base, interpolate the task vectors and add them to the base"),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_models != 2:
+            raise ThetaError(f"strategy nuslerp: interpolates exactly 2 models, got {self.n_models}")
+
+    def merge(self, chunk: Chunk) -> Any:
+        w0, w1 = self.model_weights()
+        t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+        a, b = chunk.models
+        vectors = self.params["vectors"]
+        if chunk.base is not None and self.params["use_base"]:
+            return chunk.base + nuslerp(t, a - chunk.base, b - chunk.base, vectors)
+        return nuslerp(t, a, b, vectors)
