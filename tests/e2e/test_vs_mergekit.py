@@ -129,6 +129,10 @@ CASES += [
     ("nuslerp", ["weights=1,1", "vectors=columns"], "nuslerp", None,
      {"nuslerp_flatten": "false", "nuslerp_row_wise": "true"}, ("ft1", "ft2"), "base"),
 ]
+CASES += [
+    ("sce", [], "sce", None, None, FT, "base"),
+    ("sce", ["select_topk=0.3"], "sce", None, {"select_topk": 0.3}, FT, "base"),
+]
 NUSLERP_WEIGHTS = {"1,3": (1, 3), "2,1": (2, 1), "1,1": (1, 1)}
 PER_MODEL = {7: [{"weight": w, "density": 0.5, "gamma": 0.1} for w in (0.7, 1.0, 0.4)]}  # case 7: weights differ
 

@@ -134,3 +134,28 @@ def test_karcher_and_nuslerp_through_merge_files(tmp_path: Path) -> None:
         b0 = states[0][name]
         want = b0.double().numpy() + slerp_reference(0.75, states[1][name] - b0, states[2][name] - b0)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)
+
+
+def sce_reference(base: torch.Tensor, models: list[torch.Tensor], topk: float) -> np.ndarray:
+    b = base.double().numpy()
+    taus = np.stack([m.double().numpy() - b for m in models])
+    if topk < 1:
+        var = taus.var(axis=0)
+        k = int(np.count_nonzero(var) * topk)
+        keep = np.zeros(var.size)
+        keep[np.argsort(-np.abs(var).ravel(), kind="stable")[:k]] = 1
+        taus = taus * keep.reshape(var.shape)
+    elected = np.where(taus.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(taus) == elected).astype(float)
+    sq = (taus ** 2).reshape(len(models), -1).mean(1)
+    w = (sq / sq.sum()).reshape(-1, *([1] * b.ndim)) * agree
+    return b + (taus * w).sum(0) / np.maximum(w.sum(0), 1e-6)
+
+
+def test_sce_through_git_theta_merge(repo: Path) -> None:
+    base, models = setup(repo, n_branches=3)
+    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "sce", "--set", "select_topk=0.4")
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = sce_reference(base[name], [m[name] for m in models], 0.4)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)
