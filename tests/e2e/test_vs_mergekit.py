@@ -133,6 +133,14 @@ CASES += [
     ("sce", [], "sce", None, None, FT, "base"),
     ("sce", ["select_topk=0.3"], "sce", None, {"select_topk": 0.3}, FT, "base"),
 ]
+CASES += [  # the random families at density 1 (nothing dropped): their deterministic parts, exactly
+    ("dare_ties", [], "dare_ties", {"weight": 1.0}, None, FT, "base"),
+    ("dare_linear", ["weights=0.7,1.0,0.4", "normalize=true"], "dare_linear", None, {"normalize": "true"}, FT,
+     "base"),
+    ("della", [], "della", {"weight": 1.0}, None, FT, "base"),
+    ("della_linear", ["lambda=0.9"], "della_linear", {"weight": 1.0}, {"lambda": 0.9}, FT, "base"),
+]
+PER_MODEL_WEIGHTS = {"dare_linear": [{"weight": w} for w in (0.7, 1.0, 0.4)]}
 NUSLERP_WEIGHTS = {"1,3": (1, 3), "2,1": (2, 1), "1,1": (1, 1)}
 PER_MODEL = {7: [{"weight": w, "density": 0.5, "gamma": 0.1} for w in (0.7, 1.0, 0.4)]}  # case 7: weights differ
 
@@ -143,6 +151,9 @@ def test_equals_mergekit(models: dict[str, Path], tmp_path: Path, case: int) -> 
     if theirs == "nuslerp":  # per-model weights
         w = NUSLERP_WEIGHTS[sets[0].split("=")[1]]
         expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, [{"weight": x} for x in w], inputs,
+                                          base, shared)
+    elif theirs in PER_MODEL_WEIGHTS and params is None:
+        expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, PER_MODEL_WEIGHTS[theirs], inputs,
                                           base, shared)
     elif case in PER_MODEL:
         expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, PER_MODEL[case], inputs, base,
@@ -171,3 +182,37 @@ def run_mergekit_per_model(models: dict[str, Path], out: Path, method: str, per_
     if shared:
         lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in shared.items()) + "}")
     return _mergekit(lines, out)
+
+
+@pytest.mark.parametrize("method,extra", [("dare_linear", {}), ("della_linear", {"epsilon": 0.2})])
+def test_random_sparsification_keeps_what_mergekit_keeps(models: dict[str, Path], tmp_path: Path, method: str,
+                                                         extra: dict[str, float]) -> None:
+    """One model counts (the second has weight 0), rescale off: the merged tensor is base + mask * tau, so the
+    fraction of entries that moved is the
+    keep rate. Ours (our seeded stream) and mergekit's (torch's RNG) must both keep density of the entries, within
+    binomial noise, over the whole model; for della the largest-magnitude half must keep more than the smallest."""
+    density = 0.4
+    theirs = run_mergekit_per_model(models, tmp_path / "mk", method,
+                                    [{"weight": w, "density": density, **extra} for w in (1.0, 0.0)],
+                                    ("ft0", "ft1"), "base", {"rescale": "false"})
+    ours = run_ours(models, tmp_path / "ours.safetensors", method,
+                    [f"density={density}", "rescale=false", "weights=1,0", *(f"{k}={v}" for k, v in extra.items())],
+                    ("ft0", "ft1"), "base")
+    base = load_file(str(models["base"] / "model.safetensors"))
+    tuned = load_file(str(models["ft0"] / "model.safetensors"))
+    for merged in (theirs, ours):
+        kept = total = big_kept = big_total = 0
+        for name, b in base.items():
+            moved = merged[name].to(torch.float32) != b
+            kept += int(moved.sum())
+            total += moved.numel()
+            if method.startswith("della") and b.dim() == 2:
+                tau = (tuned[name] - b).abs()
+                big = tau >= tau.median(dim=1, keepdim=True).values
+                big_kept += int((moved & big).sum())
+                big_total += int(big.sum())
+        sigma = (density * (1 - density) / total) ** 0.5
+        assert abs(kept / total - density) < 5 * sigma, (method, kept / total)
+        if big_total:
+            small_rate = (kept - big_kept) / (total - big_total)
+            assert big_kept / big_total > small_rate + 0.05, (method, big_kept / big_total, small_rate)

@@ -30,6 +30,12 @@ def _tile_seed(seed: int, name: str, model: int, tile: int) -> int:
 def dare_keep_mask(seed: int, name: str, model: int, shape: list[int] | tuple[int, ...], drop: float,
                    row_start: int = 0, row_end: int | None = None) -> Any:
     """Boolean keep-mask for rows [row_start, row_end) of a tensor (True = entry survives)."""
+    return uniforms(seed, name, model, shape, row_start, row_end) >= drop
+
+
+def uniforms(seed: int, name: str, model: int, shape: list[int] | tuple[int, ...], row_start: int = 0,
+             row_end: int | None = None) -> Any:
+    """The reproducible uniform [0, 1) stream behind DARE's masks (and DELLA's), for rows [row_start, row_end)."""
     import torch
 
     rows = shape[0] if len(shape) else 1
@@ -49,7 +55,7 @@ def dare_keep_mask(seed: int, name: str, model: int, shape: list[int] | tuple[in
         parts.append(uniform[lo * row_elems: hi * row_elems])
     flat = torch.cat(parts) if parts else torch.empty(0)
     out_shape = [end - row_start, *shape[1:]] if len(shape) else []
-    return (flat >= drop).reshape(out_shape)
+    return flat.reshape(out_shape)
 
 
 class Dare(Strategy):

@@ -1,0 +1,195 @@
+"""mergekit's generalized task arithmetic family (0.1.5), per tensor: Model Breadcrumbs (Davari & Belilovsky 2024),
+DARE (Yu et al. 2024) and DELLA (Deep et al. 2024), each with and without TIES' sign consensus.
+
+Per tensor, for each model's task vector tau_i = theta_i - theta_0 (n entries):
+  sparsify (density >= 1 keeps everything; with rescale, the kept entries are scaled so their L1 norm equals
+  tau_i's, unless either norm is below 1e-7 -- mergekit's rescale, not DARE's 1/p):
+    breadcrumbs: sort |tau_i| ascending; drop the n_top = int(gamma n) largest (outliers) and enough of the smallest to
+      keep target = int(density n): keep ranks [n_bot, n_bot + target), n_bot = max(0, n - target - n_top);
+    dare: keep each entry with probability density;
+    della: keep each entry with probability density - epsilon + 2 epsilon r, r its magnitude rank in its row
+      (0 smallest .. 1 largest; a 1-D tensor is one row);
+  weight: tau_i *= w_i;
+  without consensus: mixed = sum_i tau_i, divisor = sum_i w_i (1 where |divisor| < 1e-8);
+  with consensus (the _ties variants, della): elected sign + where sum_i tau_i >= 0, else -;
+    mask_i = (sign(tau_i) == elected); mixed = sum_i tau_i mask_i, divisor = sum_i w_i mask_i (1 where 0);
+  normalize: mixed /= divisor; then theta_0 + lambda mixed.
+The random masks come from our own reproducible stream (dare.uniforms: seed, tensor name, model index), not from
+mergekit's global torch RNG, so equality with mergekit holds for the deterministic parts; the random parts match in
+their keep rates and expectation (tests/e2e/test_vs_mergekit.py, tests/unit/test_gta_random.py).
+Whole tensors (ranks and norms are per tensor): peak memory is the models' largest tensor in float32, times M + 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gittheta_merge.errors import ThetaError
+from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+
+
+def keep_middle(tau: Any, density: float, gamma: float, rescale: bool) -> Any:
+    """tau with all but the ranks [n_bot, n_bot + target) of |tau| (ascending) zeroed; L1-rescaled if asked."""
+    import torch
+
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(tau.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=tau.dtype)
+    mask[order[n_bot: n_bot + target]] = 1
+    kept = tau * mask.reshape(tau.shape)
+    return l1_rescaled(tau, kept) if rescale else kept
+
+
+def l1_rescaled(tau: Any, kept: Any) -> Any:
+    before, after = tau.abs().sum(), kept.abs().sum()
+    return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+
+
+def common_params(normalize: bool, rescale: bool) -> dict[str, Param]:
+    return {
+        "density": Param(1.0, "float", "fraction of each task vector kept (mergekit's default 1: nothing dropped)"),
+        "weights": Param(None, "floats", "per-model task-vector weights (default 1 each)"),
+        "normalize": Param(normalize, "bool", "divide by the sum of the weights (of the agreeing models, with "
+                                              "consensus)"),
+        "rescale": Param(rescale, "bool", "rescale kept entries to the task vector's L1 norm"),
+        "lambda": Param(1.0, "float", "scale of the merged task vector"),
+    }
+
+
+class _TaskVectorFamily(Strategy):
+    """The shared merge: sparsify each task vector (`sparsify`), weigh, optional sign consensus, normalise, add."""
+
+    needs_base = True
+    row_separable = False
+    consensus = False
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("density", "gamma"):
+            if key in self.params and not 0.0 <= self.params[key] <= 1.0:
+                raise ThetaError(f"strategy {self.name}: {key} must be in [0, 1], got {self.params[key]}")
+
+    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+        raise NotImplementedError
+
+    def merge(self, chunk: Chunk) -> Any:
+        import torch
+
+        p = self.params
+        base = chunk.base
+        weights = torch.tensor(self.model_weights(), dtype=base.dtype).reshape(-1, *([1] * base.dim()))
+        taus = torch.stack([self.sparsify(m - base, chunk.name, i) for i, m in enumerate(chunk.models)])
+        taus.mul_(weights)
+        if self.consensus:
+            elected = (taus.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+            agree = (taus.sign() == elected).to(base.dtype)
+            mixed = (taus * agree).sum(dim=0)
+            divisor = (weights * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = taus.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if p["normalize"]:
+            mixed /= divisor
+        if p["lambda"] != 1:
+            mixed *= p["lambda"]
+        return base + mixed
+
+
+class Breadcrumbs(_TaskVectorFamily):
+    """Model Breadcrumbs (mergekit's breadcrumbs): per tensor, each task vector loses its gamma largest-magnitude
+    entries (outliers) and its smallest ones down to density, then the weighted task vectors are added."""
+
+    name = "breadcrumbs"
+    params_spec = {**common_params(normalize=False, rescale=False),
+                   "gamma": Param(0.01, "float", "fraction of largest-magnitude entries dropped as outliers")}
+
+    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+        return keep_middle(tau, self.params["density"], self.params["gamma"], self.params["rescale"])
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    """Model Breadcrumbs with TIES' sign consensus (mergekit's breadcrumbs_ties): breadcrumbs' sparsification, then
+    only entries agreeing with the elected sign (+ where the sum is >= 0) are added."""
+
+    name = "breadcrumbs_ties"
+    consensus = True
+
+
+class DareTies(_TaskVectorFamily):
+    """DARE with TIES' sign consensus (mergekit's dare_ties): each task-vector entry kept with probability density
+    (seeded, reproducible), kept entries L1-rescaled, then only entries agreeing with the elected sign are added."""
+
+    name = "dare_ties"
+    consensus = True
+    params_spec = {**common_params(normalize=False, rescale=True),
+                   "seed": Param(0, "int", "seed of the random masks (with the tensor name and model index)")}
+
+    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+        from gittheta_merge.merge.strategies.dare import uniforms
+
+        density = self.params["density"]
+        if density >= 1:
+            return tau
+        keep = (uniforms(self.params["seed"], name, model, list(tau.shape)) < density).to(tau.dtype)
+        kept = tau * keep
+        return l1_rescaled(tau, kept) if self.params["rescale"] else kept
+
+
+class DareLinear(DareTies):
+    """DARE as mergekit's dare_linear: the random, L1-rescaled sparsification of dare_ties, then the weighted task
+    vectors are added (no sign consensus)."""
+
+    name = "dare_linear"
+    consensus = False
+
+
+class Della(_TaskVectorFamily):
+    """DELLA (mergekit's della): each task-vector entry kept with a probability rising with its magnitude rank in
+    its row, from density - epsilon to density + epsilon (seeded), L1-rescaled; TIES' sign consensus; normalised."""
+
+    name = "della"
+    consensus = True
+    params_spec = {**common_params(normalize=True, rescale=True),
+                   "epsilon": Param(0.15, "float", "half-width of the keep probabilities around density"),
+                   "seed": Param(0, "int", "seed of the random masks (with the tensor name and model index)")}
+
+    def validate(self) -> None:
+        super().validate()
+        d, e = self.params["density"], self.params["epsilon"]
+        if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+            raise ThetaError(f"strategy {self.name}: epsilon {e} must keep density +- epsilon inside (0, 1) "
+                             f"(density {d})")
+
+    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+        import torch
+
+        from gittheta_merge.merge.strategies.dare import uniforms
+
+        density, eps = self.params["density"], self.params["epsilon"]
+        if density >= 1:
+            return tau
+        if density <= 0:
+            return torch.zeros_like(tau)
+        rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(tau.dtype) + 1
+        low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+        spread = (ranks - low) / (high - low)  # 0/0 (one entry per row) is NaN, and clamps to 0 as in mergekit
+        probs = (density - eps) + torch.nan_to_num(spread, nan=0.0).clamp(0, 1) * 2 * eps
+        keep = (uniforms(self.params["seed"], name, model, list(rows.shape)) < probs).to(tau.dtype)
+        kept = (rows * keep).reshape(tau.shape)
+        return l1_rescaled(tau, kept) if self.params["rescale"] else kept
+
+
+class DellaLinear(Della):
+    """DELLA without sign consensus (mergekit's della_linear): della's magnitude-ranked random drop, then the
+    weighted task vectors are added; not normalised by default."""
+
+    name = "della_linear"
+    consensus = False
+    params_spec = {**Della.params_spec, **common_params(normalize=False, rescale=True)}
