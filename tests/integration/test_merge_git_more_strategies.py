@@ -159,3 +159,28 @@ def test_sce_through_git_theta_merge(repo: Path) -> None:
     for name in ("l0.weight", "l1.weight"):
         want = sce_reference(base[name], [m[name] for m in models], 0.4)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)
+
+
+def iso_c_reference(base: torch.Tensor, models: list[torch.Tensor], alpha: float) -> np.ndarray:
+    """Straight from the paper, in float64: isotropic spectrum of the summed task matrix; mean task vector else."""
+    b = base.double().numpy()
+    taus = [m.double().numpy() - b for m in models]
+    if b.ndim == 2:
+        u, s, vt = np.linalg.svd(np.sum(taus, axis=0), full_matrices=False)
+        delta = s.mean() * u @ vt
+    else:
+        delta = np.mean(taus, axis=0)
+    return b + alpha * delta
+
+
+def test_iso_c_through_git_theta_merge(repo: Path) -> None:
+    base, models = setup(repo, n_branches=3)
+    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "iso_c", "--set", "alpha=0.8")
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = iso_c_reference(base[name], [m[name] for m in models], 0.8)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=2e-6 * np.abs(want).max())
+        # the merged task matrix really is isotropic: all its singular values equal
+        s = np.linalg.svd(got[name].double().numpy() - base[name].double().numpy(), compute_uv=False)
+        rank = min(got[name].shape)
+        assert np.ptp(s[:rank]) < 1e-4 * s[0]
