@@ -184,3 +184,35 @@ def test_iso_c_through_git_theta_merge(repo: Path) -> None:
         s = np.linalg.svd(got[name].double().numpy() - base[name].double().numpy(), compute_uv=False)
         rank = min(got[name].shape)
         assert np.ptp(s[:rank]) < 1e-4 * s[0]
+
+
+def tsv_reference(base: torch.Tensor, models: list[torch.Tensor], alpha: float) -> np.ndarray:
+    """Straight from the paper in float64: top 1/T singular triplets of each task, stacked, U and V^T replaced by
+    their closest orthogonal matrices (P Q^T of their SVD)."""
+    b = base.double().numpy()
+    taus = [m.double().numpy() - b for m in models]
+    if b.ndim != 2:
+        return b + alpha * np.mean(taus, axis=0)
+    svds = [np.linalg.svd(t, full_matrices=False) for t in taus]
+    r = svds[0][1].shape[0]
+    k = r // len(taus)
+    u = np.zeros((b.shape[0], r))
+    s = np.zeros(r)
+    vt = np.zeros((r, b.shape[1]))
+    for i, (ui, si, vti) in enumerate(svds):
+        u[:, i * k:(i + 1) * k], s[i * k:(i + 1) * k], vt[i * k:(i + 1) * k] = ui[:, :k], si[:k], vti[:k]
+
+    def closest_orthogonal(m: np.ndarray) -> np.ndarray:
+        p, _, q = np.linalg.svd(m, full_matrices=False)
+        return p @ q
+
+    return b + alpha * (closest_orthogonal(u) * s) @ closest_orthogonal(vt)
+
+
+def test_tsv_merge_through_git_theta_merge(repo: Path) -> None:
+    base, models = setup(repo, n_branches=3)
+    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "tsv_merge")
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = tsv_reference(base[name], [m[name] for m in models], 1.0)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())

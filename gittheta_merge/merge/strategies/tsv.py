@@ -1,0 +1,52 @@
+"""TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging").
+
+For each 2-D tensor, with T task vectors tau_i = theta_i - theta_0 of thin SVD U_i S_i V_i^T (r = min(rows, cols)
+singular values) and k = int(r / T): the first k singular triplets of every task are placed side by side,
+U = [U_1[:, :k] ... U_T[:, :k]] (r columns, the rest zero), S = [S_1[:k] ... S_T[:k]], V^T likewise by rows; their
+interference is removed by replacing U and V^T with their closest orthogonal matrices (polar factors: U = P Q^T for
+U = P Sigma Q^T, the same for V^T), and Delta = U diag(S) V^T. Every other tensor (1-D) takes the mean task vector.
+theta* = theta_0 + alpha Delta (alpha 1 by default, as the paper's TSV-M). Whole matrices (T + 2 SVDs): peak memory
+is several copies of the models' largest matrix in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+
+
+def tsv_delta(taus: list[Any]) -> Any:
+    """The merged task matrix of 2-D task vectors (the definition above)."""
+    import torch
+
+    t = len(taus)
+    us, ss, vhs = zip(*(torch.linalg.svd(tau, full_matrices=False) for tau in taus))
+    r = ss[0].shape[0]
+    k = int(r / t)
+    u_cat, s_cat, vh_cat = torch.zeros_like(us[0]), torch.zeros_like(ss[0]), torch.zeros_like(vhs[0])
+    for i, (u, s, vh) in enumerate(zip(us, ss, vhs)):
+        u_cat[:, i * k:(i + 1) * k] = u[:, :k]
+        s_cat[i * k:(i + 1) * k] = s[:k]
+        vh_cat[i * k:(i + 1) * k, :] = vh[:k, :]
+    pu, _, qu = torch.linalg.svd(u_cat, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(vh_cat, full_matrices=False)
+    return ((pu @ qu) * s_cat) @ (pv @ qv)
+
+
+class TsvMerge(Strategy):
+    """TSV-Merge: per weight matrix, each task keeps its top 1/T singular vectors, and the stacked singular vectors
+    are orthogonalised (closest orthogonal matrix) to remove interference; 1-D tensors get the mean task vector."""
+
+    name = "tsv_merge"
+    needs_base = True
+    row_separable = False
+    params_spec = {
+        "alpha": Param(1.0, "float", "scale of the merged task vector"),
+    }
+
+    def merge(self, chunk: Chunk) -> Any:
+        base = chunk.base
+        taus = [m - base for m in chunk.models]
+        delta = tsv_delta(taus) if base.dim() == 2 else sum(taus[1:], taus[0]) / len(taus)
+        return base + self.params["alpha"] * delta
