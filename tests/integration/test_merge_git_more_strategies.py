@@ -216,3 +216,39 @@ def test_tsv_merge_through_git_theta_merge(repo: Path) -> None:
     for name in ("l0.weight", "l1.weight"):
         want = tsv_reference(base[name], [m[name] for m in models], 1.0)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def iso_cts_reference(base: torch.Tensor, models: list[torch.Tensor], alpha: float, fraction: float) -> np.ndarray:
+    b = base.double().numpy()
+    taus = [m.double().numpy() - b for m in models]
+    if b.ndim != 2:
+        return b + alpha * np.mean(taus, axis=0)
+    t, r = len(taus), min(b.shape)
+    k = r - round((r - int(r * fraction)) / t) * t
+    d = (r - k) // t
+    u, s, vt = np.linalg.svd(np.sum(taus, axis=0), full_matrices=False)
+    uk = u[:, :k]
+    cols_u, vals, rows_v = [], [], []
+    for tau in taus:  # task-specific: the top d directions of each task outside the common subspace
+        ui, si, vti = np.linalg.svd(tau - uk @ uk.T @ tau, full_matrices=False)
+        cols_u.append(ui[:, :d])
+        vals.append(si[:d])
+        rows_v.append(vti[:d])
+    big_u = np.concatenate([*cols_u, uk], axis=1)
+    big_vt = np.concatenate([*rows_v, vt[:k]], axis=0)
+    spectrum = np.concatenate([*vals, s[:k]])
+
+    def closest_orthogonal(m: np.ndarray) -> np.ndarray:
+        p, _, q = np.linalg.svd(m, full_matrices=False)
+        return p @ q
+
+    return b + alpha * spectrum.mean() * closest_orthogonal(big_u) @ closest_orthogonal(big_vt)
+
+
+def test_iso_cts_through_git_theta_merge(repo: Path) -> None:
+    base, models = setup(repo, n_branches=3)
+    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "iso_cts", "--set", "common_fraction=0.5")
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = iso_cts_reference(base[name], [m[name] for m in models], 1.0, 0.5)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
