@@ -83,6 +83,7 @@ class _TaskVectorFamily(Strategy):
         base = chunk.base
         weights = torch.tensor(self.model_weights(), dtype=base.dtype).reshape(-1, *([1] * base.dim()))
         taus = torch.stack([self.sparsify(m - base, chunk.name, i) for i, m in enumerate(chunk.models)])
+        chunk.report["kept_fraction"] = float((taus != 0).float().mean())
         taus.mul_(weights)
         if self.consensus:
             elected = (taus.sum(dim=0) >= 0).to(base.dtype) * 2 - 1

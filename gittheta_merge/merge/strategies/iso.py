@@ -39,6 +39,7 @@ class IsoC(Strategy):
         if base.dim() == 2:
             u, s, vh = torch.linalg.svd(sum(taus[1:], taus[0]), full_matrices=False)
             delta = (u * s.mean()) @ vh
+            chunk.report["singular_value"] = float(s.mean())
         else:
             delta = sum(taus[1:], taus[0]) / len(taus)
         return base + self.params["alpha"] * delta
@@ -78,4 +79,5 @@ class IsoCts(Strategy):
         pu, _, qu = torch.linalg.svd(u_all, full_matrices=False)
         pv, _, qv = torch.linalg.svd(vh_all, full_matrices=False)
         delta = ((pu @ qu) * s_all.mean()) @ (pv @ qv)
+        chunk.report.update(common_directions=k, directions_per_task=d, singular_value=float(s_all.mean()))
         return base + self.params["alpha"] * delta

@@ -72,6 +72,7 @@ class ModelStock(Strategy):
             t = t.reshape(*base.shape[:-1], 1) if base.dim() > 1 else t.reshape(1)
         else:
             t = self._t
+            chunk.report["ratio"] = t
         average = sum(models[1:], models[0]) / n  # ((theta_1 + theta_2) + ...) / N
         return t * average + (1 - t) * base
 

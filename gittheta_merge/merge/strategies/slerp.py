@@ -63,9 +63,16 @@ class Slerp(Strategy):
         if self.n_models != 2:
             raise ThetaError(f"strategy slerp: interpolates exactly 2 models, got {self.n_models} (merge one branch "
                              "into HEAD, or use average for more)")
+        if not 0.0 <= self.params["t"] <= 1.0:
+            raise ThetaError(f"strategy slerp: t must be in [0, 1], got {self.params['t']}")
 
     def merge(self, chunk: Chunk) -> Any:
-        return slerp(self.params["t"], chunk.models[0], chunk.models[1], self.params["dot_threshold"])
+        import torch
+
+        a, b = chunk.models
+        chunk.report["cosine"] = float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(),
+                                                                              b.reshape(1, -1).double()))
+        return slerp(self.params["t"], a, b, self.params["dot_threshold"])
 
 
 def nuslerp(t: float, a: Any, b: Any, vectors: str, eps: float = 1e-8) -> Any:

@@ -49,4 +49,6 @@ class TsvMerge(Strategy):
         base = chunk.base
         taus = [m - base for m in chunk.models]
         delta = tsv_delta(taus) if base.dim() == 2 else sum(taus[1:], taus[0]) / len(taus)
+        if base.dim() == 2:
+            chunk.report["directions_per_task"] = int(min(base.shape) / len(taus))
         return base + self.params["alpha"] * delta
