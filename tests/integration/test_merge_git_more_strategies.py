@@ -13,6 +13,14 @@ from safetensors.torch import load_file
 from test_merge_git import commit_model, setup
 
 
+def merged_three(repo: Path, strategy: str, *sets: str) -> tuple[dict, list[dict], dict]:
+    """Three task branches merged into main with `git theta merge --strategy S --set …`: (base, models, merged)."""
+    base, models = setup(repo, n_branches=3)
+    args = [arg for item in sets for arg in ("--set", item)]
+    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", strategy, *args)
+    return base, models, load_file(str(repo / "model.safetensors"))
+
+
 def slerp_reference(t: float, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     x, y = a.double().numpy().ravel(), b.double().numpy().ravel()
     cos = np.clip(np.dot(x / np.linalg.norm(x), y / np.linalg.norm(y)), -1, 1)
@@ -80,9 +88,7 @@ def model_stock_reference(base: torch.Tensor, models: list[torch.Tensor]) -> np.
 
 
 def test_model_stock_through_git_theta_merge(repo: Path) -> None:
-    base, models = setup(repo, n_branches=3)
-    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "model_stock")
-    got = load_file(str(repo / "model.safetensors"))
+    base, models, got = merged_three(repo, "model_stock")
     for name in ("l0.weight", "l1.weight"):
         want = model_stock_reference(base[name], [m[name] for m in models])
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-6)
@@ -153,9 +159,7 @@ def sce_reference(base: torch.Tensor, models: list[torch.Tensor], topk: float) -
 
 
 def test_sce_through_git_theta_merge(repo: Path) -> None:
-    base, models = setup(repo, n_branches=3)
-    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "sce", "--set", "select_topk=0.4")
-    got = load_file(str(repo / "model.safetensors"))
+    base, models, got = merged_three(repo, "sce", "select_topk=0.4")
     for name in ("l0.weight", "l1.weight"):
         want = sce_reference(base[name], [m[name] for m in models], 0.4)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5)
@@ -174,9 +178,7 @@ def iso_c_reference(base: torch.Tensor, models: list[torch.Tensor], alpha: float
 
 
 def test_iso_c_through_git_theta_merge(repo: Path) -> None:
-    base, models = setup(repo, n_branches=3)
-    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "iso_c", "--set", "alpha=0.8")
-    got = load_file(str(repo / "model.safetensors"))
+    base, models, got = merged_three(repo, "iso_c", "alpha=0.8")
     for name in ("l0.weight", "l1.weight"):
         want = iso_c_reference(base[name], [m[name] for m in models], 0.8)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=2e-6 * np.abs(want).max())
@@ -210,9 +212,7 @@ def tsv_reference(base: torch.Tensor, models: list[torch.Tensor], alpha: float) 
 
 
 def test_tsv_merge_through_git_theta_merge(repo: Path) -> None:
-    base, models = setup(repo, n_branches=3)
-    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "tsv_merge")
-    got = load_file(str(repo / "model.safetensors"))
+    base, models, got = merged_three(repo, "tsv_merge")
     for name in ("l0.weight", "l1.weight"):
         want = tsv_reference(base[name], [m[name] for m in models], 1.0)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -246,9 +246,7 @@ def iso_cts_reference(base: torch.Tensor, models: list[torch.Tensor], alpha: flo
 
 
 def test_iso_cts_through_git_theta_merge(repo: Path) -> None:
-    base, models = setup(repo, n_branches=3)
-    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "iso_cts", "--set", "common_fraction=0.5")
-    got = load_file(str(repo / "model.safetensors"))
+    base, models, got = merged_three(repo, "iso_cts", "common_fraction=0.5")
     for name in ("l0.weight", "l1.weight"):
         want = iso_cts_reference(base[name], [m[name] for m in models], 1.0, 0.5)
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -274,9 +272,7 @@ def wudi_reference(base: torch.Tensor, models: list[torch.Tensor], steps: int, l
 def test_wudi_through_git_theta_merge_lowers_its_loss(repo: Path) -> None:
     import json
 
-    base, models = setup(repo, n_branches=3)
-    git(repo, "theta", "merge", "t0", "t1", "t2", "--strategy", "wudi", "--set", "iterations=60", "--set", "lr=1e-3")
-    got = load_file(str(repo / "model.safetensors"))
+    base, models, got = merged_three(repo, "wudi", "iterations=60", "lr=1e-3")
     report = json.loads((repo / ".git" / "theta" / "merge-reports" / "model.safetensors.json").read_text())
     entries = {t["name"]: t for t in report["tensors"]}
     for name in ("l0.weight", "l1.weight"):

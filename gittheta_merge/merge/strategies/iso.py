@@ -17,55 +17,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+from gittheta_merge.merge.strategies.base import Param
+from gittheta_merge.merge.strategies.spectral import SpectralStrategy
 
 
-class IsoC(Strategy):
+class IsoC(SpectralStrategy):
     """Iso-C: per weight matrix, the sum of the task vectors with its singular values all set to their mean
     (an isotropic spectrum); other tensors get the mean task vector; theta_0 + alpha times that."""
 
     name = "iso_c"
-    needs_base = True
-    row_separable = False
-    params_spec = {
-        "alpha": Param(1.0, "float", "scale of the merged task vector (the paper tunes it on validation data)"),
-    }
 
-    def merge(self, chunk: Chunk) -> Any:
+    def matrix_delta(self, taus: list[Any], report: dict[str, Any]) -> Any:
         import torch
 
-        base = chunk.base
-        taus = [m - base for m in chunk.models]
-        if base.dim() == 2:
-            u, s, vh = torch.linalg.svd(sum(taus[1:], taus[0]), full_matrices=False)
-            delta = (u * s.mean()) @ vh
-            chunk.report["singular_value"] = float(s.mean())
-        else:
-            delta = sum(taus[1:], taus[0]) / len(taus)
-        return base + self.params["alpha"] * delta
+        u, s, vh = torch.linalg.svd(sum(taus[1:], taus[0]), full_matrices=False)
+        report["singular_value"] = float(s.mean())
+        return (u * s.mean()) @ vh
 
 
-class IsoCts(Strategy):
+class IsoCts(SpectralStrategy):
     """Iso-CTS: Iso-C on a subspace made of the summed task matrix's top directions (common) plus each task's top
     directions outside it (task-specific), orthogonalised, with an isotropic spectrum; 1-D tensors get the mean."""
 
     name = "iso_cts"
-    needs_base = True
-    row_separable = False
     params_spec = {
-        "alpha": Param(1.0, "float", "scale of the merged task vector (the paper tunes it on validation data)"),
+        **SpectralStrategy.params_spec,
         "common_fraction": Param(0.8, "float", "share of the directions kept from the common subspace"),
     }
 
-    def merge(self, chunk: Chunk) -> Any:
+    def matrix_delta(self, taus: list[Any], report: dict[str, Any]) -> Any:
         import torch
 
-        base = chunk.base
-        taus = [m - base for m in chunk.models]
-        if base.dim() != 2:
-            return base + self.params["alpha"] * (sum(taus[1:], taus[0]) / len(taus))
         t = len(taus)
-        r = min(base.shape)
+        r = min(taus[0].shape)
         k = r - round((r - int(r * self.params["common_fraction"])) / t) * t
         d = (r - k) // t
         u, s, vh = torch.linalg.svd(sum(taus[1:], taus[0]), full_matrices=False)
@@ -76,8 +60,13 @@ class IsoCts(Strategy):
             u_all[:, i * d:(i + 1) * d], s_all[i * d:(i + 1) * d], vh_all[i * d:(i + 1) * d] = \
                 ui[:, :d], si[:d], vhi[:d]
         u_all[:, t * d:t * d + k], s_all[t * d:t * d + k], vh_all[t * d:t * d + k] = uk, s[:k], vh[:k]
-        pu, _, qu = torch.linalg.svd(u_all, full_matrices=False)
-        pv, _, qv = torch.linalg.svd(vh_all, full_matrices=False)
-        delta = ((pu @ qu) * s_all.mean()) @ (pv @ qv)
-        chunk.report.update(common_directions=k, directions_per_task=d, singular_value=float(s_all.mean()))
-        return base + self.params["alpha"] * delta
+        report.update(common_directions=k, directions_per_task=d, singular_value=float(s_all.mean()))
+        return (closest_orthogonal(u_all) * s_all.mean()) @ closest_orthogonal(vh_all)
+
+
+def closest_orthogonal(m: Any) -> Any:
+    """P Q^T for m = P Sigma Q^T: the (semi-)orthogonal matrix nearest to m (its polar factor)."""
+    import torch
+
+    p, _, q = torch.linalg.svd(m, full_matrices=False)
+    return p @ q

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
+from gittheta_merge.merge.strategies.iso import closest_orthogonal
+from gittheta_merge.merge.strategies.spectral import SpectralStrategy
 
 
 def tsv_delta(taus: list[Any]) -> Any:
@@ -29,26 +30,15 @@ def tsv_delta(taus: list[Any]) -> Any:
         u_cat[:, i * k:(i + 1) * k] = u[:, :k]
         s_cat[i * k:(i + 1) * k] = s[:k]
         vh_cat[i * k:(i + 1) * k, :] = vh[:k, :]
-    pu, _, qu = torch.linalg.svd(u_cat, full_matrices=False)
-    pv, _, qv = torch.linalg.svd(vh_cat, full_matrices=False)
-    return ((pu @ qu) * s_cat) @ (pv @ qv)
+    return (closest_orthogonal(u_cat) * s_cat) @ closest_orthogonal(vh_cat)
 
 
-class TsvMerge(Strategy):
+class TsvMerge(SpectralStrategy):
     """TSV-Merge: per weight matrix, each task keeps its top 1/T singular vectors, and the stacked singular vectors
     are orthogonalised (closest orthogonal matrix) to remove interference; 1-D tensors get the mean task vector."""
 
     name = "tsv_merge"
-    needs_base = True
-    row_separable = False
-    params_spec = {
-        "alpha": Param(1.0, "float", "scale of the merged task vector"),
-    }
 
-    def merge(self, chunk: Chunk) -> Any:
-        base = chunk.base
-        taus = [m - base for m in chunk.models]
-        delta = tsv_delta(taus) if base.dim() == 2 else sum(taus[1:], taus[0]) / len(taus)
-        if base.dim() == 2:
-            chunk.report["directions_per_task"] = int(min(base.shape) / len(taus))
-        return base + self.params["alpha"] * delta
+    def matrix_delta(self, taus: list[Any], report: dict[str, Any]) -> Any:
+        report["directions_per_task"] = int(min(taus[0].shape) / len(taus))
+        return tsv_delta(taus)
