@@ -1,7 +1,9 @@
 """Our merges against mergekit 0.1.5 itself, on a tiny Llama, for every method both tools have.
 
 mergekit runs from its own virtualenv (scripts/reference-tools.sh makes `.reference/mergekit`; it needs its own
-dependency set), found there or through the MERGEKIT_YAML variable; without it these tests skip and say why.
+dependency set), found there or through the MERGEKIT_YAML variable; without it these tests skip and say why. All
+mergekit configurations run in one mergekit process, ours in-process (merge.api.merge_files), so the ~30 cases cost
+seconds rather than minutes.
 mergekit's `linear` is our `average`, its `task_arithmetic` ours, its `ties` our `ties_local` (our `ties` is the
 paper's code: global top-k, so it differs from mergekit's by definition)."""
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -57,44 +58,59 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
-def run_mergekit(models: dict[str, Path], out: Path, method: str, params: dict[str, float],
-                 inputs: tuple[str, ...], base: str | None, shared: dict[str, float] | None = None
-                 ) -> dict[str, torch.Tensor]:
-    lines = [f"merge_method: {method}", "dtype: float32"]
-    if base:
-        lines.append(f"base_model: {models[base]}")
+def mergekit_lines(models: dict[str, Path], method: str, per_model: list[dict[str, float]] | None,
+                   inputs: tuple[str, ...], base: str | None, shared: dict[str, float] | None) -> list[str]:
+    """A mergekit YAML: per_model holds one parameter table per input (None: no per-model parameters)."""
+    lines = [f"merge_method: {method}", "dtype: float32"] + ([f"base_model: {models[base]}"] if base else [])
     lines.append("models:")
-    for name in inputs:
+    for k, name in enumerate(inputs):
         lines.append(f"  - model: {models[name]}")
-        if params:
-            lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
+        if per_model and per_model[k]:
+            lines.append("    parameters: {" + ", ".join(f"{a}: {v}" for a, v in per_model[k].items()) + "}")
     if shared:
         lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in shared.items()) + "}")
-    return _mergekit(lines, out)
+    return lines
 
 
-def _mergekit(lines: list[str], out: Path) -> dict[str, torch.Tensor]:
-    cfg = out.parent / f"{out.name}.yml"
-    cfg.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([mergekit_yaml(), str(cfg), str(out), "--no-copy-tokenizer"],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    merged: dict[str, torch.Tensor] = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        merged.update(load_file(str(shard)))
-    return merged
+RUN_ALL = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+args = sys.argv[1:]
+for cfg, out in zip(args[::2], args[1::2]):
+    with open(cfg) as fh:
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(fh)), out,
+                  MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+"""
+
+
+def run_mergekit_all(jobs: dict[str, list[str]], work: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every configuration in one mergekit process (its start-up, ~4 s, paid once), outputs by job name."""
+    args = []
+    for name, lines in jobs.items():
+        (work / f"{name}.yml").write_text("\n".join(lines) + "\n")
+        args += [str(work / f"{name}.yml"), str(work / name)]
+    python = Path(mergekit_yaml()).parent / "python"
+    proc = subprocess.run([str(python), "-c", RUN_ALL, *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {}
+    for name in jobs:
+        merged: dict[str, torch.Tensor] = {}
+        for shard in sorted((work / name).glob("*.safetensors")):
+            merged.update(load_file(str(shard)))
+        results[name] = merged
+    return results
 
 
 def run_ours(models: dict[str, Path], out: Path, strategy: str, sets: list[str], inputs: tuple[str, ...],
              base: str | None) -> dict[str, torch.Tensor]:
-    args = [sys.executable, "-m", "gittheta_merge", "merge-files",
-            *(str(models[n] / "model.safetensors") for n in inputs), "-o", str(out), "--strategy", strategy]
-    if base:
-        args += ["--base", str(models[base] / "model.safetensors")]
-    for item in sets:
-        args += ["--set", item]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from gittheta_merge.merge.api import merge_files
+
+    merge_files([models[n] / "model.safetensors" for n in inputs], out,
+                base=models[base] / "model.safetensors" if base else None, strategy=strategy,
+                params=dict(item.split("=", 1) for item in sets), progress=False)
     return load_file(str(out))
 
 
@@ -145,21 +161,38 @@ NUSLERP_WEIGHTS = {"1,3": (1, 3), "2,1": (2, 1), "1,1": (1, 1)}
 PER_MODEL = {7: [{"weight": w, "density": 0.5, "gamma": 0.1} for w in (0.7, 1.0, 0.4)]}  # case 7: weights differ
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{' '.join(c[1])}" for c in CASES])
-def test_equals_mergekit(models: dict[str, Path], tmp_path: Path, case: int) -> None:
+KEEP_RATE = {"dare_linear": {}, "della_linear": {"epsilon": 0.2}}
+KEEP_DENSITY = 0.4
+
+
+def case_lines(models: dict[str, Path], case: int) -> list[str]:
     ours, sets, theirs, params, shared, inputs, base = CASES[case]
     if theirs == "nuslerp":  # per-model weights
-        w = NUSLERP_WEIGHTS[sets[0].split("=")[1]]
-        expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, [{"weight": x} for x in w], inputs,
-                                          base, shared)
+        per_model = [{"weight": x} for x in NUSLERP_WEIGHTS[sets[0].split("=")[1]]]
     elif theirs in PER_MODEL_WEIGHTS and params is None:
-        expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, PER_MODEL_WEIGHTS[theirs], inputs,
-                                          base, shared)
+        per_model = PER_MODEL_WEIGHTS[theirs]
     elif case in PER_MODEL:
-        expected = run_mergekit_per_model(models, tmp_path / "mergekit", theirs, PER_MODEL[case], inputs, base,
-                                          shared)
+        per_model = PER_MODEL[case]
     else:
-        expected = run_mergekit(models, tmp_path / "mergekit", theirs, params or {}, inputs, base, shared)
+        per_model = [params or {}] * len(inputs)
+    return mergekit_lines(models, theirs, per_model, inputs, base, shared)
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    jobs = {f"case{i}": case_lines(models, i) for i in range(len(CASES))}
+    for method, extra in KEEP_RATE.items():  # one model counts (the second has weight 0), rescale off
+        jobs[f"keep-{method}"] = mergekit_lines(
+            models, method, [{"weight": w, "density": KEEP_DENSITY, **extra} for w in (1.0, 0.0)], ("ft0", "ft1"),
+            "base", {"rescale": "false"})
+    return run_mergekit_all(jobs, tmp_path_factory.mktemp("mergekit"))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{' '.join(c[1])}" for c in CASES])
+def test_equals_mergekit(models: dict[str, Path], mergekit_outputs: dict[str, dict], tmp_path: Path,
+                         case: int) -> None:
+    ours, sets, theirs, _, _, inputs, base = CASES[case]
+    expected = mergekit_outputs[f"case{case}"]
     got = run_ours(models, tmp_path / "ours.safetensors", ours, sets, inputs, base)
     assert set(got) == set(expected)
     for name, want in expected.items():
@@ -170,31 +203,15 @@ def test_equals_mergekit(models: dict[str, Path], tmp_path: Path, case: int) -> 
                                                   f"(max |value| {scale:.3g})"
 
 
-def run_mergekit_per_model(models: dict[str, Path], out: Path, method: str, per_model: list[dict[str, float]],
-                           inputs: tuple[str, ...], base: str | None, shared: dict[str, float] | None
-                           ) -> dict[str, torch.Tensor]:
-    """run_mergekit with a parameter table of its own for each model."""
-    lines = [f"merge_method: {method}", "dtype: float32"] + ([f"base_model: {models[base]}"] if base else []) \
-        + ["models:"]
-    for name, params in zip(inputs, per_model):
-        lines += [f"  - model: {models[name]}",
-                  "    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"]
-    if shared:
-        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in shared.items()) + "}")
-    return _mergekit(lines, out)
-
-
-@pytest.mark.parametrize("method,extra", [("dare_linear", {}), ("della_linear", {"epsilon": 0.2})])
-def test_random_sparsification_keeps_what_mergekit_keeps(models: dict[str, Path], tmp_path: Path, method: str,
-                                                         extra: dict[str, float]) -> None:
+@pytest.mark.parametrize("method", sorted(KEEP_RATE))
+def test_random_sparsification_keeps_what_mergekit_keeps(models: dict[str, Path], mergekit_outputs: dict[str, dict],
+                                                         tmp_path: Path, method: str) -> None:
     """One model counts (the second has weight 0), rescale off: the merged tensor is base + mask * tau, so the
     fraction of entries that moved is the
     keep rate. Ours (our seeded stream) and mergekit's (torch's RNG) must both keep density of the entries, within
     binomial noise, over the whole model; for della the largest-magnitude half must keep more than the smallest."""
-    density = 0.4
-    theirs = run_mergekit_per_model(models, tmp_path / "mk", method,
-                                    [{"weight": w, "density": density, **extra} for w in (1.0, 0.0)],
-                                    ("ft0", "ft1"), "base", {"rescale": "false"})
+    density, extra = KEEP_DENSITY, KEEP_RATE[method]
+    theirs = mergekit_outputs[f"keep-{method}"]
     ours = run_ours(models, tmp_path / "ours.safetensors", method,
                     [f"density={density}", "rescale=false", "weights=1,0", *(f"{k}={v}" for k, v in extra.items())],
                     ("ft0", "ft1"), "base")
