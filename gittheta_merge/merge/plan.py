@@ -102,8 +102,11 @@ class MergePlan:
                 f"holding one) = ({m}+1) × {block / 1e6:.1f} MB × 3 × {sets} "
                 f"≈ {(m + 1) * block * 3 * sets / 1e6:.1f} MB")
         if whole:
-            largest = max(t.info.numel * 4 for t in whole)  # type: ignore[union-attr]
-            text += f"; whole-tensor strategies: (M+1) × {largest / 1e6:.1f} MB"
+            worst = max(whole, key=lambda t: t.info.numel * self.strategies[t.strategy].whole_tensor_copies())
+            strat = self.strategies[worst.strategy]  # type: ignore[index]
+            copies, size = strat.whole_tensor_copies(), worst.info.numel * 4  # type: ignore[union-attr]
+            text += (f"; whole tensors ({strat.name}, e.g. {worst.name!r}): {copies} float32 copies × "
+                     f"{size / 1e6:.1f} MB ≈ {copies * size / 1e6:.1f} MB")
         return text
 
     def summary_lines(self) -> list[str]:

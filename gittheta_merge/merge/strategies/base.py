@@ -182,6 +182,11 @@ class Strategy:
         weights = self.params.get("weights")
         return list(weights) if weights is not None else [1.0] * self.n_models
 
+    def whole_tensor_copies(self) -> int:
+        """float32 copies of one whole tensor a non-row-separable strategy holds at once (its inputs, the base and
+        its temporaries: stacked task vectors, SVD factors, optimiser state); the plan's peak (--dry-run) uses it."""
+        return self.n_models + 2
+
     def stat_kinds(self) -> tuple[str, ...]:
         """Statistic kinds this strategy reads (fisher, gram, kfac): a merge finds them in git by these."""
         return ()

@@ -76,6 +76,9 @@ class _TaskVectorFamily(Strategy):
     def sparsify(self, tau: Any, name: str, model: int) -> Any:
         raise NotImplementedError
 
+    def whole_tensor_copies(self) -> int:
+        return 2 * self.n_models + 4  # inputs, base, stacked task vectors, masks and sums
+
     def merge(self, chunk: Chunk) -> Any:
         import torch
 

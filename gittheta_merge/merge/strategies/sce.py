@@ -33,6 +33,9 @@ class Sce(Strategy):
         if not 0.0 <= self.params["select_topk"] <= 1.0:
             raise ThetaError(f"strategy sce: select_topk must be in [0, 1], got {self.params['select_topk']}")
 
+    def whole_tensor_copies(self) -> int:
+        return 3 * self.n_models + 4  # inputs, task vectors, masks and weights
+
     def merge(self, chunk: Chunk) -> Any:
         import torch
 

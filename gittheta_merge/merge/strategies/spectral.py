@@ -16,6 +16,9 @@ class SpectralStrategy(Strategy):
         "alpha": Param(1.0, "float", "scale of the merged task vector (the papers tune it on validation data)"),
     }
 
+    def whole_tensor_copies(self) -> int:
+        return 2 * self.n_models + 5  # inputs, base, task vectors, U S V^T of the sum (and of each task), result
+
     def matrix_delta(self, taus: list[Any], report: dict[str, Any]) -> Any:
         """The merged task matrix of 2-D task vectors; may add report fields."""
         raise NotImplementedError

@@ -39,6 +39,9 @@ class TsvMerge(SpectralStrategy):
 
     name = "tsv_merge"
 
+    def whole_tensor_copies(self) -> int:
+        return 4 * self.n_models + 6  # every task's SVD is held until the factors are stacked
+
     def matrix_delta(self, taus: list[Any], report: dict[str, Any]) -> Any:
         report["directions_per_task"] = int(min(taus[0].shape) / len(taus))
         return tsv_delta(taus)

@@ -43,6 +43,9 @@ class Wudi(Strategy):
         if self.params["iterations"] < 0 or self.params["lr"] <= 0:
             raise ThetaError("strategy wudi: iterations must be >= 0 and lr > 0")
 
+    def whole_tensor_copies(self) -> int:
+        return 3 * self.n_models + 7  # inputs, task vectors, their products, the parameter, its gradient, Adam state
+
     def merge(self, chunk: Chunk) -> Any:
         import torch
 
