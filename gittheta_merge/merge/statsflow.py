@@ -32,8 +32,6 @@ from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.sources import SafetensorsSource, TensorInfo
 from gittheta_merge.merge.strategies.base import StatsAccess
 
-# the merge strategies' name for a statistic kind -> the kind name attached to checkpoints (stats compute)
-ATTACHED_KIND = {"fisher": "fisher", "gram": "gram", "kfac": "kfac"}
 DERIVABLE = {"regmean": "gram", "fisher": "fisher"}
 
 
@@ -146,19 +144,18 @@ def resolve_statistics(metas: list[Any], labels: list[str], path: str, store: An
         if access.has_kind(kind):
             res.used[kind] = ["explicit file"] * len(metas)
             continue
-        attached = ATTACHED_KIND.get(kind, kind)
         files: list[Any] = []
         used: list[str] = []
         for meta, label in zip(metas, labels):
             where = f"{path} on {label}"
-            blob = _attached(store, meta, attached, where, allow_stale, path)
+            blob = _attached(store, meta, kind, where, allow_stale, path)
             if blob is None:
-                absent.append((label, attached))
+                absent.append((label, kind))
                 files.append(None)
                 used.append("none")
             else:
                 files.append(StatFile(blob))
-                used.append(f"{label} ({meta.stats[attached]['oid'][:12]})")
+                used.append(f"{label} ({meta.stats[kind]['oid'][:12]})")
         access.sources[kind] = files
         res.used[kind] = used
     if absent:
@@ -179,7 +176,7 @@ def resolve_statistics(metas: list[Any], labels: list[str], path: str, store: An
         raise ThetaError(
             f"{path}: {who}. Compute them on that branch: `git checkout {first_label.split(' ')[0]} && "
             f"{COMPUTE_HINT.format(path=path, kind=first_kind)} && git commit`, then merge again; or pass them "
-            f"as files (--stats {[k for k, v in ATTACHED_KIND.items() if v == first_kind][0]}=FILE,FILE), or choose "
+            f"as files (--stats {first_kind}=FILE,FILE), or choose "
             "a fallback: `git config theta.merge.missingStats average` (or missing_stats in .gittheta.toml)")
     return res
 
@@ -246,7 +243,7 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
         "kind": kind,
         "merged_by": strategy.name,
         "coefficients": coeffs,
-        "inputs": [{"label": lab, "oid": m.stats.get(ATTACHED_KIND[kind], {}).get("oid"),
+        "inputs": [{"label": lab, "oid": m.stats.get(kind, {}).get("oid"),
                     "merged_models": c} for lab, m, c in zip(labels, metas, counts_in)],
         "merged_models": sum(counts_in),
         "counts": counts,
@@ -293,5 +290,5 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
     summary = {k: provenance[k] for k in ("derived", "merged_by", "merged_models", "exact", "n_examples", "tokens")
                if k in provenance}
     entry = {"oid": oid, "size": size, "weights": merged.weights_digest(), "provenance": summary}
-    merged.extra["stats"] = {ATTACHED_KIND[kind]: entry}
+    merged.extra["stats"] = {kind: entry}
     return entry

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -134,17 +135,27 @@ class ObjectStore:
             self.guard.record(oid)
             if self._touch(oid):
                 return oid, False
-            self._write_atomic(oid, [memoryview(data)])
+            with self._writing(len(data)):
+                self._write_atomic(oid, memoryview(data))
         return oid, True
 
     def put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         """Store exactly `size` bytes read from a stream, in bounded memory (temp file + rename)."""
+        with self.guard.hold(), self._writing(size):
+            return self._put_stream(source, size)
+
+    @contextmanager
+    def _writing(self, size: int) -> Iterator[None]:
+        """Around a write of `size` bytes: refuse up front when they cannot fit, and turn the OS's storage errors
+        (disk full, quota, read-only, permissions) into one-line ThetaErrors naming the store."""
         require_space(self.lfs_dir, size, f"storing an object in {self.objects_dir}")
-        with self.guard.hold():
-            try:
-                return self._put_stream(source, size)
-            except OSError as exc:
-                raise self._storage_error(exc, size) from None
+        try:
+            yield
+        except OSError as exc:
+            err = storage_error(exc, f"storing an object of {human_bytes(size)} in {self.objects_dir}", size)
+            if err is None:
+                raise
+            raise err from None
 
     def _put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -180,27 +191,14 @@ class ObjectStore:
                 os.unlink(tmp)
             raise
 
-    def _storage_error(self, exc: OSError, needed: int) -> BaseException:
-        err = storage_error(exc, f"storing an object of {human_bytes(needed)} in {self.objects_dir}", needed)
-        return err if err is not None else exc
-
-    def _write_atomic(self, oid: str, parts: list[memoryview]) -> None:
-        size = sum(len(p) for p in parts)
-        require_space(self.lfs_dir, size, f"storing an object in {self.objects_dir}")
-        try:
-            self._write_atomic_unchecked(oid, parts)
-        except OSError as exc:
-            raise self._storage_error(exc, size) from None
-
-    def _write_atomic_unchecked(self, oid: str, parts: list[memoryview]) -> None:
+    def _write_atomic(self, oid: str, data: memoryview) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         final = self.path(oid)
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="theta-")
         try:
             with os.fdopen(fd, "wb") as out:
-                for part in parts:
-                    out.write(part)
+                out.write(data)
                 if self.fsync:
                     out.flush()
                     os.fsync(out.fileno())

@@ -27,7 +27,7 @@ import errno
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,22 +39,19 @@ LOCK_NAME = "theta-store.lock"
 PENDING_DIR = "theta-pending"
 
 
+def _proc_stat(pid: int) -> tuple[str, list[str]]:
+    """(command name, the fields after it) of /proc/<pid>/stat; ("", []) where there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", []
+    return stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 1:].split()
+
+
 def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot ('' where /proc has none, or the process is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _parent_and_name(pid: int) -> tuple[int, str]:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0, ""
-    name = stat[stat.index("(") + 1: stat.rindex(")")]
-    return int(stat.rsplit(")", 1)[1].split()[1]), name
+    fields = _proc_stat(pid)[1]
+    return fields[19] if fields else ""
 
 
 def alive(pid: int, start: str) -> bool:
@@ -76,12 +73,12 @@ def calling_git() -> int:
     """The nearest `git` ancestor (git may call us through `sh -c`); the parent where that cannot be told."""
     pid = os.getppid()
     for _ in range(8):
-        parent, name = _parent_and_name(pid)
+        name, fields = _proc_stat(pid)
         if name == "git":
             return pid
-        if parent <= 1:
+        if not fields or int(fields[1]) <= 1:
             break
-        pid = parent
+        pid = int(fields[1])
     return os.getppid()
 
 
@@ -118,19 +115,33 @@ class Pending:
         return f"{self.label} (pid {self.pid})"
 
 
-def _flock(fd: int, mode: int) -> bool:
-    """flock; False where the filesystem cannot lock (then we go on without, as before this lock existed)."""
+def _flock(fd: int, mode: int) -> None:
+    """flock; nothing where the filesystem cannot lock (then we go on without, as before this lock existed)."""
     import fcntl
 
     try:
         fcntl.flock(fd, mode)
-        return True
     except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise  # BlockingIOError (EWOULDBLOCK) included: the caller decides whether to wait
+
+
+def _lock(fd: int, exclusive: bool, busy: Callable[[], None]) -> None:
+    """Take the store lock on fd; if someone holds it the other way, call `busy` (which says who, or refuses),
+    then wait."""
+    import fcntl
+
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        _flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        busy()
+        _flock(fd, mode)
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"git-theta: {message}\n")
+    sys.stderr.flush()
 
 
 def _open_lock(lfs_dir: Path) -> int | None:
@@ -187,6 +198,7 @@ class WriterGuard:
         self._recorded: set[str] = set()
         self._sessions = 0
         self._holds = 0
+        self._registered = False  # our atexit release
         self._mutex = threading.Lock()  # the clean stores blocks from a helper thread too
 
     @contextmanager
@@ -231,17 +243,10 @@ class WriterGuard:
     def _acquire(self) -> None:
         if self._fd is not None or sys.platform == "win32":
             return
-        import fcntl
-
         fd = _open_lock(self.lfs_dir)
         if fd is None:
             return
-        try:
-            _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.stderr.write("git-theta: waiting for `git theta gc` to finish before storing objects\n")
-            sys.stderr.flush()
-            _flock(fd, fcntl.LOCK_SH)
+        _lock(fd, False, lambda: _say("waiting for `git theta gc` to finish before storing objects"))
         self._fd = fd
         folder = self.lfs_dir / PENDING_DIR
         folder.mkdir(exist_ok=True)
@@ -254,8 +259,6 @@ class WriterGuard:
         if not self._registered:
             atexit.register(self._at_exit)
             self._registered = True
-
-    _registered = False
 
     def _at_exit(self) -> None:
         with self._mutex:
@@ -288,29 +291,23 @@ class GcLock:
 
     def __enter__(self) -> GcLock:
         if sys.platform != "win32":
-            import fcntl
-
             fd = _open_lock(self.lfs_dir)
             if fd is None:
                 raise ThetaError(f"{self.lfs_dir} is not writable for this user (uid {os.getuid()}): gc cannot "
                                  "delete objects there; run it as the store's owner")
-            try:
-                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+
+            def busy() -> None:
                 names = ", ".join(p.describe() for p in live_writers(self.lfs_dir)) or "another git-theta process"
                 if not self.wait:
                     os.close(fd)
                     raise ThetaError(f"objects are being written by {names}; gc did nothing. Run it again when "
-                                     "that has finished, or without --no-wait to wait for it") from None
-                sys.stderr.write(f"git-theta: gc is waiting for {names} to finish\n")
-                sys.stderr.flush()
-                _flock(fd, fcntl.LOCK_EX)
-            self._fd = fd
-        self.protected = self._collect_pending()
-        return self
+                                     "that has finished, or without --no-wait to wait for it")
+                _say(f"gc is waiting for {names} to finish")
 
-    def _collect_pending(self) -> set[str]:
-        return {oid for pending in sweep(self.lfs_dir / PENDING_DIR) for oid in pending.oids}
+            _lock(fd, True, busy)
+            self._fd = fd
+        self.protected = {oid for pending in sweep(self.lfs_dir / PENDING_DIR) for oid in pending.oids}
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:

@@ -87,13 +87,19 @@ def _default(value: Any) -> str:
     return "(uniform)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _needs(d: dict[str, Any], code: bool = False) -> list[str]:
+    """What a strategy needs besides the models, as `git theta strategies` (or, code=True, the docs page) says it."""
+    kinds = "`, `".join(d["statistics"]) if code else ", ".join(d["statistics"])
+    return (["a base (the common ancestor)"] if d["needs_base"] else []) + \
+        ([f"statistics `{kinds}`" if code else f"statistics: {kinds}"] if d["statistics"] else [])
+
+
 def text(names: list[str] | None = None) -> str:
     """`git theta strategies`: one block per strategy."""
     lines = []
     for name in names or all_names():
         d = describe(name)
-        needs = ["a base (the common ancestor)"] if d["needs_base"] else []
-        needs += [f"statistics: {', '.join(d['statistics'])}"] if d["statistics"] else []
+        needs = _needs(d)
         lines.append(f"{name}" + (f"  [needs {'; '.join(needs)}]" if needs else ""))
         if d["doc"]:
             lines.append(f"  {d['doc']}")
@@ -114,8 +120,7 @@ def markdown(names: list[str] | None = None) -> str:
     for name in names or sorted(_scan_builtin()):
         d = describe(name)
         out += [f"## `{name}`", "", d["doc"] or "(no description)", ""]
-        needs = (["a base (the common ancestor)"] if d["needs_base"] else []) + \
-            ([f"statistics `{'`, `'.join(d['statistics'])}`"] if d["statistics"] else [])
+        needs = _needs(d, code=True)
         out += [f"Needs: {', '.join(needs) if needs else 'nothing but the models'}.", ""]
         if d["params"]:
             out += ["| parameter | type | default | meaning |", "|---|---|---|---|"]

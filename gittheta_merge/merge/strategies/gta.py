@@ -28,20 +28,17 @@ from gittheta_merge.errors import ThetaError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 
 
-def keep_middle(tau: Any, density: float, gamma: float, rescale: bool) -> Any:
-    """tau with all but the ranks [n_bot, n_bot + target) of |tau| (ascending) zeroed; L1-rescaled if asked."""
+def keep_middle(tau: Any, density: float, gamma: float) -> Any:
+    """Breadcrumbs' keep mask: 1 at the ranks [n_bot, n_bot + target) of |tau| (ascending), else 0."""
     import torch
 
-    if density >= 1:
-        return tau
     n = tau.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
     order = torch.sort(tau.abs().reshape(-1), descending=False).indices
     mask = torch.zeros(n, dtype=tau.dtype)
     mask[order[n_bot: n_bot + target]] = 1
-    kept = tau * mask.reshape(tau.shape)
-    return l1_rescaled(tau, kept) if rescale else kept
+    return mask.reshape(tau.shape)
 
 
 def l1_rescaled(tau: Any, kept: Any) -> Any:
@@ -73,8 +70,16 @@ class _TaskVectorFamily(Strategy):
             if key in self.params and not 0.0 <= self.params[key] <= 1.0:
                 raise ThetaError(f"strategy {self.name}: {key} must be in [0, 1], got {self.params[key]}")
 
-    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+    def keep_mask(self, tau: Any, name: str, model: int) -> Any:
+        """1 where an entry of model `model`'s task vector for tensor `name` survives, else 0 (tau's dtype)."""
         raise NotImplementedError
+
+    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+        """tau masked by `keep_mask` (untouched at density >= 1), L1-rescaled if asked."""
+        if self.params["density"] >= 1:
+            return tau
+        kept = tau * self.keep_mask(tau, name, model)
+        return l1_rescaled(tau, kept) if self.params["rescale"] else kept
 
     def whole_tensor_copies(self) -> int:
         return 2 * self.n_models + 4  # inputs, base, stacked task vectors, masks and sums
@@ -86,7 +91,7 @@ class _TaskVectorFamily(Strategy):
         base = chunk.base
         weights = torch.tensor(self.model_weights(), dtype=base.dtype).reshape(-1, *([1] * base.dim()))
         taus = torch.stack([self.sparsify(m - base, chunk.name, i) for i, m in enumerate(chunk.models)])
-        chunk.report["kept_fraction"] = float((taus != 0).float().mean())
+        chunk.report["kept_fraction"] = int(torch.count_nonzero(taus)) / max(taus.numel(), 1)
         taus.mul_(weights)
         if self.consensus:
             elected = (taus.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
@@ -113,8 +118,8 @@ class Breadcrumbs(_TaskVectorFamily):
     params_spec = {**common_params(normalize=False, rescale=False),
                    "gamma": Param(0.01, "float", "fraction of largest-magnitude entries dropped as outliers")}
 
-    def sparsify(self, tau: Any, name: str, model: int) -> Any:
-        return keep_middle(tau, self.params["density"], self.params["gamma"], self.params["rescale"])
+    def keep_mask(self, tau: Any, name: str, model: int) -> Any:
+        return keep_middle(tau, self.params["density"], self.params["gamma"])
 
 
 class BreadcrumbsTies(Breadcrumbs):
@@ -134,15 +139,10 @@ class DareTies(_TaskVectorFamily):
     params_spec = {**common_params(normalize=False, rescale=True),
                    "seed": Param(0, "int", "seed of the random masks (with the tensor name and model index)")}
 
-    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+    def keep_mask(self, tau: Any, name: str, model: int) -> Any:
         from gittheta_merge.merge.strategies.dare import uniforms
 
-        density = self.params["density"]
-        if density >= 1:
-            return tau
-        keep = (uniforms(self.params["seed"], name, model, list(tau.shape)) < density).to(tau.dtype)
-        kept = tau * keep
-        return l1_rescaled(tau, kept) if self.params["rescale"] else kept
+        return (uniforms(self.params["seed"], name, model, list(tau.shape)) < self.params["density"]).to(tau.dtype)
 
 
 class DareLinear(DareTies):
@@ -170,14 +170,12 @@ class Della(_TaskVectorFamily):
             raise ThetaError(f"strategy {self.name}: epsilon {e} must keep density +- epsilon inside (0, 1) "
                              f"(density {d})")
 
-    def sparsify(self, tau: Any, name: str, model: int) -> Any:
+    def keep_mask(self, tau: Any, name: str, model: int) -> Any:
         import torch
 
         from gittheta_merge.merge.strategies.dare import uniforms
 
         density, eps = self.params["density"], self.params["epsilon"]
-        if density >= 1:
-            return tau
         if density <= 0:
             return torch.zeros_like(tau)
         rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
@@ -185,9 +183,7 @@ class Della(_TaskVectorFamily):
         low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
         spread = (ranks - low) / (high - low)  # 0/0 (one entry per row) is NaN, and clamps to 0 as in mergekit
         probs = (density - eps) + torch.nan_to_num(spread, nan=0.0).clamp(0, 1) * 2 * eps
-        keep = (uniforms(self.params["seed"], name, model, list(rows.shape)) < probs).to(tau.dtype)
-        kept = (rows * keep).reshape(tau.shape)
-        return l1_rescaled(tau, kept) if self.params["rescale"] else kept
+        return (uniforms(self.params["seed"], name, model, list(rows.shape)) < probs).to(tau.dtype).reshape(tau.shape)
 
 
 class DellaLinear(Della):

@@ -52,24 +52,22 @@ class ModelStock(Strategy):
 
     def end_pass(self, index: int) -> None:
         n = self.n_models
+        import torch
+
         cos = [max(-1.0, min(1.0, self._dots[i][j] / max(math.sqrt(self._dots[i][i] * self._dots[j][j]), 1e-6)))
                for i in range(n) for j in range(i + 1, n)]
-        self._t = _ratio(sum(cos) / len(cos), n)
+        self._t = float(ratio(torch.tensor(sum(cos) / len(cos), dtype=torch.float64), n))
 
     def merge(self, chunk: Chunk) -> Any:
         import torch
 
         models, base, n = chunk.models, chunk.base, self.n_models
-        if self.params["filter_wise"]:
-            vec = (lambda x: x.unsqueeze(0)) if base.dim() == 1 else (lambda x: x)  # noqa: E731
-            offsets = [vec(m) - vec(base) for m in models]
-            cos = torch.stack([((a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1)
-                                                    * torch.linalg.vector_norm(b, dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
-                               for i, a in enumerate(offsets) for b in offsets[i + 1:]]).mean(0).unsqueeze(-1)
-            denominator = 1 + (n - 1) * cos
-            singular = denominator.abs() < 1e-6
-            t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
-            t = t.reshape(*base.shape[:-1], 1) if base.dim() > 1 else t.reshape(1)
+        if self.params["filter_wise"]:  # one ratio per vector along the last dimension
+            offsets = [(m - base).reshape(-1, base.shape[-1]) for m in models]
+            norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
+            cos = torch.stack([((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                               for i in range(n) for j in range(i + 1, n)]).mean(0)
+            t = ratio(cos, n).reshape(*base.shape[:-1], 1)
         else:
             t = self._t
             chunk.report["ratio"] = t
@@ -77,6 +75,11 @@ class ModelStock(Strategy):
         return t * average + (1 - t) * base
 
 
-def _ratio(cos: float, n: int) -> float:
+def ratio(cos: Any, n: int) -> Any:
+    """t = N cos / (1 + (N - 1) cos), 0 where the denominator is below 1e-6 (no finite estimate: keep the base)."""
+    import torch
+
     denominator = 1 + (n - 1) * cos
-    return 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos),
+                                                                               denominator))

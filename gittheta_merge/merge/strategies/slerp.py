@@ -22,8 +22,10 @@ from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 CHUNK_ELEMENTS = 1 << 20
 
 
-def slerp(t: float, a: Any, b: Any, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Any:
-    """The interpolated tensor (a's shape, float32 or float64), straight from the definition above."""
+def slerp(t: float, a: Any, b: Any, dot_threshold: float = 0.9995, eps: float = 1e-8,
+          report: dict[str, Any] | None = None) -> Any:
+    """The interpolated tensor (a's shape, float32 or float64), straight from the definition above; the cosine
+    goes into `report` if one is given."""
     import torch
 
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -38,6 +40,8 @@ def slerp(t: float, a: Any, b: Any, dot_threshold: float = 0.9995, eps: float = 
 
     na, nb = norm(x), norm(y)
     cos = torch.stack([((x[i:j] / na) * (y[i:j] / nb)).sum() for i, j in spans]).sum().clamp(-1, 1)
+    if report is not None:
+        report["cosine"] = float(cos)
     if float(cos.abs()) > dot_threshold:
         ca, cb = 1 - t, t
     else:
@@ -67,12 +71,8 @@ class Slerp(Strategy):
             raise ThetaError(f"strategy slerp: t must be in [0, 1], got {self.params['t']}")
 
     def merge(self, chunk: Chunk) -> Any:
-        import torch
-
         a, b = chunk.models
-        chunk.report["cosine"] = float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(),
-                                                                              b.reshape(1, -1).double()))
-        return slerp(self.params["t"], a, b, self.params["dot_threshold"])
+        return slerp(self.params["t"], a, b, self.params["dot_threshold"], report=chunk.report)
 
 
 def nuslerp(t: float, a: Any, b: Any, vectors: str, eps: float = 1e-8) -> Any:

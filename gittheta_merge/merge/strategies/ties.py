@@ -300,8 +300,8 @@ class TiesLocal(Ties):
         "lambda": Param(1.0, "float", "scale of the merged task vector (mergekit's lambda)"),
     }
 
-    def end_pass(self, index: int) -> None:
-        super().end_pass(index)
+    def validate(self) -> None:
+        super().validate()
         self.majority = 1.0  # mergekit: majority_sign = +1 where the sum of trimmed task vectors is >= 0
 
     def summary(self) -> dict[str, Any]:
