@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError
 
 # canonical name -> size in bytes of one element
 ITEMSIZE: dict[str, int] = {
@@ -64,7 +64,7 @@ def itemsize(dtype: str, *, where: str = "") -> int:
     try:
         return ITEMSIZE[dtype]
     except KeyError:
-        raise ThetaError(
+        raise InputError(
             f"{where}unknown dtype {dtype!r}; supported: {', '.join(sorted(ITEMSIZE))}"
         ) from None
 
@@ -83,7 +83,7 @@ def to_torch(dtype: str) -> Any:
 
     name = _TORCH_NAMES.get(dtype)
     if name is None or not hasattr(torch, name):
-        raise ThetaError(f"dtype {dtype} is not supported by this torch {torch.__version__}")
+        raise InputError(f"dtype {dtype} is not supported by this torch {torch.__version__}")
     return getattr(torch, name)
 
 
@@ -94,4 +94,4 @@ def from_torch(torch_dtype: Any) -> str:
     for canonical, name in _TORCH_NAMES.items():
         if getattr(torch, name, None) == torch_dtype:
             return canonical
-    raise ThetaError(f"torch dtype {torch_dtype} has no safetensors equivalent; convert the tensor")
+    raise InputError(f"torch dtype {torch_dtype} has no safetensors equivalent; convert the tensor")

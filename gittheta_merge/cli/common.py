@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import MissingError, UsageError
 from gittheta_merge.storage.gitutil import Repo
 
 
@@ -14,7 +14,7 @@ def repo_relative(repo: Repo, path: str) -> str:
     try:
         return absolute.relative_to(repo.root.resolve()).as_posix()
     except ValueError:
-        raise ThetaError(f"{path} is outside the repository") from None
+        raise UsageError(f"{path} is outside the repository") from None
 
 
 def tracked_at(repo: Repo, rev: str, paths: tuple[str, ...]) -> dict[str, Any]:
@@ -28,5 +28,5 @@ def expand_tracked(repo: Repo, paths: tuple[str, ...]) -> list[str]:
     """Tracked checkpoint files staged under the paths (files, or a directory such as an HF model's)."""
     found = list(tracked_at(repo, ":", paths))
     if not found:
-        raise ThetaError(f"no tracked checkpoint staged under {' '.join(paths)}")
+        raise MissingError(f"no tracked checkpoint staged under {' '.join(paths)}")
     return found

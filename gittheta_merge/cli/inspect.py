@@ -7,7 +7,7 @@ import sys
 import click
 
 from gittheta_merge.cli.common import repo_relative, tracked_at
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import MissingError
 from gittheta_merge.storage.gitutil import Repo
 
 
@@ -23,7 +23,7 @@ def ls_cmd(paths: tuple[str, ...], rev: str) -> None:
     if not files:
         what = " ".join(paths) if paths else "files"
         where = "the index" if rev == ":" else rev
-        raise ThetaError(f"no tracked checkpoint {what} in {where} (`git theta track` it, then `git add` it)")
+        raise MissingError(f"no tracked checkpoint {what} in {where} (`git theta track` it, then `git add` it)")
     for path, meta in files.items():
         click.echo("\n".join(revisions.ls_lines(meta, path)))
 

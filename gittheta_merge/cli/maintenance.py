@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.storage.gitutil import Repo
 
 
@@ -60,4 +60,4 @@ def _parse_age(text: str) -> float:
         number, unit = text.split(".", 1)
         return float(number) * units[unit.rstrip("s")]
     except (ValueError, KeyError):
-        raise ThetaError(f"--prune {text!r}: use e.g. 30.minute, 2.hour, 1.day or now") from None
+        raise UsageError(f"--prune {text!r}: use e.g. 30.minute, 2.hour, 1.day or now") from None

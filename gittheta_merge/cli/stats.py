@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from gittheta_merge.cli.common import expand_tracked, tracked_at
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import MissingError
 from gittheta_merge.storage.gitutil import Repo
 
 
@@ -101,7 +101,7 @@ def stats_ls(paths: tuple[str, ...], rev: str) -> None:
     rows = []
     tracked = tracked_at(repo, rev, paths)
     if paths and not tracked:
-        raise ThetaError(f"no tracked checkpoint under {' '.join(paths)} at {rev} (see `git theta ls`)")
+        raise MissingError(f"no tracked checkpoint under {' '.join(paths)} at {rev} (see `git theta ls`)")
     for path, meta in tracked.items():
         rows += attach.list_stats(path, meta)
     if not rows:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gittheta_merge import formats
-from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
+from gittheta_merge.errors import InputError, ThetaError, human_bytes, require_space, storage_error
 from gittheta_merge.filter.pktline import PktReader, PktWriter
 from gittheta_merge.formats.base import Context
 from gittheta_merge.formats.streams import PrefixedStream, read_head
@@ -58,7 +58,7 @@ class Filter:
     def clean(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
         head = read_head(stream, 64)
         if not head:
-            raise ThetaError(f"{path}: file is empty: not a checkpoint")
+            raise InputError(f"{path}: file is empty: not a checkpoint")
         if is_metadata(head):
             data = head + stream.read()
             Metadata.from_bytes(data, path)  # validate before accepting it
@@ -159,7 +159,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
     _widen_pipe(stdout)
     hello = reader.read_text_list()
     if hello[:1] != ["git-filter-client"] or "version=2" not in hello:
-        raise ThetaError(f"unexpected filter handshake from git: {hello}")
+        raise InputError(f"unexpected filter handshake from git: {hello}")
     writer.text("git-filter-server")
     writer.text("version=2")
     writer.flush()

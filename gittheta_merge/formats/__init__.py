@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from importlib.metadata import entry_points
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.formats.base import CheckpointFormat
 
 GROUP = "gittheta_merge.formats"
@@ -22,7 +22,7 @@ def registry() -> dict[str, CheckpointFormat]:
         cls = ep.load()
         found[ep.name] = cls()
     if not found:
-        raise ThetaError("no checkpoint formats registered: is gittheta-merge installed (pip install -e .)?")
+        raise UsageError("no checkpoint formats registered: is gittheta-merge installed (pip install -e .)?")
     return found
 
 
@@ -30,7 +30,7 @@ def by_name(name: str) -> CheckpointFormat:
     try:
         return registry()[name]
     except KeyError:
-        raise ThetaError(
+        raise UsageError(
             f"checkpoint format {name!r} is not installed (known: {', '.join(sorted(registry()))}); "
             "install the plugin that provides it"
         ) from None
@@ -41,7 +41,7 @@ def detect(path: str, head: bytes) -> CheckpointFormat:
     scored = sorted(((fmt.sniff(path, head), name) for name, fmt in registry().items()), reverse=True)
     if scored and scored[0][0] > 0:
         return registry()[scored[0][1]]
-    raise ThetaError(
+    raise UsageError(
         f"{path}: not a checkpoint this tool understands (first bytes {head[:16]!r}); "
         f"supported formats: {', '.join(sorted(registry()))}. If this file should not be tracked, "
         "remove its line from .gitattributes"

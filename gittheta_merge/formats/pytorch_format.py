@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Any, BinaryIO
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
 from gittheta_merge.storage.tensors import load_tensor
@@ -47,13 +47,13 @@ def _load(path: str, where: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ThetaError(
+        raise InputError(
             f"{where}: refused: the checkpoint contains pickled objects that are not plain tensors and "
             f"containers ({first[:200]}). Loading it could run arbitrary code. Re-save it as a "
             "state dict of tensors or as safetensors"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ThetaError(f"{where}: not a readable PyTorch checkpoint (truncated or corrupt): {exc}") from None
+        raise InputError(f"{where}: not a readable PyTorch checkpoint (truncated or corrupt): {exc}") from None
 
 
 class _Encoder:
@@ -79,7 +79,7 @@ class _Encoder:
 
         where = f"{self.ctx.path}: tensor {'/'.join(path)!r}"
         if tensor.layout != torch.strided or tensor.is_quantized:
-            raise ThetaError(f"{where}: sparse/quantized tensors are not supported; convert it to dense")
+            raise InputError(f"{where}: sparse/quantized tensors are not supported; convert it to dense")
         dtype = dtypes.from_torch(tensor.dtype)
         shape = list(tensor.shape)
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -134,7 +134,7 @@ class _Encoder:
             return {"tuple": [self.encode(v, [*path, str(i)]) for i, v in enumerate(obj)]}
         if isinstance(obj, (set, frozenset)):
             return {"set": [self.encode(v, path) for v in obj]}
-        raise ThetaError(
+        raise InputError(
             f"{self.ctx.path}: value at {'/'.join(path) or '<root>'!r} has type {type(obj).__name__}, "
             "which cannot be stored; keep checkpoints to tensors, containers and plain values"
         )
@@ -151,7 +151,7 @@ class _Decoder:
         name = ref.get("tensor")
         entry = self.tensors.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise ThetaError(f"{self.ctx.path}: structure refers to unknown tensor {name!r}")
+            raise InputError(f"{self.ctx.path}: structure refers to unknown tensor {name!r}")
         tensor = load_tensor(self.ctx.store, entry, f"{self.ctx.path}: tensor {entry.name!r}: ")
         if entry.extra.get("parameter"):
             tensor = torch.nn.Parameter(tensor, requires_grad=entry.extra.get("requires_grad", True))
@@ -163,7 +163,7 @@ class _Decoder:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if not isinstance(value, dict) or len(value) != 1:
-            raise ThetaError(f"{self.ctx.path}: malformed structure in metadata: {str(value)[:80]}")
+            raise InputError(f"{self.ctx.path}: malformed structure in metadata: {str(value)[:80]}")
         (tag, body), = value.items()
         if tag == "tensor":
             return self.load_tensor(value)
@@ -178,7 +178,7 @@ class _Decoder:
         if tag == "torch_dtype":
             dtype = getattr(torch, str(body), None)
             if not isinstance(dtype, torch.dtype):
-                raise ThetaError(f"{self.ctx.path}: unknown torch dtype {body!r}")
+                raise InputError(f"{self.ctx.path}: unknown torch dtype {body!r}")
             return dtype
         if tag == "device":
             return torch.device(body)
@@ -191,7 +191,7 @@ class _Decoder:
             return tuple(self.decode(v) for v in body)
         if tag == "set":
             return {self.decode(v) for v in body}
-        raise ThetaError(f"{self.ctx.path}: unknown structure tag {tag!r} (newer gittheta-merge?)")
+        raise InputError(f"{self.ctx.path}: unknown structure tag {tag!r} (newer gittheta-merge?)")
 
 
 class PytorchFormat(CheckpointFormat):

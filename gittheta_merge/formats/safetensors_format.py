@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.formats.safetensors_header import MAX_HEADER, METADATA_KEY, parse_header, render_header
 from gittheta_merge.formats.streams import read_exact_into
@@ -37,7 +37,7 @@ class SafetensorsFormat(CheckpointFormat):
         read_exact_into(stream, memoryview(prefix), where)
         header_len = int.from_bytes(prefix, "little")
         if header_len > MAX_HEADER:
-            raise ThetaError(f"{where}: header length {header_len} is implausible: not a safetensors file")
+            raise InputError(f"{where}: header length {header_len} is implausible: not a safetensors file")
         raw_header = bytearray(header_len)
         read_exact_into(stream, memoryview(raw_header), f"{where} (header)")
         file_meta, tensors, key_order = parse_header(bytes(raw_header), where)
@@ -64,7 +64,7 @@ class SafetensorsFormat(CheckpointFormat):
                 if ctx.progress:
                     ctx.progress(len(stored), done_bytes)
             if stream.read(1):
-                raise ThetaError(f"{where}: unexpected bytes after the last tensor: the header lies about sizes")
+                raise InputError(f"{where}: unexpected bytes after the last tensor: the header lies about sizes")
         finally:
             ring.close()
         entries = [TensorEntry(name, dtype, shape, [(oid if isinstance(oid, str) else oid.result()[0], rows)
@@ -92,15 +92,15 @@ class SafetensorsFormat(CheckpointFormat):
         if order is not None:
             expected = set(([METADATA_KEY] if file_meta is not None else []) + [t.name for t in meta.tensors])
             if not isinstance(order, list) or set(order) != expected or len(order) != len(expected):
-                raise ThetaError(f"{where}: metadata header_order does not match its tensors")
+                raise InputError(f"{where}: metadata header_order does not match its tensors")
         if "header_oid" in meta.file:
             size = meta.file.get("header_size")
             if not isinstance(size, int) or not 2 <= size <= MAX_HEADER:
-                raise ThetaError(f"{where}: invalid header_size in metadata")
+                raise InputError(f"{where}: invalid header_size in metadata")
             raw = ctx.store.read(meta.file["header_oid"], size, f"{where}: header: ")
             _, tensors, _ = parse_header(raw, where)
             if [(n, d, s) for n, d, s, _, _ in tensors] != layout:
-                raise ThetaError(f"{where}: stored header does not match the metadata's tensors")
+                raise InputError(f"{where}: stored header does not match the metadata's tensors")
             return raw
         return render_header(file_meta, layout, order)
 

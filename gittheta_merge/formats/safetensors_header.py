@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError, loads_untrusted
+from gittheta_merge.errors import InputError, loads_untrusted
 
 MAX_HEADER = 100_000_000  # safetensors' own limit
 METADATA_KEY = "__metadata__"
@@ -52,31 +52,31 @@ def parse_header(raw: bytes, where: str) -> tuple[dict[str, Any] | None, list[He
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ThetaError(f"{where}: safetensors header is not valid JSON ({exc})") from None
+        raise InputError(f"{where}: safetensors header is not valid JSON ({exc})") from None
     doc = loads_untrusted(text, where, "safetensors header", object_pairs_hook=_no_duplicates)
     if not isinstance(doc, dict):
-        raise ThetaError(f"{where}: safetensors header is not a JSON object")
+        raise InputError(f"{where}: safetensors header is not a JSON object")
     file_meta = doc.get(METADATA_KEY)
     if file_meta is not None and not isinstance(file_meta, dict):
-        raise ThetaError(f"{where}: __metadata__ must be an object")
+        raise InputError(f"{where}: __metadata__ must be an object")
     tensors = []
     for name, info in doc.items():
         if name == METADATA_KEY:
             continue
         here = f"{where}: tensor {name!r}"
         if not isinstance(info, dict):
-            raise ThetaError(f"{here}: header entry is not an object")
+            raise InputError(f"{here}: header entry is not an object")
         dtype, shape, span = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str):
-            raise ThetaError(f"{here}: missing dtype")
+            raise InputError(f"{here}: missing dtype")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ThetaError(f"{here}: invalid shape {shape!r}")
+            raise InputError(f"{here}: invalid shape {shape!r}")
         if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
                 and 0 <= span[0] <= span[1]):
-            raise ThetaError(f"{here}: invalid data_offsets {span!r}")
+            raise InputError(f"{here}: invalid data_offsets {span!r}")
         expected = dtypes.nbytes(dtype, shape, where=f"{here}: ")
         if span[1] - span[0] != expected:
-            raise ThetaError(
+            raise InputError(
                 f"{here}: header says {span[1] - span[0]} bytes but {dtype}{shape} needs {expected}; "
                 "the file is corrupt or was written by a broken tool"
             )
@@ -85,7 +85,7 @@ def parse_header(raw: bytes, where: str) -> tuple[dict[str, Any] | None, list[He
     cursor = 0
     for name, _, _, start, end in tensors:
         if start != cursor:
-            raise ThetaError(
+            raise InputError(
                 f"{where}: tensor {name!r} starts at byte {start}, expected {cursor} "
                 "(overlapping or gapped tensor data: not a valid safetensors file)"
             )

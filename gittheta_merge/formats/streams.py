@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError
 
 
 class PrefixedStream:
@@ -56,5 +56,5 @@ def read_exact_into(stream: BinaryIO, view: memoryview, what: str) -> None:
     while filled < len(view):
         n = stream.readinto(view[filled:])  # type: ignore[attr-defined]
         if not n:
-            raise ThetaError(f"{what}: file is truncated ({len(view) - filled} bytes missing)")
+            raise InputError(f"{what}: file is truncated ({len(view) - filled} bytes missing)")
         filled += n

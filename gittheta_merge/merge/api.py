@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gittheta_merge.constants import BLOCK_BYTES
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.engine import merge_models
 from gittheta_merge.merge.plan import MergeOptions, MergePlan, MergeResult, plan_merge
 from gittheta_merge.merge.rules import Rule, parse_rule
@@ -41,7 +41,7 @@ def load_stats(stats: dict[str, Sequence[PathLike | None]] | None, n_models: int
         kind = "kfac" if kind == "grad_gram" else kind  # the name MaTS' code uses
         paths = list(paths)
         if len(paths) != n_models:
-            raise ThetaError(f"{kind} statistics: {len(paths)} files for {n_models} models "
+            raise UsageError(f"{kind} statistics: {len(paths)} files for {n_models} models "
                              "(give one per model, in the same order)")
         access.sources[kind] = [StatFile(p) if p else None for p in paths]
     return access

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from gittheta_merge.constants import BLOCK_BYTES, MERGE_CHUNK_BYTES
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError, ThetaError, UsageError
 from gittheta_merge.merge import config
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.metadata import configured_block_bytes
@@ -33,7 +33,7 @@ def parse_sets(items: tuple[str, ...]) -> dict[str, str]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise ThetaError(f"--set {item!r}: expected KEY=VALUE (e.g. --set density=0.2)")
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE (e.g. --set density=0.2)")
         params[key.strip()] = value.strip()
     return params
 
@@ -43,7 +43,7 @@ def parse_stats(items: tuple[str, ...]) -> dict[str, list[str | None]]:
     for item in items:
         kind, eq, files = item.partition("=")
         if not eq:
-            raise ThetaError(f"--stats {item!r}: expected KIND=FILE,FILE,… (one file per model, '-' for none)")
+            raise UsageError(f"--stats {item!r}: expected KIND=FILE,FILE,… (one file per model, '-' for none)")
         stats[kind] = [None if f in {"", "-"} else f for f in files.split(",")]
     return stats
 
@@ -91,9 +91,9 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ThetaError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)") from None
+        raise UsageError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ThetaError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     return str(dev)
 
 
@@ -156,7 +156,7 @@ def run_driver(ancestor: str, ours: str, theirs: str, path: str, repo: Repo | No
     try:
         blobs = [Path(p).read_bytes() for p in (ancestor, ours, theirs)]
         if not all(is_metadata(b[:64]) for b in blobs[1:]):
-            raise ThetaError("one side is not git-theta metadata (a raw checkpoint?); merge it by hand")
+            raise InputError("one side is not git-theta metadata (a raw checkpoint?); merge it by hand")
         base = Metadata.from_bytes(blobs[0], f"{path} (base)") if is_metadata(blobs[0][:64]) else None
         sides = [Metadata.from_bytes(blobs[1], f"{path} (ours)"), Metadata.from_bytes(blobs[2], f"{path} (theirs)")]
         settings = config.resolve(repo, path)
@@ -189,7 +189,7 @@ def merge_driver_cmd(ancestor: str, ours: str, theirs: str, path: str) -> None:
 def _rev(repo: Repo, rev: str) -> str:
     out = repo.git("rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False).decode().strip()
     if not out:
-        raise ThetaError(f"{rev}: not a branch or commit")
+        raise MissingError(f"{rev}: not a branch or commit")
     return out
 
 
@@ -209,7 +209,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     from gittheta_merge.storage.store import ObjectStore
 
     if not branches:
-        raise ThetaError("name at least one branch to merge")
+        raise UsageError("name at least one branch to merge")
     if cli and cli.get("strategy"):
         from gittheta_merge.merge import strategies
 
@@ -235,7 +235,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         metas = [f.get(path) for f in per_rev]
         missing = [labels[i] for i, m in enumerate(metas) if m is None]
         if missing:
-            raise ThetaError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
+            raise MissingError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
         first = metas[0].to_bytes()  # type: ignore[union-attr]
         if all(m.to_bytes() == first for m in metas[1:]):  # type: ignore[union-attr]
             continue
@@ -262,7 +262,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     if dry_run:
         return {"paths": [p for p, _, _, _ in todo], "base": base}
     if repo.git("status", "--porcelain", "--untracked-files=no").strip():
-        raise ThetaError("you have uncommitted changes; commit or stash them before git theta merge")
+        raise UsageError("you have uncommitted changes; commit or stash them before git theta merge")
     # 1. plain files: git's own merges, one branch after another, on objects only (nothing checked out);
     #    the theta driver is replaced by `true` (keep ours) because the models are merged N-way below
     current = head
@@ -270,7 +270,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         out = repo.git("-c", "merge.theta.driver=true", "merge-tree", "--write-tree", "--no-messages",
                        current, commit, check=False).decode().split()
         if not out or repo.git("cat-file", "-t", out[0], check=False).strip() != b"tree" or len(out) > 1:
-            raise ThetaError(f"merging {label}: git reports conflicts in plain (non-model) files "
+            raise InputError(f"merging {label}: git reports conflicts in plain (non-model) files "
                              f"({', '.join(out[1:4]) or 'see git merge'}); resolve them with a normal "
                              "git merge first. Nothing was changed")
         current = repo.git("commit-tree", out[0], "-p", current, "-p", commit,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gittheta_merge.constants import MERGE_CHUNK_BYTES
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.rules import Rule, parse_action, parse_rule
 from gittheta_merge.merge.strategies.base import parse_value
 
@@ -138,12 +138,12 @@ def _load_toml(path: Path) -> dict[str, Any]:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ThetaError(f"{path}: reading it needs Python 3.11+ or the tomli package") from None
+            raise UsageError(f"{path}: reading it needs Python 3.11+ or the tomli package") from None
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ThetaError(f"{path}: invalid TOML ({exc})") from None
+        raise UsageError(f"{path}: invalid TOML ({exc})") from None
 
 
 def _rules(raw: Any, where: str) -> list[Rule]:
@@ -151,7 +151,7 @@ def _rules(raw: Any, where: str) -> list[Rule]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise ThetaError(f"{where}: rules must be a list")
+        raise UsageError(f"{where}: rules must be a list")
     out: list[Rule] = []
     for item in raw:
         if isinstance(item, str):
@@ -161,24 +161,24 @@ def _rules(raw: Any, where: str) -> list[Rule]:
             if "action" in item:
                 rule = parse_action(pattern, str(item["action"]))
                 if rule is None:
-                    raise ThetaError(f"{where}: rule {pattern!r}: unknown action {item['action']!r}")
+                    raise UsageError(f"{where}: rule {pattern!r}: unknown action {item['action']!r}")
             elif "strategy" in item:
                 rule = parse_action(pattern, str(item["strategy"]))
                 if rule is None or rule.action != "merge":
-                    raise ThetaError(f"{where}: rule {pattern!r}: unknown strategy {item['strategy']!r}")
+                    raise UsageError(f"{where}: rule {pattern!r}: unknown strategy {item['strategy']!r}")
                 rule.params = dict(item.get("params") or {})
             else:
-                raise ThetaError(f"{where}: rule {pattern!r} needs an action or a strategy")
+                raise UsageError(f"{where}: rule {pattern!r} needs an action or a strategy")
             out.append(rule)
         else:
-            raise ThetaError(f"{where}: a rule is 'REGEX=ACTION' or a table with pattern and action/strategy")
+            raise UsageError(f"{where}: a rule is 'REGEX=ACTION' or a table with pattern and action/strategy")
     return out
 
 
 def _layer(table: dict[str, Any], where: str) -> dict[str, Any]:
     params = table.get("params") or {}
     if not isinstance(params, dict):
-        raise ThetaError(f"{where}: params must be a table")
+        raise UsageError(f"{where}: params must be a table")
     layer: dict[str, Any] = {"strategy": table.get("strategy"), "params": dict(params),
                              "rules": _rules(table.get("rules"), where) + _rules(table.get("tensor"), where)}
     for key in SETTING_KEYS:
@@ -186,7 +186,7 @@ def _layer(table: dict[str, Any], where: str) -> dict[str, Any]:
             layer[key] = table[key]
     unknown = set(table) - {"strategy", "params", "rules", "tensor", "path", "match"} - SETTING_KEYS
     if unknown:
-        raise ThetaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     return layer
 
 
@@ -205,12 +205,12 @@ def file_layers(root: Path, path: str | None) -> list[tuple[str, dict[str, Any]]
     data = _load_toml(cfg)
     merge = data.get("merge") or {}
     if not isinstance(merge, dict):
-        raise ThetaError(f"{cfg}: [merge] must be a table")
+        raise UsageError(f"{cfg}: [merge] must be a table")
     layers = [(f"{CONFIG_FILE} [merge]", _layer(merge, f"{CONFIG_FILE} [merge]"))]
     for i, entry in enumerate(merge.get("path") or []):
         where = f"{CONFIG_FILE} [[merge.path]] #{i + 1}"
         if not isinstance(entry, dict) or "match" not in entry:
-            raise ThetaError(f"{where}: needs match = \"GLOB\"")
+            raise UsageError(f"{where}: needs match = \"GLOB\"")
         if path is not None and _matches(str(entry["match"]), path):
             layers.append((f"{where} ({entry['match']})", _layer(entry, where)))
     return layers

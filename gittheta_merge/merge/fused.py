@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import StorageError
 
 ABI = 2  # must match GT_LINCOMB_ABI in _lincomb.c: a stale build from an older source is not used
 DTYPE_CODES = {"F32": 0, "BF16": 1}
@@ -185,7 +185,7 @@ def run_files(spec: LinComb, inputs: list[FileSpan], base: FileSpan | None, out:
         span = inputs[failed.value] if failed.value < k else base
         assert span is not None
         why = "file ended early" if err.value == 0 else os.strerror(err.value)
-        raise ThetaError(f"{span.what}: read failed ({why})")
+        raise StorageError(f"{span.what}: read failed ({why})")
     if rc == -3:
-        raise ThetaError(f"{out.what}: write failed ({os.strerror(err.value)})")
+        raise StorageError(f"{out.what}: write failed ({os.strerror(err.value)})")
     raise RuntimeError(f"compiled merge kernel failed (code {rc})")

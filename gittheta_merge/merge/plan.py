@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gittheta_merge.constants import MERGE_CHUNK_BYTES
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError, UsageError
 from gittheta_merge.merge import strategies
 from gittheta_merge.merge.rules import Rule, first_match
 from gittheta_merge.merge.sources import TensorInfo
@@ -139,9 +139,9 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
                stats: StatsAccess | None = None) -> MergePlan:
     """Decide every tensor from metadata alone; raise ThetaError for anything that cannot merge."""
     if len(models) < 2:
-        raise ThetaError("a merge needs at least two models")
+        raise UsageError("a merge needs at least two models")
     if options.shortcuts not in {"git", "exact"}:
-        raise ThetaError(f"shortcuts must be 'git' or 'exact', not {options.shortcuts!r}")
+        raise UsageError(f"shortcuts must be 'git' or 'exact', not {options.shortcuts!r}")
     stats = stats or StatsAccess()
     n = len(models)
     labels = options.labels or (["ours", "theirs"] if n == 2 else [f"model {i}" for i in range(n)])
@@ -157,7 +157,7 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
     default_key = strategy_for(options.strategy, options.params)
     for rule in options.rules:
         if rule.action == "keep" and rule.keep is not None and rule.keep >= n:
-            raise ThetaError(f"merge rule {rule.pattern!r} keeps model {rule.keep}, but there are {n} models")
+            raise UsageError(f"merge rule {rule.pattern!r} keeps model {rule.keep}, but there are {n} models")
         if rule.action == "merge":
             strategy_for(rule.strategy or options.strategy, rule.params)
 
@@ -180,7 +180,7 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
         if rule is not None and rule.action == "keep":
             idx = rule.keep if rule.keep is not None else 0
             if idx == -1 and base is None:
-                raise ThetaError(f"merge rule {rule.pattern!r} keeps the base, but there is no base model")
+                raise UsageError(f"merge rule {rule.pattern!r} keeps the base, but there is no base model")
             info = binfo if idx == -1 else infos[idx]
             plans.append(TensorPlan(name, "keep" if info else "absent", idx, info=info,
                                     reason=f"rule {rule.pattern!r} -> {rule.describe()}"))
@@ -208,27 +208,27 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
         missing = [labels[i] for i, info in enumerate(infos) if info is None]
         if missing:
             present = [labels[i] for i, info in enumerate(infos) if info is not None]
-            raise ThetaError(f"tensor {name!r}: missing in {', '.join(missing)} but changed in "
+            raise InputError(f"tensor {name!r}: missing in {', '.join(missing)} but changed in "
                              f"{', '.join(present)}: cannot merge; {fix}")
         shapes = {info.shape for info in infos if info}
         if len(shapes) > 1:
             detail = ", ".join(f"{_shape_text(info.shape)} in {labels[i]}" for i, info in enumerate(infos) if info)
-            raise ThetaError(f"tensor {name!r}: shapes differ ({detail}): cannot merge; {fix}")
+            raise InputError(f"tensor {name!r}: shapes differ ({detail}): cannot merge; {fix}")
         non_float = [f"{info.dtype} in {labels[i]}" for i, info in enumerate(infos) if info and not info.is_float]
         if non_float:
-            raise ThetaError(f"tensor {name!r}: {', '.join(non_float)} is not a floating-point tensor, and it "
+            raise InputError(f"tensor {name!r}: {', '.join(non_float)} is not a floating-point tensor, and it "
                              f"differs between models: cannot average it; {fix}")
         if strat.needs_base:
             if binfo is None:
-                raise ThetaError(f"tensor {name!r}: strategy {strat.name} needs the base version, but the base "
+                raise MissingError(f"tensor {name!r}: strategy {strat.name} needs the base version, but the base "
                                  f"{'is not given' if base is None else 'has no such tensor'}; "
                                  f"use a strategy without a base (average) for it or {fix}")
             if binfo.shape != infos[0].shape:  # type: ignore[union-attr]
-                raise ThetaError(f"tensor {name!r}: shape {_shape_text(binfo.shape)} in the base vs "
+                raise InputError(f"tensor {name!r}: shape {_shape_text(binfo.shape)} in the base vs "
                                  f"{_shape_text(infos[0].shape)} in the models: cannot compute task vectors; "  # type: ignore[union-attr]
                                  f"{fix}")
             if not binfo.is_float:
-                raise ThetaError(f"tensor {name!r}: base dtype {binfo.dtype} is not floating point; {fix}")
+                raise InputError(f"tensor {name!r}: base dtype {binfo.dtype} is not floating point; {fix}")
         if options.check_stats:
             strat.check_tensor(name, list(infos[0].shape), stats)  # type: ignore[union-attr]
         out = infos[0]

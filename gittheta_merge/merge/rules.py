@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 
 KEEP_ACTIONS = {"ours": 0, "theirs": 1}
 
@@ -34,7 +34,7 @@ class Rule:
         try:
             self._regex = re.compile(self.pattern)
         except re.error as exc:
-            raise ThetaError(f"merge rule {self.pattern!r}: invalid regex ({exc})") from None
+            raise UsageError(f"merge rule {self.pattern!r}: invalid regex ({exc})") from None
 
     def matches(self, name: str) -> bool:
         return self._regex.search(name) is not None
@@ -71,7 +71,7 @@ def parse_action(pattern: str, text: str, known_strategies: set[str] | None = No
     for item in filter(None, (p.strip() for p in re.split(r",(?=[A-Za-z_][\w-]*=)", rest))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ThetaError(f"merge rule {pattern!r}: parameter {item!r} is not key=value")
+            raise UsageError(f"merge rule {pattern!r}: parameter {item!r} is not key=value")
         params[key.strip()] = value.strip()
     return Rule(pattern, "merge", strategy=name.replace("-", "_"), params=params)
 
@@ -82,7 +82,7 @@ def parse_rule(text: str) -> Rule:
         rule = parse_action(text[:pos], text[pos + 1:])
         if rule is not None and text[:pos]:
             return rule
-    raise ThetaError(
+    raise UsageError(
         f"merge rule {text!r}: expected REGEX=ACTION with ACTION one of ours, theirs, base, model:N, "
         "exclude or STRATEGY[:k=v,...] (e.g. 'classifier=ours' or 'attn=ties:density=0.3')"
     )

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError, human_bytes, require_space
+from gittheta_merge.errors import StorageError, ThetaError, human_bytes, require_space
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
 from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
 from gittheta_merge.storage.store import ObjectStore
@@ -205,7 +205,7 @@ class SafetensorsSink:
 
     def finish(self) -> None:
         if self._written != self._size:
-            raise ThetaError(f"{self.path}: {self._size - self._written} bytes of the merged file were not "
+            raise StorageError(f"{self.path}: {self._size - self._written} bytes of the merged file were not "
                              "written (internal error); nothing was saved")
         assert self._fd is not None
         os.close(self._fd)

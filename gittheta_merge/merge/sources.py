@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError
 from gittheta_merge.storage.metadata import Metadata, TensorEntry
 from gittheta_merge.storage.store import CorruptObject, ObjectStore
 
@@ -203,19 +203,19 @@ class SafetensorsSource(_RowSource):
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
-            raise ThetaError(f"{self.path}: cannot open ({exc.strerror})") from None
+            raise MissingError(f"{self.path}: cannot open ({exc.strerror})") from None
         size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 8, 0)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n < 0 or n > MAX_HEADER or 8 + n > size:
-            raise ThetaError(f"{self.path}: cannot open as safetensors (bad header length)")
+            raise InputError(f"{self.path}: cannot open as safetensors (bad header length)")
         file_meta, tensors, _ = parse_header(os.pread(self._fd, n, 8), self.path)
         self._data_start = 8 + n
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
         for name, dtype, shape, start, end in tensors:
             if self._data_start + end > size:
-                raise ThetaError(f"{self.path}: truncated (tensor {name!r} ends past the end of the file)")
+                raise InputError(f"{self.path}: truncated (tensor {name!r} ends past the end of the file)")
             self._infos[name] = TensorInfo(name, dtype, tuple(shape), None)
             self._offsets[name] = start
         self.file_metadata = file_meta
@@ -255,5 +255,5 @@ def _pread_exact(fd: int, out: memoryview, offset: int, what: str) -> None:
     while got < want:
         n = os.preadv(fd, [out[got:]], offset + got)
         if n <= 0:
-            raise ThetaError(f"{what}file ended early")
+            raise InputError(f"{what}file ended early")
         got += n

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError, UsageError
 from gittheta_merge.merge.sources import SafetensorsSource, TensorInfo
 from gittheta_merge.merge.strategies.base import StatsAccess
 
@@ -71,7 +71,7 @@ class StatFile:
     def read_rows(self, name: str, start: int, end: int) -> Any:
         key = self.resolve(name)
         if key is None:
-            raise ThetaError(f"{self.path}: no statistic for {name!r}")
+            raise MissingError(f"{self.path}: no statistic for {name!r}")
         return self.src.read_rows(key, start, end)
 
 
@@ -119,7 +119,7 @@ def _attached(store: Any, meta: Any, kind: str, where: str, allow_stale: bool, h
     if not isinstance(entry, dict) or "oid" not in entry:
         return None
     if attach.is_stale(meta, kind) and not allow_stale:
-        raise ThetaError(
+        raise InputError(
             f"{where}: its {kind} statistics were computed on different weights (stale): the weights changed "
             "after `git theta stats compute`. Recompute them there "
             f"({attach.COMPUTE_HINT.format(path=hint_path, kind=kind)}), or pass --allow-stale-stats "
@@ -163,7 +163,7 @@ def resolve_statistics(metas: list[Any], labels: list[str], path: str, store: An
         if missing and missing != "error":
             fallback = strategies.get(missing)
             if fallback({}, len(metas)).stat_kinds():
-                raise ThetaError(f"theta.merge.missingStats = {missing}: the fallback must be a data-free strategy "
+                raise UsageError(f"theta.merge.missingStats = {missing}: the fallback must be a data-free strategy "
                                  "(e.g. average, task_arithmetic, ties)")
             res.fallback = f"{who}: merged with {missing} instead of {options.strategy} (theta.merge.missingStats)"
             res.strategy, res.params = missing, {}
@@ -173,7 +173,7 @@ def resolve_statistics(metas: list[Any], labels: list[str], path: str, store: An
         from gittheta_merge.stats.attach import COMPUTE_HINT
 
         first_label, first_kind = absent[0]
-        raise ThetaError(
+        raise MissingError(
             f"{path}: {who}. Compute them on that branch: `git checkout {first_label.split(' ')[0]} && "
             f"{COMPUTE_HINT.format(path=path, kind=first_kind)} && git commit`, then merge again; or pass them "
             f"as files (--stats {first_kind}=FILE,FILE), or choose "

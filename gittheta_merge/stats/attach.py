@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError, UsageError
 from gittheta_merge.stats.blobs import blob_header, provenance_in
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.metadata import Metadata
@@ -42,7 +42,7 @@ class StatInfo:
 def check_staged(repo: Repo, path: str) -> None:
     """Statistics must describe exactly the staged weights: refuse while the file has unstaged changes."""
     if repo.git("diff", "--name-only", "--", path).strip():
-        raise ThetaError(f"{path} has changes that are not staged: `git add {path}` first, so the statistics "
+        raise UsageError(f"{path} has changes that are not staged: `git add {path}` first, so the statistics "
                          "are tied to the exact weights they were computed on")
 
 
@@ -52,7 +52,7 @@ def attach(repo: Repo, paths: Iterable[str], kind: str, blob: Path, provenance: 
     path, as it is staged). The blob is streamed, never held in memory; it is validated once and stored
     (hashed) once, however many checkpoints share it."""
     if not kind or not kind.replace("_", "").replace("-", "").isalnum():
-        raise ThetaError(f"invalid statistics kind {kind!r}")
+        raise UsageError(f"invalid statistics kind {kind!r}")
     size = blob.stat().st_size
     with open(blob, "rb") as fh:
         tensor_names, file_meta = blob_header(fh, size, blob_where)
@@ -61,11 +61,11 @@ def attach(repo: Repo, paths: Iterable[str], kind: str, blob: Path, provenance: 
     for path in paths:
         meta = read_metadata(repo, INDEX, path)
         if meta is None:
-            raise ThetaError(f"{path} is not a tracked checkpoint in the index: `git theta track` and `git add` it "
+            raise UsageError(f"{path} is not a tracked checkpoint in the index: `git theta track` and `git add` it "
                              "first")
         check_staged(repo, path)
         if not names & {t.name for t in meta.tensors}:
-            raise ThetaError(f"{blob_where}: none of its tensor names matches a tensor of {path} "
+            raise InputError(f"{blob_where}: none of its tensor names matches a tensor of {path} "
                              "(statistics are keyed by weight name)")
         if not oid:
             with open(blob, "rb") as fh:
@@ -81,7 +81,7 @@ def attach(repo: Repo, paths: Iterable[str], kind: str, blob: Path, provenance: 
 def detach(repo: Repo, path: str, kind: str) -> None:
     meta = read_metadata(repo, INDEX, path)
     if meta is None or kind not in meta.stats:
-        raise ThetaError(f"{path} has no {kind} statistics staged")
+        raise MissingError(f"{path} has no {kind} statistics staged")
     stats = dict(meta.stats)
     del stats[kind]
     if stats:
@@ -112,18 +112,18 @@ def blob_path(store: ObjectStore, meta: Metadata, kind: str, where: str, allow_s
     """The on-disk safetensors file of an attached statistic, for lazy per-tensor reads in a merge."""
     entry = meta.stats.get(kind)
     if not isinstance(entry, dict) or "oid" not in entry:
-        raise ThetaError(f"{where} has no {kind} statistics; compute them on that branch with "
+        raise MissingError(f"{where} has no {kind} statistics; compute them on that branch with "
                          + COMPUTE_HINT.format(path=where.split(' ')[0], kind=kind)
                          + " and commit, or choose a data-free strategy")
     if is_stale(meta, kind) and not allow_stale:
-        raise ThetaError(f"{where}: the {kind} statistics were computed on different weights (stale); "
+        raise InputError(f"{where}: the {kind} statistics were computed on different weights (stale); "
                          "recompute them, or pass --allow-stale-stats to use them anyway")
     size = entry.get("size")
     if not isinstance(size, int):
-        raise ThetaError(f"{where}: invalid {kind} statistics entry")
+        raise InputError(f"{where}: invalid {kind} statistics entry")
     oid = entry["oid"]
     if not store.has(oid):
-        raise ThetaError(f"{where}: the {kind} statistics object is not local; run `git theta pull-objects`")
+        raise MissingError(f"{where}: the {kind} statistics object is not local; run `git theta pull-objects`")
     with store.open(oid, size, f"{where}: {kind} statistics: "):
         pass
     return store.path(oid)

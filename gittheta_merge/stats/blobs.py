@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import StatsError, ThetaError, loads_untrusted
+from gittheta_merge.errors import InputError, StatsError, ThetaError, loads_untrusted
 from gittheta_merge.formats.safetensors_header import MAX_HEADER, parse_header, render_header
 
 from .statistic import Statistic
@@ -45,7 +45,7 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None, w
         raise StatsError(f"{where}: not a gittheta statistic blob (missing {FORMAT!r} metadata)")
     provenance = loads_untrusted(meta[METADATA_KEY], where, "statistic provenance")
     if not isinstance(provenance, dict):
-        raise ThetaError(f"{where}: the statistic's provenance is not a JSON object")
+        raise InputError(f"{where}: the statistic's provenance is not a JSON object")
     return Statistic(kind=meta["kind"], tensors=tensors, provenance=provenance)
 
 
@@ -81,13 +81,13 @@ def blob_header(source: BinaryIO, size: int, where: str) -> tuple[list[str], dic
     """(tensor names, string metadata) of a safetensors blob of `size` bytes, read from the start of `source`
     (its header only, never the tensors) and validated like a checkpoint's (ThetaError naming `where`)."""
     if size < 8:
-        raise ThetaError(f"{where}: not a safetensors file")
+        raise InputError(f"{where}: not a safetensors file")
     n = int.from_bytes(source.read(8), "little")
     if n > MAX_HEADER or 8 + n > size:
-        raise ThetaError(f"{where}: not a safetensors file (header length {n})")
+        raise InputError(f"{where}: not a safetensors file (header length {n})")
     file_meta, tensors, _ = parse_header(source.read(n), where)
     if tensors and tensors[-1][4] != size - 8 - n:
-        raise ThetaError(f"{where}: safetensors data size does not match its header")
+        raise InputError(f"{where}: safetensors data size does not match its header")
     return [t[0] for t in tensors], file_meta or {}
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError, UsageError
 
 
 def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None = None) -> tuple[Any, Any]:
@@ -22,13 +22,13 @@ def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None 
     path = Path(model_path)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ThetaError(f"{model_path}: no config.json; pass a Hugging Face model directory "
+            raise MissingError(f"{model_path}: no config.json; pass a Hugging Face model directory "
                              "(or a weights file with --config DIR)")
         model = load_model(str(path), task)
         tok_dir = path
     else:
         if config_dir is None:
-            raise ThetaError(f"{model_path} is a file: pass --config DIR with its config.json and tokenizer")
+            raise UsageError(f"{model_path} is a file: pass --config DIR with its config.json and tokenizer")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -60,7 +60,7 @@ def _model_from_state(config_dir: str, task: str, state: dict[str, Any], weights
     from gittheta_merge.stats.batches import TASKS, auto_class
 
     if task not in TASKS:
-        raise ThetaError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+        raise UsageError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
     config = transformers.AutoConfig.from_pretrained(config_dir)
     model = auto_class(task).from_config(config)
     own = model.state_dict()
@@ -69,12 +69,12 @@ def _model_from_state(config_dir: str, task: str, state: dict[str, Any], weights
         state = {prefix + k: v for k, v in state.items()}
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise ThetaError(f"{weights}: {len(unexpected)} tensors that a {type(model).__name__} built from "
+        raise InputError(f"{weights}: {len(unexpected)} tensors that a {type(model).__name__} built from "
                          f"{config_dir}/config.json does not have ({', '.join(unexpected[:3])}, …); "
                          "pass the --config directory that belongs to these weights")
     wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
-        raise ThetaError(f"{weights}: shapes differ from {config_dir}/config.json ({'; '.join(wrong[:3])}); "
+        raise InputError(f"{weights}: shapes differ from {config_dir}/config.json ({'; '.join(wrong[:3])}); "
                          "pass the --config directory that belongs to these weights")
     model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
@@ -105,7 +105,7 @@ def _load_tokenizer(tok_dir: Path, beside_weights: Path | None) -> Any:
             return transformers.AutoTokenizer.from_pretrained(str(where))
         except (OSError, ValueError) as exc:
             last = str(exc)
-    raise ThetaError(f"{' or '.join(map(str, tried))}: no usable tokenizer files ({last}); put the "
+    raise MissingError(f"{' or '.join(map(str, tried))}: no usable tokenizer files ({last}); put the "
                      "tokenizer next to the weights or in the --config directory") from None
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, UsageError
 
 
 def run_git(*args: str, cwd: str | Path | None = None, input: bytes | None = None,
@@ -27,7 +27,7 @@ def run_git(*args: str, cwd: str | Path | None = None, input: bytes | None = Non
             env={**os.environ, **env} if env else None,
         )
     except FileNotFoundError:
-        raise ThetaError("git is not installed or not on PATH") from None
+        raise UsageError("git is not installed or not on PATH") from None
     if check and proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip()
         raise ThetaError(f"`git {' '.join(args)}` failed: {msg}")
@@ -43,7 +43,7 @@ def _repo_paths(cwd: str) -> tuple[str, str, str]:
     out = run_git("rev-parse", "--show-toplevel", "--git-dir", "--git-common-dir",
                   cwd=cwd, check=False).decode().splitlines()
     if len(out) != 3:
-        raise ThetaError(f"{cwd} is not inside a git work tree (run `git init` first)")
+        raise UsageError(f"{cwd} is not inside a git work tree (run `git init` first)")
     top, git_dir, common = out
     base = Path(cwd)
     return top, str((base / git_dir).resolve()), str((base / common).resolve())

@@ -18,7 +18,7 @@ from typing import Any
 
 from gittheta_merge import dtypes
 from gittheta_merge.constants import BLOCK_BYTES, MAX_METADATA_BYTES  # noqa: F401 - re-exported
-from gittheta_merge.errors import ThetaError, loads_untrusted
+from gittheta_merge.errors import InputError, loads_untrusted
 from gittheta_merge.storage.store import check_oid
 
 SCHEMA_VERSION = 1
@@ -76,25 +76,25 @@ class TensorEntry:
     @classmethod
     def from_json(cls, raw: Any, where: str) -> TensorEntry:
         if not isinstance(raw, dict):
-            raise ThetaError(f"{where}: tensor entry is not an object")
+            raise InputError(f"{where}: tensor entry is not an object")
         name = raw.get("name")
         if not isinstance(name, str) or not name:
-            raise ThetaError(f"{where}: tensor entry without a name")
+            raise InputError(f"{where}: tensor entry without a name")
         here = f"{where}: tensor {name!r}: "
         dtype = raw.get("dtype")
         if not isinstance(dtype, str):
-            raise ThetaError(f"{here}missing dtype")
+            raise InputError(f"{here}missing dtype")
         dtypes.itemsize(dtype, where=here)
         shape = raw.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise ThetaError(f"{here}invalid shape {shape!r}")
+            raise InputError(f"{here}invalid shape {shape!r}")
         elements = 1
         for d in shape:
             elements *= d
         if elements > MAX_ELEMENTS:
-            raise ThetaError(f"{here}implausible shape {shape}")
+            raise InputError(f"{here}implausible shape {shape}")
         rows = shape[0] if shape else 1
         if "oid" in raw:
             blocks = [(check_oid(raw["oid"], here), rows)]
@@ -103,12 +103,12 @@ class TensorEntry:
             for item in raw["blocks"]:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)
                         and item[1] > 0):
-                    raise ThetaError(f"{here}invalid block {item!r}")
+                    raise InputError(f"{here}invalid block {item!r}")
                 blocks.append((check_oid(item[0], here), item[1]))
             if sum(r for _, r in blocks) != rows:
-                raise ThetaError(f"{here}row blocks cover {sum(r for _, r in blocks)} rows, shape has {rows}")
+                raise InputError(f"{here}row blocks cover {sum(r for _, r in blocks)} rows, shape has {rows}")
         else:
-            raise ThetaError(f"{here}no oid")
+            raise InputError(f"{here}no oid")
         extra = {k: v for k, v in raw.items() if k not in {"name", "dtype", "shape", "oid", "blocks"}}
         return cls(name, dtype, list(shape), blocks, extra)
 
@@ -183,30 +183,30 @@ class Metadata:
     def from_bytes(cls, data: bytes, where: str = "metadata") -> Metadata:
         raw = loads_untrusted(data, where, "gittheta metadata file")
         if not isinstance(raw, dict) or "gittheta" not in raw:
-            raise ThetaError(f"{where}: not a gittheta metadata file")
+            raise InputError(f"{where}: not a gittheta metadata file")
         version = raw["gittheta"]
         if not isinstance(version, int) or version < 1:
-            raise ThetaError(f"{where}: invalid schema version {version!r}")
+            raise InputError(f"{where}: invalid schema version {version!r}")
         if version > SCHEMA_VERSION:
-            raise ThetaError(
+            raise InputError(
                 f"{where}: written with schema {version}, this gittheta-merge reads up to "
                 f"{SCHEMA_VERSION}; upgrade: pip install -U gittheta-merge"
             )
         fmt = raw.get("format")
         if not isinstance(fmt, str):
-            raise ThetaError(f"{where}: missing format")
+            raise InputError(f"{where}: missing format")
         tensors_raw = raw.get("tensors")
         if not isinstance(tensors_raw, list):
-            raise ThetaError(f"{where}: missing tensor list")
+            raise InputError(f"{where}: missing tensor list")
         tensors = [TensorEntry.from_json(t, where) for t in tensors_raw]
         seen: set[str] = set()
         for t in tensors:
             if t.name in seen:
-                raise ThetaError(f"{where}: tensor {t.name!r} listed twice")
+                raise InputError(f"{where}: tensor {t.name!r} listed twice")
             seen.add(t.name)
         file_info = raw.get("file", {})
         if not isinstance(file_info, dict):
-            raise ThetaError(f"{where}: 'file' must be an object")
+            raise InputError(f"{where}: 'file' must be an object")
         extra = {k: v for k, v in raw.items() if k not in {"gittheta", "format", "file", "tensors"}}
         return cls(fmt, tensors, file_info, extra)
 

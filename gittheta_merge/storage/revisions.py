@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gittheta_merge import dtypes
-from gittheta_merge.errors import ThetaError, human_bytes
+from gittheta_merge.errors import MissingError, human_bytes
 from gittheta_merge.storage.gitutil import CatFile, Repo, blob_sizes, iter_index_blobs, iter_tree_blobs
 from gittheta_merge.storage.metadata import MAX_METADATA_BYTES, Metadata, TensorEntry, is_metadata
 from gittheta_merge.storage.store import ObjectStore
@@ -194,7 +194,7 @@ def diff(repo: Repo, old_rev: str, new_rev: str, paths: list[str] | None, stats:
     old_files = tracked_files(repo, old_rev, paths)
     new_files = tracked_files(repo, new_rev, paths)
     if not old_files and not new_files:
-        raise ThetaError(f"no tracked checkpoints in {old_rev} or {new_rev}" + (f" under {paths}" if paths else ""))
+        raise MissingError(f"no tracked checkpoints in {old_rev} or {new_rev}" + (f" under {paths}" if paths else ""))
     lines: list[str] = []
     for path in sorted(set(old_files) | set(new_files)):
         old, new = old_files.get(path), new_files.get(path)

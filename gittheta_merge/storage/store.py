@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gittheta_merge.errors import ThetaError, human_bytes, require_space, storage_error
+from gittheta_merge.errors import InputError, MissingError, StorageError, human_bytes, require_space, storage_error
 from gittheta_merge.storage.storelock import WriterGuard
 
 _OID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -33,7 +33,7 @@ READ_CHUNK = 8 << 20
 def check_oid(oid: object, where: str = "") -> str:
     """An oid from untrusted metadata: exactly 64 lowercase hex digits, so it can't escape the store."""
     if not isinstance(oid, str) or not _OID_RE.match(oid):
-        raise ThetaError(f"{where}invalid object id {oid!r} (expected 64 hex digits)")
+        raise InputError(f"{where}invalid object id {oid!r} (expected 64 hex digits)")
     return oid
 
 
@@ -48,7 +48,7 @@ def writer_guard(lfs_dir: Path) -> WriterGuard:
     return _GUARDS[key]
 
 
-class CorruptObject(ThetaError):
+class CorruptObject(InputError):
     """An object whose bytes no longer hash to its name."""
 
     @classmethod
@@ -61,7 +61,7 @@ class CorruptObject(ThetaError):
         return cls(f"{what}object {oid[:12]}… is truncated")
 
 
-class MissingObject(ThetaError):
+class MissingObject(MissingError):
     """An object referenced by metadata that the local store does not have."""
 
 
@@ -95,7 +95,7 @@ class ObjectStore:
         deletion between our write and git's index, e.g. by a gc of a version of this tool without the lock)."""
         gone = [what or oid[:12] for oid, _, what in objects if not self.has(oid)]
         if gone:
-            raise ThetaError(f"{where}: {len(gone)} object(s) just stored are gone from {self.objects_dir} "
+            raise StorageError(f"{where}: {len(gone)} object(s) just stored are gone from {self.objects_dir} "
                              f"({', '.join(gone[:3])}{' …' if len(gone) > 3 else ''}): something deleted them "
                              "meanwhile (a concurrent gc?). Nothing was recorded; run the command again")
 
@@ -169,7 +169,7 @@ class ObjectStore:
                     view = memoryview(buf)[: min(len(buf), remaining)]
                     n = source.readinto(view)  # type: ignore[attr-defined]
                     if not n:
-                        raise ThetaError(f"stream ended {remaining} bytes early")
+                        raise InputError(f"stream ended {remaining} bytes early")
                     digest.update(view[:n])
                     out.write(view[:n])
                     remaining -= n

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import StorageError
 
 LOCK_NAME = "theta-store.lock"
 PENDING_DIR = "theta-pending"
@@ -293,14 +293,14 @@ class GcLock:
         if sys.platform != "win32":
             fd = _open_lock(self.lfs_dir)
             if fd is None:
-                raise ThetaError(f"{self.lfs_dir} is not writable for this user (uid {os.getuid()}): gc cannot "
+                raise StorageError(f"{self.lfs_dir} is not writable for this user (uid {os.getuid()}): gc cannot "
                                  "delete objects there; run it as the store's owner")
 
             def busy() -> None:
                 names = ", ".join(p.describe() for p in live_writers(self.lfs_dir)) or "another git-theta process"
                 if not self.wait:
                     os.close(fd)
-                    raise ThetaError(f"objects are being written by {names}; gc did nothing. Run it again when "
+                    raise StorageError(f"objects are being written by {names}; gc did nothing. Run it again when "
                                      "that has finished, or without --no-wait to wait for it")
                 _say(f"gc is waiting for {names} to finish")
 

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import StorageError, ThetaError, UsageError
 from gittheta_merge.storage.gitutil import Repo, iter_index_blobs, iter_tree_blobs, run_git
 
 # the same text as hooks/pre-push (a test keeps them equal); embedded so wheels carry it
@@ -38,7 +38,7 @@ def command_prefix() -> str:
 def install(scope: str = "repo", cwd: str | None = None) -> list[tuple[str, str]]:
     """Write the filter configuration; returns what was set."""
     if scope not in SCOPES:
-        raise ThetaError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+        raise UsageError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
     if scope == "repo":
         Repo.discover(cwd)  # clear error outside a repository
     cmd = command_prefix()
@@ -85,7 +85,7 @@ def install_hooks(repo: Repo) -> Path:
         if not is_lfs_hook:
             saved = directory / "pre-push.local"
             if saved.exists():
-                raise ThetaError(f"{target} exists and {saved} too; merge them by hand, then rerun")
+                raise StorageError(f"{target} exists and {saved} too; merge them by hand, then rerun")
             os.replace(target, saved)
     tmp = directory / "pre-push.theta-tmp"
     tmp.write_text(PRE_PUSH_HOOK)
@@ -143,7 +143,7 @@ def patterns_for(repo: Repo, target: str, cwd: Path) -> list[str]:
     try:
         rel = absolute.relative_to(repo.root.resolve()).as_posix()
     except ValueError:
-        raise ThetaError(f"{target} is outside the repository {repo.root}") from None
+        raise UsageError(f"{target} is outside the repository {repo.root}") from None
     return [_escape_pattern(rel)]
 
 
@@ -151,7 +151,7 @@ def track(targets: list[str], cwd: str | None = None) -> list[str]:
     """Append tracking lines to .gitattributes; refuses when the filter is not installed."""
     repo = Repo.discover(cwd)
     if not is_installed(repo):
-        raise ThetaError(
+        raise UsageError(
             "the theta filter is not configured for this repository, so git would commit the raw "
             "checkpoint instead of per-tensor objects. Run `git theta install` first "
             "(once per clone, or `git theta install --scope user` once per machine)"

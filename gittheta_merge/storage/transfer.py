@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gittheta_merge.errors import ThetaError, require_space
+from gittheta_merge.errors import MissingError, ThetaError, UsageError, require_space
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.maintenance import iter_referencing_blobs
 from gittheta_merge.storage.metadata import Metadata
@@ -42,7 +42,7 @@ def has_git_lfs() -> bool:
 
 def require_git_lfs() -> None:
     if not has_git_lfs():
-        raise ThetaError(LFS_MISSING)
+        raise UsageError(LFS_MISSING)
 
 
 def default_remote(repo: Repo) -> str:
@@ -61,7 +61,7 @@ def default_remote(repo: Repo) -> str:
         return "origin"
     if len(remotes) == 1:
         return remotes[0]
-    raise ThetaError("no remote to fetch tensor objects from: add one (git remote add origin URL) "
+    raise UsageError("no remote to fetch tensor objects from: add one (git remote add origin URL) "
                      "or set git config theta.remote NAME")
 
 
@@ -115,7 +115,7 @@ def push_objects(repo: Repo, remote: str, oids: list[str]) -> int:
     store = ObjectStore.for_repo(repo)
     missing = [o for o in oids if not store.has(o)]
     if missing:
-        raise ThetaError(
+        raise MissingError(
             f"cannot push: {len(missing)} tensor object(s) referenced by the pushed commits are not in the "
             f"local store (e.g. {missing[0][:12]}…); run `git theta pull-objects` first, or `git theta fsck`"
         )
@@ -178,7 +178,7 @@ def _fetch(repo: Repo, store: ObjectStore, missing: list[Needed], remote: str, c
         fetched += 1
     if problems:
         hint = f" (git lfs fetch exited {proc.returncode}; see its messages above)" if proc.returncode else ""
-        raise ThetaError(f"{len(problems)} object(s) could not be fetched{hint}:\n  " + "\n  ".join(problems[:10]))
+        raise MissingError(f"{len(problems)} object(s) could not be fetched{hint}:\n  " + "\n  ".join(problems[:10]))
     return fetched
 
 

@@ -14,7 +14,7 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import ThetaError, UsageError
 from gittheta_merge.merge.strategies.base import Strategy
 
 GROUP = "gittheta_merge.strategies"
@@ -59,10 +59,10 @@ def get(name: str) -> type[Strategy]:
     key = name.replace("-", "_")
     target = registry().get(key) or _scan_builtin().get(key)
     if target is None:
-        raise ThetaError(f"unknown merge strategy {name!r} (known: {', '.join(all_names())})")
+        raise UsageError(f"unknown merge strategy {name!r} (known: {', '.join(all_names())})")
     cls = target if isinstance(target, type) else _load(target) if isinstance(target, str) else target.load()
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ThetaError(f"merge strategy {name!r} does not provide a Strategy subclass")
+        raise UsageError(f"merge strategy {name!r} does not provide a Strategy subclass")
     return cls
 
 

@@ -6,7 +6,7 @@ Weights default to uniform. With `normalize=false` the weights are used as given
 
 from __future__ import annotations
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.fused import LinComb
 from gittheta_merge.merge.strategies.base import Param
 from gittheta_merge.merge.strategies.linear import LinearStrategy
@@ -25,7 +25,7 @@ class Average(LinearStrategy):
     def validate(self) -> None:
         super().validate()
         if self.params["normalize"] and abs(sum(self.model_weights())) < 1e-12:
-            raise ThetaError("strategy average: the weights sum to 0; set normalize=false or change them")
+            raise UsageError("strategy average: the weights sum to 0; set normalize=false or change them")
 
     def _scales(self) -> list[float]:
         weights = self.model_weights()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import MissingError, UsageError
 from gittheta_merge.merge.fused import LinComb
 
 # float32 working size per chunk of the streaming (elementwise) strategies: small enough that a chunk and
@@ -69,7 +69,7 @@ def parse_value(kind: str, raw: Any, where: str, choices: tuple[str, ...] = ()) 
         return str(raw)
     except (TypeError, ValueError):
         expected = f"one of {', '.join(choices)}" if kind == "choice" else f"a {kind} value"
-        raise ThetaError(f"{where}: {raw!r} is not {expected}") from None
+        raise UsageError(f"{where}: {raw!r} is not {expected}") from None
 
 
 @dataclass
@@ -100,7 +100,7 @@ class StatsAccess:
         """Rows [start, end) of the statistic (end None: to the last row)."""
         found = self.lookup(kind, model, name)
         if found is None:
-            raise ThetaError(f"tensor {name!r}: no {kind} statistic for model {model}")
+            raise MissingError(f"tensor {name!r}: no {kind} statistic for model {model}")
         src, key = found
         return src.read_rows(key, start, src.info(key).rows if end is None else end)
 
@@ -165,7 +165,7 @@ class Strategy:
             key_norm = key.replace("-", "_")
             if key_norm not in cls.params_spec:
                 known = ", ".join(sorted(cls.params_spec)) or "none"
-                raise ThetaError(f"strategy {cls.name}: unknown parameter {key!r} (known: {known})")
+                raise UsageError(f"strategy {cls.name}: unknown parameter {key!r} (known: {known})")
             spec = cls.params_spec[key_norm]
             out[key_norm] = parse_value(spec.kind, raw, f"strategy {cls.name}: {key_norm}", spec.choices)
         return out
@@ -174,7 +174,7 @@ class Strategy:
         """Check parameter values against n_models (e.g. one weight per model)."""
         weights = self.params.get("weights")
         if weights is not None and len(weights) != self.n_models:
-            raise ThetaError(
+            raise UsageError(
                 f"strategy {self.name}: weights has {len(weights)} values for {self.n_models} models"
             )
 

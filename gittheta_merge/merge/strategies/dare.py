@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 from gittheta_merge.merge.strategies.ties import elect_and_merge
 
@@ -76,7 +76,7 @@ class Dare(Strategy):
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.params["drop"] < 1.0:
-            raise ThetaError(f"strategy dare: drop must be in [0, 1), got {self.params['drop']}")
+            raise UsageError(f"strategy dare: drop must be in [0, 1), got {self.params['drop']}")
 
     def merge(self, chunk: Chunk) -> Any:
         import torch

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError
 from gittheta_merge.merge.strategies.base import Chunk, Param, StatsAccess, Strategy
 
 KIND = "fisher"
@@ -57,17 +57,17 @@ class Fisher(Strategy):
 
     def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
         if not stats.has_kind(KIND):
-            raise ThetaError("strategy fisher needs Fisher statistics: one safetensors file per model "
+            raise MissingError("strategy fisher needs Fisher statistics: one safetensors file per model "
                              "(--stats fisher=ours.safetensors,theirs.safetensors)")
         for i in range(self.n_models):
             got = stats.shape(KIND, i, name)
             if got is None:
                 if self.params["missing"] == "average":
                     continue
-                raise ThetaError(f"tensor {name!r}: no Fisher for model {i}; add it to the statistics file, "
+                raise MissingError(f"tensor {name!r}: no Fisher for model {i}; add it to the statistics file, "
                                  f"or set missing=average, or keep one side with a rule")
             if got != shape:
-                raise ThetaError(f"tensor {name!r}: Fisher of model {i} has shape {got}, the tensor {shape}")
+                raise InputError(f"tensor {name!r}: Fisher of model {i} has shape {got}, the tensor {shape}")
 
     def prepare(self, owned: list[tuple[str, list[int]]], stats: StatsAccess) -> None:
         if not self.params["normalize"]:
@@ -80,7 +80,7 @@ class Fisher(Strategy):
                 f = stats.whole(KIND, i, name).double()
                 total += float((f * f).sum())
             if total == 0.0:
-                raise ThetaError(f"the Fisher of model {i} is zero everywhere: cannot normalize "
+                raise InputError(f"the Fisher of model {i} is zero everywhere: cannot normalize "
                                  "(set normalize=false)")
             self.norms[i] = math.sqrt(total)
 

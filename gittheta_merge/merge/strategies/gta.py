@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 
 
@@ -68,7 +68,7 @@ class _TaskVectorFamily(Strategy):
         super().validate()
         for key in ("density", "gamma"):
             if key in self.params and not 0.0 <= self.params[key] <= 1.0:
-                raise ThetaError(f"strategy {self.name}: {key} must be in [0, 1], got {self.params[key]}")
+                raise UsageError(f"strategy {self.name}: {key} must be in [0, 1], got {self.params[key]}")
 
     def keep_mask(self, tau: Any, name: str, model: int) -> Any:
         """1 where an entry of model `model`'s task vector for tensor `name` survives, else 0 (tau's dtype)."""
@@ -167,7 +167,7 @@ class Della(_TaskVectorFamily):
         super().validate()
         d, e = self.params["density"], self.params["epsilon"]
         if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
-            raise ThetaError(f"strategy {self.name}: epsilon {e} must keep density +- epsilon inside (0, 1) "
+            raise UsageError(f"strategy {self.name}: epsilon {e} must keep density +- epsilon inside (0, 1) "
                              f"(density {d})")
 
     def keep_mask(self, tau: Any, name: str, model: int) -> Any:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError
 from gittheta_merge.merge.strategies.base import Chunk, Param, StatsAccess, Strategy
 from gittheta_merge.merge.strategies.regmean import shrink
 
@@ -91,7 +91,7 @@ class Mats(Strategy):
     def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
         for kind in self.stat_kinds():
             if not stats.has_kind(kind):
-                raise ThetaError(f"strategy mats (objective {self.params['objective']}) needs {kind} statistics: "
+                raise MissingError(f"strategy mats (objective {self.params['objective']}) needs {kind} statistics: "
                                  f"--stats {kind}=ours.safetensors,theirs.safetensors")
         if not self.has_stats(name, shape, stats):
             return
@@ -100,7 +100,7 @@ class Mats(Strategy):
             for i in range(self.n_models):
                 got = stats.shape(kind, i, name)
                 if got != want:
-                    raise ThetaError(f"tensor {name!r}: {kind} of model {i} has shape {got}, expected {want}")
+                    raise InputError(f"tensor {name!r}: {kind} of model {i} has shape {got}, expected {want}")
 
     def merge(self, chunk: Chunk) -> Any:
         import torch
@@ -112,7 +112,7 @@ class Mats(Strategy):
         p = self.params
         if p["init"] == "task_arithmetic":
             if chunk.base is None:
-                raise ThetaError(f"tensor {chunk.name!r}: mats init=task_arithmetic needs the base model "
+                raise MissingError(f"tensor {chunk.name!r}: mats init=task_arithmetic needs the base model "
                                  "(or set init=average)")
             base = chunk.base.to(torch.float64)
             init = base + p["init_lambda"] * sum(m - base for m in models)

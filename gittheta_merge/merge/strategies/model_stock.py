@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 
@@ -38,7 +38,7 @@ class ModelStock(Strategy):
     def validate(self) -> None:
         super().validate()
         if self.n_models < 2:
-            raise ThetaError("strategy model_stock: needs at least 2 fine-tuned models beside the base")
+            raise UsageError("strategy model_stock: needs at least 2 fine-tuned models beside the base")
 
     def begin_pass(self, index: int) -> None:
         n = self.n_models

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import InputError, MissingError
 from gittheta_merge.merge.strategies.base import Chunk, Param, StatsAccess, Strategy
 
 KIND = "gram"
@@ -129,18 +129,18 @@ class RegMean(Strategy):
             return "linear"
         if g in ([shape[0], shape[0]], [shape[0]]):
             return "conv1d"
-        raise ThetaError(f"tensor {name!r} {shape}: its Gram has shape {g}; expected [{shape[1]}, {shape[1]}]")
+        raise InputError(f"tensor {name!r} {shape}: its Gram has shape {g}; expected [{shape[1]}, {shape[1]}]")
 
     def check_tensor(self, name: str, shape: list[int], stats: StatsAccess) -> None:
         if not stats.has_kind(KIND):
-            raise ThetaError("strategy regmean needs Gram statistics: one safetensors file per model "
+            raise MissingError("strategy regmean needs Gram statistics: one safetensors file per model "
                              "(--stats gram=ours.safetensors,theirs.safetensors)")
         if self.layout(name, shape, stats) is None:
             return
         first = stats.shape(KIND, 0, name)
         for i in range(1, self.n_models):
             if stats.shape(KIND, i, name) != first:
-                raise ThetaError(f"tensor {name!r}: model {i} has no Gram of shape {first} "
+                raise MissingError(f"tensor {name!r}: model {i} has no Gram of shape {first} "
                                  "(every model needs one, or none)")
 
     def separable(self, name: str, shape: list[int], stats: StatsAccess) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 
 
@@ -31,7 +31,7 @@ class Sce(Strategy):
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.params["select_topk"] <= 1.0:
-            raise ThetaError(f"strategy sce: select_topk must be in [0, 1], got {self.params['select_topk']}")
+            raise UsageError(f"strategy sce: select_topk must be in [0, 1], got {self.params['select_topk']}")
 
     def whole_tensor_copies(self) -> int:
         return 3 * self.n_models + 4  # inputs, task vectors, masks and weights

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 
 CHUNK_ELEMENTS = 1 << 20
@@ -65,10 +65,10 @@ class Slerp(Strategy):
     def validate(self) -> None:
         super().validate()
         if self.n_models != 2:
-            raise ThetaError(f"strategy slerp: interpolates exactly 2 models, got {self.n_models} (merge one branch "
+            raise UsageError(f"strategy slerp: interpolates exactly 2 models, got {self.n_models} (merge one branch "
                              "into HEAD, or use average for more)")
         if not 0.0 <= self.params["t"] <= 1.0:
-            raise ThetaError(f"strategy slerp: t must be in [0, 1], got {self.params['t']}")
+            raise UsageError(f"strategy slerp: t must be in [0, 1], got {self.params['t']}")
 
     def merge(self, chunk: Chunk) -> Any:
         a, b = chunk.models
@@ -115,7 +115,7 @@ class NuSlerp(Strategy):
     def validate(self) -> None:
         super().validate()
         if self.n_models != 2:
-            raise ThetaError(f"strategy nuslerp: interpolates exactly 2 models, got {self.n_models}")
+            raise UsageError(f"strategy nuslerp: interpolates exactly 2 models, got {self.n_models}")
 
     def merge(self, chunk: Chunk) -> Any:
         w0, w1 = self.model_weights()

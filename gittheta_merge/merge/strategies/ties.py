@@ -23,7 +23,7 @@ import struct
 from fractions import Fraction
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import STREAM_CHUNK_BYTES, Chunk, Param, Strategy
 
 BINS = 1 << 16
@@ -197,7 +197,7 @@ class Ties(Strategy):
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.params["density"] <= 1.0:
-            raise ThetaError(f"strategy {self.name}: density must be in [0, 1], got {self.params['density']}")
+            raise UsageError(f"strategy {self.name}: density must be in [0, 1], got {self.params['density']}")
         self._selector: _Selector | None = None  # made by the first statistics pass (planning needs no torch)
         self.majority = 0.0
         self._sign_total = 0

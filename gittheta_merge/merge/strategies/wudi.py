@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gittheta_merge.errors import ThetaError
+from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 
 
@@ -41,7 +41,7 @@ class Wudi(Strategy):
     def validate(self) -> None:
         super().validate()
         if self.params["iterations"] < 0 or self.params["lr"] <= 0:
-            raise ThetaError("strategy wudi: iterations must be >= 0 and lr > 0")
+            raise UsageError("strategy wudi: iterations must be >= 0 and lr > 0")
 
     def whole_tensor_copies(self) -> int:
         return 3 * self.n_models + 7  # inputs, task vectors, their products, the parameter, its gradient, Adam state
