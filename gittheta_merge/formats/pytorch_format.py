@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from gittheta_merge import dtypes
 from gittheta_merge.errors import InputError
 from gittheta_merge.formats.base import CheckpointFormat, Context
-from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_blocks
 from gittheta_merge.storage.tensors import load_tensor
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -84,13 +84,10 @@ class _Encoder:
         shape = list(tensor.shape)
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         data = memoryview(flat).cast("B")
-        blocks: list[tuple[str, int]] = []
-        row_bytes = len(data) // shape[0] if shape and shape[0] else len(data)
-        offset = 0
-        for rows in plan_row_blocks(dtype, shape, self.ctx.max_block_bytes):
-            size = rows * row_bytes if shape else len(data)
-            oid, _ = self.ctx.store.put(data[offset : offset + size])
-            blocks.append((oid, rows))
+        plan = plan_blocks(dtype, shape, self.ctx.max_block_bytes)
+        oids, offset = [], 0
+        for size in plan.sizes:
+            oids.append(self.ctx.store.put(data[offset : offset + size])[0])
             offset += size
         name = self.tensor_name(path)
         extra: dict[str, Any] = {}
@@ -98,7 +95,7 @@ class _Encoder:
             extra["parameter"] = True
             if not tensor.requires_grad:
                 extra["requires_grad"] = False
-        self.entries.append(TensorEntry(name, dtype, shape, blocks, extra))
+        self.entries.append(TensorEntry.from_plan(name, dtype, shape, plan, oids, extra))
         self.done_bytes += len(data)
         if self.ctx.progress:
             self.ctx.progress(len(self.entries), self.done_bytes)

@@ -14,7 +14,7 @@ from gittheta_merge.errors import InputError
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.formats.safetensors_header import MAX_HEADER, METADATA_KEY, parse_header, render_header
 from gittheta_merge.formats.streams import read_exact_into
-from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.storage.metadata import BlockPlan, Metadata, TensorEntry, plan_blocks
 from gittheta_merge.storage.store import BufferRing
 
 PUT_ON_HELPER_BYTES = 1 << 20  # clean: blocks this large are hashed and stored on a helper thread
@@ -44,22 +44,19 @@ class SafetensorsFormat(CheckpointFormat):
 
         # blocks of 1 MiB and more are hashed and stored on a helper thread while the next block is read from
         # git (two buffers taking turns); smaller ones at once, a thread hand-off costs more than they do
-        stored: list[tuple[str, str, list[int], list[tuple[Any, int]]]] = []  # blocks: (oid or its future, rows)
+        stored: list[tuple[str, str, list[int], BlockPlan, list[Any]]] = []  # oids (or their futures) per block
         done_bytes = 0
         ring = BufferRing(2, "theta-put")
         try:
             for name, dtype, shape, start, end in tensors:
-                plan = plan_row_blocks(dtype, shape, ctx.max_block_bytes)
-                rows = shape[0] if shape else 1
-                row_bytes = (end - start) // rows if rows else 0
-                blocks: list[tuple[Any, int]] = []
-                for block_rows in plan:
-                    size = block_rows * row_bytes if rows else 0
+                plan = plan_blocks(dtype, shape, ctx.max_block_bytes)
+                oids: list[Any] = []
+                for size in plan.sizes:
                     view = ring.buffer(size)
                     read_exact_into(stream, view, f"{where}: tensor {name!r}")
-                    oid = ctx.store.put(view)[0] if size < PUT_ON_HELPER_BYTES else ring.submit(ctx.store.put, view)
-                    blocks.append((oid, block_rows))
-                stored.append((name, dtype, shape, blocks))
+                    oids.append(ctx.store.put(view)[0] if size < PUT_ON_HELPER_BYTES
+                                else ring.submit(ctx.store.put, view))
+                stored.append((name, dtype, shape, plan, oids))
                 done_bytes += end - start
                 if ctx.progress:
                     ctx.progress(len(stored), done_bytes)
@@ -67,9 +64,9 @@ class SafetensorsFormat(CheckpointFormat):
                 raise InputError(f"{where}: unexpected bytes after the last tensor: the header lies about sizes")
         finally:
             ring.close()
-        entries = [TensorEntry(name, dtype, shape, [(oid if isinstance(oid, str) else oid.result()[0], rows)
-                                                    for oid, rows in blocks])
-                   for name, dtype, shape, blocks in stored]
+        entries = [TensorEntry.from_plan(name, dtype, shape, plan,
+                                         [oid if isinstance(oid, str) else oid.result()[0] for oid in oids])
+                   for name, dtype, shape, plan, oids in stored]
 
         info: dict[str, Any] = {}
         if file_meta is not None:

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gittheta_merge.constants import MERGE_CHUNK_BYTES
-from gittheta_merge.errors import InputError, MissingError, UsageError
+from gittheta_merge.constants import MAX_MERGE_ROW_BYTES, MERGE_CHUNK_BYTES
+from gittheta_merge.errors import InputError, MissingError, UsageError, human_bytes
 from gittheta_merge.merge import strategies
 from gittheta_merge.merge.rules import Rule, first_match
 from gittheta_merge.merge.sources import TensorInfo
@@ -229,6 +229,11 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
                                  f"{fix}")
             if not binfo.is_float:
                 raise InputError(f"tensor {name!r}: base dtype {binfo.dtype} is not floating point; {fix}")
+        row_fp32 = infos[0].row_elems * 4  # type: ignore[union-attr]
+        if row_fp32 > MAX_MERGE_ROW_BYTES:
+            raise InputError(f"tensor {name!r}: one row of shape {_shape_text(infos[0].shape)} is "  # type: ignore[union-attr]
+                             f"{human_bytes(row_fp32)} in float32, more than a merge holds at once "
+                             f"({human_bytes(MAX_MERGE_ROW_BYTES)}): cannot merge it; {fix}")
         if options.check_stats:
             strat.check_tensor(name, list(infos[0].shape), stats)  # type: ignore[union-attr]
         out = infos[0]

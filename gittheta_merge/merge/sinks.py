@@ -16,7 +16,7 @@ from typing import Any
 
 from gittheta_merge.errors import StorageError, ThetaError, human_bytes, require_space
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
-from gittheta_merge.storage.metadata import Metadata, TensorEntry, plan_row_blocks
+from gittheta_merge.storage.metadata import BlockPlan, Metadata, TensorEntry, plan_blocks
 from gittheta_merge.storage.store import ObjectStore
 
 COPY_CHUNK_BYTES = 64 << 20  # a kept tensor copied into a file output: this many bytes at a time
@@ -45,8 +45,8 @@ class StoreSink:
         self.block_bytes = block_bytes
         self.entries: list[TensorEntry] = []
         self._info: TensorInfo | None = None
-        self._plan: list[int] = []  # rows of each output block of the tensor being written
-        self._blocks: list[tuple[str, int]] = []  # the blocks stored so far
+        self._plan: BlockPlan | None = None  # the output blocks of the tensor being written
+        self._oids: list[str] = []  # the blocks stored so far
         self._buf = bytearray()  # bytes of the block being filled
 
     def start(self, outputs: list[TensorInfo]) -> None:
@@ -60,7 +60,7 @@ class StoreSink:
         if isinstance(source, StoreSource) and source.store.objects_dir == self.store.objects_dir:
             entry = source.entry(name)
             self.entries.append(TensorEntry(entry.name, entry.dtype, list(entry.shape), list(entry.blocks),
-                                            dict(entry.extra)))
+                                            dict(entry.extra), entry.split))
             return
         bounds = self.begin(info)
         for lo, hi in zip(bounds, bounds[1:]):
@@ -68,11 +68,14 @@ class StoreSink:
         self.end()
 
     def begin(self, info: TensorInfo) -> list[int]:
+        """Start a tensor; returns the row boundaries of its output blocks (chunks never straddle them)."""
         self._info = info
-        self._plan = plan_row_blocks(info.dtype, list(info.shape), self.block_bytes)
-        self._blocks = []
+        self._plan = plan_blocks(info.dtype, list(info.shape), self.block_bytes)
+        self._oids = []
         self._buf = bytearray()
-        return list(itertools.accumulate(self._plan, initial=0))
+        if self._plan.split == "bytes":
+            return [0, info.rows]
+        return list(itertools.accumulate(self._plan.counts, initial=0))
 
     def _write_bytes(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
@@ -80,16 +83,15 @@ class StoreSink:
 
     def _flush(self) -> None:
         """Store every complete block in the buffer (a zero-byte tensor's one block is empty: complete)."""
-        assert self._info is not None
-        while len(self._blocks) < len(self._plan):
-            rows = self._plan[len(self._blocks)]
-            size = rows * self._info.row_bytes
+        assert self._plan is not None
+        while len(self._oids) < len(self._plan.sizes):
+            size = self._plan.sizes[len(self._oids)]
             if len(self._buf) < size:
                 return
             with memoryview(self._buf)[:size] as piece:
                 oid, _ = self.store.put(piece)
             del self._buf[:size]
-            self._blocks.append((oid, rows))
+            self._oids.append(oid)
 
     def write(self, rows: Any) -> None:
         self._write_bytes(byte_view(rows))  # appended to the block buffer: no intermediate bytes copy
@@ -98,9 +100,10 @@ class StoreSink:
         info = self._info
         assert info is not None
         self._flush()  # a zero-byte tensor may have had nothing written
-        if len(self._blocks) != len(self._plan) or self._buf:
+        assert self._plan is not None
+        if len(self._oids) != len(self._plan.sizes) or self._buf:
             raise ThetaError(f"tensor {info.name!r}: merged output has the wrong size (internal error)")
-        self.entries.append(TensorEntry(info.name, info.dtype, list(info.shape), self._blocks))
+        self.entries.append(TensorEntry.from_plan(info.name, info.dtype, list(info.shape), self._plan, self._oids))
         self._info = None
 
     def finish(self) -> None:

@@ -127,24 +127,22 @@ class StoreSource(_RowSource):
         return self._entries[name]
 
     def boundaries(self, name: str) -> list[int]:
-        out = [0]
-        for _, rows in self._entries[name].blocks:
-            out.append(out[-1] + rows)
-        return out
+        return self._entries[name].row_boundaries()
 
     def _pieces(self, name: str, start: int, end: int) -> list[tuple[str, int, int, int]]:
-        """(oid, object size, offset in the object, length) of each stored block rows [start, end) touch."""
+        """(oid, object size, offset in the object, length) of each stored block rows [start, end) touch (blocks
+        of whole rows or byte ranges alike: the rows' byte range intersected with each block's)."""
         entry = self._entries[name]
         if not entry.shape:
             return [(entry.blocks[0][0], entry.nbytes, 0, entry.nbytes)]
-        row_bytes = entry.row_bytes
+        lo_byte, hi_byte = start * entry.row_bytes, end * entry.row_bytes
         out = []
         first = 0
-        for (oid, rows), size in zip(entry.blocks, entry.block_sizes()):
-            lo, hi = max(start, first), min(end, first + rows)
-            if lo < hi or (rows == 0 and start == end == first):  # an empty tensor's object is still opened
-                out.append((oid, size, (lo - first) * row_bytes, (hi - lo) * row_bytes))
-            first += rows
+        for (oid, _), size in zip(entry.blocks, entry.block_sizes()):
+            lo, hi = max(lo_byte, first), min(hi_byte, first + size)
+            if lo < hi or (size == 0 and lo_byte == hi_byte == first):  # an empty tensor's object is still opened
+                out.append((oid, size, lo - first, hi - lo))
+            first += size
         return out
 
     def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:

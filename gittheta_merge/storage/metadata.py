@@ -3,7 +3,9 @@
 It is JSON laid out one tensor per line, in the checkpoint's own tensor order, so `git diff` of two
 versions lists exactly the tensors that changed and a plain 3-way text merge of disjoint changes is
 already correct. Per tensor: name, dtype, shape and the object id(s) of its bytes; a tensor larger than
-the block limit is split into row blocks, each its own object. Format-specific facts needed to rebuild
+the block limit is split into row blocks, each its own object; a tensor whose single row is larger than
+the block limit (a [1, 2**34] tensor) is split into byte ranges ("parts") instead, so no object, and no
+buffer while adding or checking out, is ever larger than the block limit. Format-specific facts needed to rebuild
 the original file exactly (safetensors header metadata, a PyTorch checkpoint's nested structure) live
 in "file". Everything read from a metadata file is validated: it may come from anyone.
 """
@@ -21,7 +23,8 @@ from gittheta_merge.constants import BLOCK_BYTES, MAX_METADATA_BYTES  # noqa: F4
 from gittheta_merge.errors import InputError, loads_untrusted
 from gittheta_merge.storage.store import check_oid
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest schema this version reads; 2 added "parts" (byte-range blocks)
+ROW_BLOCKS_SCHEMA = 1  # files without byte-range blocks are still written as schema 1, byte for byte as before
 MAGIC = b'{"gittheta":'
 MAX_ELEMENTS = 1 << 50  # far above any real tensor; rejects absurd shapes before arithmetic
 
@@ -31,15 +34,27 @@ def is_metadata(head: bytes) -> bool:
     return head.lstrip()[: len(MAGIC)] == MAGIC
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """How a tensor's bytes are cut into stored objects: `counts` in the entry's unit (rows, or bytes when
+    split == "bytes"), `sizes` in bytes."""
+
+    split: str  # "rows" | "bytes"
+    counts: list[int]
+    sizes: list[int]
+
+
 @dataclass
 class TensorEntry:
-    """One tensor: its dtype, shape and the objects holding its bytes (row blocks, in order)."""
+    """One tensor: its dtype, shape and the objects holding its bytes (blocks, in order). A block counts
+    leading-dimension rows, or bytes when split == "bytes" (rows larger than the block limit)."""
 
     name: str
     dtype: str
     shape: list[int]
-    blocks: list[tuple[str, int]]  # (oid, number of leading-dimension rows)
+    blocks: list[tuple[str, int]]  # (oid, rows), or (oid, bytes) when split == "bytes"
     extra: dict[str, Any] = field(default_factory=dict)
+    split: str = "rows"
 
     @property
     def nbytes(self) -> int:
@@ -55,7 +70,23 @@ class TensorEntry:
         return self.nbytes // rows if rows else 0
 
     def block_sizes(self) -> list[int]:
+        if self.split == "bytes":
+            return [n for _, n in self.blocks]
         return [rows * self.row_bytes for _, rows in self.blocks] if self.rows else [0]
+
+    def row_boundaries(self) -> list[int]:
+        """Rows at which stored blocks start and end (byte-range parts: only 0 and the last row)."""
+        if self.split == "bytes":
+            return [0, self.rows]
+        out = [0]
+        for _, rows in self.blocks:
+            out.append(out[-1] + rows)
+        return out
+
+    @classmethod
+    def from_plan(cls, name: str, dtype: str, shape: list[int], plan: BlockPlan, oids: list[str],
+                  extra: dict[str, Any] | None = None) -> TensorEntry:
+        return cls(name, dtype, list(shape), list(zip(oids, plan.counts)), dict(extra or {}), plan.split)
 
     @property
     def oids(self) -> list[str]:
@@ -68,6 +99,8 @@ class TensorEntry:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": self.shape}
         if len(self.blocks) == 1:
             out["oid"] = self.blocks[0][0]
+        elif self.split == "bytes":
+            out["parts"] = [[oid, nbytes] for oid, nbytes in self.blocks]
         else:
             out["blocks"] = [[oid, rows] for oid, rows in self.blocks]
         out.update(self.extra)
@@ -96,21 +129,33 @@ class TensorEntry:
         if elements > MAX_ELEMENTS:
             raise InputError(f"{here}implausible shape {shape}")
         rows = shape[0] if shape else 1
+        split = "rows"
         if "oid" in raw:
             blocks = [(check_oid(raw["oid"], here), rows)]
-        elif isinstance(raw.get("blocks"), list) and raw["blocks"]:
-            blocks = []
-            for item in raw["blocks"]:
-                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)
-                        and item[1] > 0):
-                    raise InputError(f"{here}invalid block {item!r}")
-                blocks.append((check_oid(item[0], here), item[1]))
-            if sum(r for _, r in blocks) != rows:
-                raise InputError(f"{here}row blocks cover {sum(r for _, r in blocks)} rows, shape has {rows}")
+        elif raw.get("blocks") or raw.get("parts"):
+            split = "bytes" if "parts" in raw else "rows"
+            blocks = _blocks_from_json(raw.get("parts" if split == "bytes" else "blocks"), here)
+            covered, want = sum(n for _, n in blocks), (dtypes.nbytes(dtype, shape) if split == "bytes" else rows)
+            if covered != want:
+                raise InputError(f"{here}{'parts cover' if split == 'bytes' else 'row blocks cover'} {covered} "
+                                 f"{split}, shape has {want}")
         else:
             raise InputError(f"{here}no oid")
-        extra = {k: v for k, v in raw.items() if k not in {"name", "dtype", "shape", "oid", "blocks"}}
-        return cls(name, dtype, list(shape), blocks, extra)
+        extra = {k: v for k, v in raw.items() if k not in {"name", "dtype", "shape", "oid", "blocks", "parts"}}
+        return cls(name, dtype, list(shape), blocks, extra, split)
+
+
+def _blocks_from_json(items: Any, here: str) -> list[tuple[str, int]]:
+    """[[oid, count], …] with positive integer counts (rows or bytes)."""
+    if not isinstance(items, list) or not items:
+        raise InputError(f"{here}invalid block list {items!r}")
+    blocks = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)
+                and not isinstance(item[1], bool) and item[1] > 0):
+            raise InputError(f"{here}invalid block {item!r}")
+        blocks.append((check_oid(item[0], here), item[1]))
+    return blocks
 
 
 @dataclass
@@ -169,7 +214,9 @@ class Metadata:
         def dump(value: Any) -> str:
             return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
-        lines = [f'{{"gittheta": {SCHEMA_VERSION}, "format": {dump(self.format)},']
+        version = SCHEMA_VERSION if any(t.split == "bytes" and len(t.blocks) > 1 for t in self.tensors) \
+            else ROW_BLOCKS_SCHEMA
+        lines = [f'{{"gittheta": {version}, "format": {dump(self.format)},']
         lines.append(f'"file": {dump(self.file)},')
         for key in sorted(self.extra):
             lines.append(f"{dump(key)}: {dump(self.extra[key])},")
@@ -243,12 +290,21 @@ def configured_block_bytes(repo: Any) -> int:
     return int(repo.config_int("theta.blockBytes", BLOCK_BYTES))
 
 
-def plan_row_blocks(dtype: str, shape: list[int], max_block_bytes: int) -> list[int]:
-    """Split a tensor's leading dimension into blocks of at most max_block_bytes (≥ one row each)."""
+def plan_blocks(dtype: str, shape: list[int], max_block_bytes: int) -> BlockPlan:
+    """Cut a tensor into objects of at most max_block_bytes: whole leading-dimension rows when a row fits (so
+    a merge can stream row ranges and git diff lines up), else byte ranges of whole elements."""
     rows = shape[0] if shape else 1
     total = dtypes.nbytes(dtype, shape)
-    if rows <= 1 or total <= max_block_bytes:
-        return [rows]
+    if total <= max_block_bytes:
+        return BlockPlan("rows", [rows], [total])
     row_bytes = total // rows
-    per_block = max(1, max_block_bytes // max(row_bytes, 1))
-    return [min(per_block, rows - start) for start in range(0, rows, per_block)]
+    if row_bytes <= max_block_bytes and rows > 1:
+        per_block = max_block_bytes // row_bytes
+        counts = [min(per_block, rows - start) for start in range(0, rows, per_block)]
+        return BlockPlan("rows", counts, [n * row_bytes for n in counts])
+    item = dtypes.itemsize(dtype)
+    step = max(item, max_block_bytes // item * item)
+    sizes = [min(step, total - start) for start in range(0, total, step)]
+    if len(sizes) == 1:  # one element above the limit: one block, nothing to split
+        return BlockPlan("rows", [rows], [total])
+    return BlockPlan("bytes", sizes, sizes)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from gittheta_merge import dtypes
 from gittheta_merge.errors import ThetaError
-from gittheta_merge.storage.metadata import Metadata, TensorEntry, is_metadata, plan_row_blocks
+from gittheta_merge.storage.metadata import Metadata, TensorEntry, is_metadata, plan_blocks
 
 OID_A = "a" * 64
 OID_B = "b" * 64
@@ -73,10 +74,36 @@ def test_rejects_newer_schema_and_duplicates() -> None:
         Metadata.from_bytes(b'{"gittheta": 1, "format"')
 
 
-def test_plan_row_blocks() -> None:
-    assert plan_row_blocks("F32", [100, 10], 4000) == [100]
-    assert plan_row_blocks("F32", [100, 10], 1000) == [25, 25, 25, 25]
-    assert plan_row_blocks("F32", [10, 10], 120) == [3, 3, 3, 1]
-    assert plan_row_blocks("F32", [3, 1000], 10) == [1, 1, 1]  # never below one row
-    assert plan_row_blocks("F32", [], 1) == [1]
-    assert sum(plan_row_blocks("BF16", [32000, 1536], 64 << 20)) == 32000
+def test_plan_blocks() -> None:
+    def counts(dtype: str, shape: list[int], limit: int) -> tuple[str, list[int]]:
+        plan = plan_blocks(dtype, shape, limit)
+        assert sum(plan.sizes) == dtypes.nbytes(dtype, shape)
+        assert all(size <= limit for size in plan.sizes) or plan.sizes == [dtypes.itemsize(dtype)]
+        return plan.split, plan.counts
+
+    assert counts("F32", [100, 10], 4000) == ("rows", [100])
+    assert counts("F32", [100, 10], 1000) == ("rows", [25, 25, 25, 25])
+    assert counts("F32", [10, 10], 120) == ("rows", [3, 3, 3, 1])
+    assert counts("F32", [], 1) == ("rows", [1])  # one element is the smallest block
+    # a row above the limit: byte ranges of whole elements, never one huge block (the [1, 2**34] case)
+    assert counts("F32", [3, 1000], 10) == ("bytes", [8] * 1500)
+    assert counts("F32", [1, 1000], 1000) == ("bytes", [1000] * 4)
+    assert counts("BF16", [1, 1001], 1000) == ("bytes", [1000, 1000, 2])
+    assert sum(plan_blocks("BF16", [32000, 1536], 64 << 20).counts) == 32000
+    huge = plan_blocks("F32", [1, 2**34], 64 << 20)  # 64 GB: planned without allocating anything
+    assert huge.split == "bytes" and len(huge.sizes) == 1024 and max(huge.sizes) == 64 << 20
+
+
+def test_byte_range_parts_round_trip_and_are_checked() -> None:
+    entry = TensorEntry.from_plan("w", "F32", [1, 500], plan_blocks("F32", [1, 500], 800), [OID_A, OID_B, OID_A])
+    meta = Metadata("safetensors", [entry])
+    text = meta.to_bytes()
+    assert b'"parts": [["' + OID_A.encode() + b'", 800]' in text and text.startswith(b'{"gittheta": 2,')
+    back = Metadata.from_bytes(text).tensors[0]
+    assert back.split == "bytes" and back.blocks == entry.blocks and back.block_sizes() == [800, 800, 400]
+    assert back.row_boundaries() == [0, 1]
+    raw = json.loads(text)
+    raw["tensors"][0]["parts"][2][1] = 401  # the parts must cover exactly the bytes the dtype and shape imply
+    with pytest.raises(ThetaError, match="parts cover 2001 bytes, shape has 2000"):
+        Metadata.from_bytes(json.dumps(raw).encode())
+    assert sample().to_bytes().startswith(b'{"gittheta": 1,')  # files without parts stay schema 1, as before
