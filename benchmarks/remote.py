@@ -7,6 +7,8 @@ HOME (user-scope install) so neither sees the other's configuration.
 
     python benchmarks/remote.py                 # 48 × 1024×1024 fp32 (201 MB), about a minute
     python benchmarks/remote.py --tensors 8     # quicker
+    python benchmarks/remote.py --http          # objects over HTTP to a real git-lfs server (giftless on
+                                                # localhost, one per tool; bash scripts/reference-tools.sh)
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from measure import dir_bytes, time_command
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from lfs_server import LfsServer  # noqa: E402 - the test suite's giftless fixture, reused
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -35,6 +41,9 @@ def write_model(path: Path, n: int, rows: int, cols: int, changed: int = 0, seed
     for i in range(changed):
         state[f"layer{i * 7 % n}.weight"] += 0.01
     save_file(state, path)
+
+
+servers: list[LfsServer] = []
 
 
 def bench(tool: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -61,13 +70,19 @@ def bench(tool: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
         subprocess.run(["git", "lfs", "install", "--local"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["git", "lfs", "track", "model.safetensors"], cwd=repo, env=env, check=True,
                        stdout=subprocess.DEVNULL)
+    objects_dir = remote / "lfs" / "objects"
+    if args.http:  # the objects go to the server named in a committed .lfsconfig; git's refs to the bare repo
+        server = LfsServer(work / f"{tool}-giftless").start()
+        servers.append(server)
+        subprocess.run(["git", "config", "-f", ".lfsconfig", "lfs.url", server.url()], cwd=repo, env=env, check=True)
+        objects_dir = server.storage
     write_model(repo / "model.safetensors", args.tensors, args.rows, args.cols)
     subprocess.run([*git, "add", "."], cwd=repo, env=env, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "base"], cwd=repo, env=env, check=True)
     subprocess.run(["git", "remote", "add", "origin", remote.as_uri()], cwd=repo, env=env, check=True)
     out: dict[str, float] = {}
     out["push_s"], out["push_mb"] = run(["git", "push", "-q", "origin", "main"], repo, env)
-    out["remote_mb_after_push"] = dir_bytes(remote / "lfs") / 1e6
+    out["remote_mb_after_push"] = dir_bytes(objects_dir) / 1e6
 
     clone = work / f"{tool}-clone"
     out["clone_s"], out["clone_mb"] = run(["git", "clone", "-q", remote.as_uri(), str(clone)], work, env)
@@ -76,9 +91,9 @@ def bench(tool: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
 
     write_model(repo / "model.safetensors", args.tensors, args.rows, args.cols, changed=2)
     subprocess.run([*git, "commit", "-q", "-am", "ft"], cwd=repo, env=env, check=True)
-    before = dir_bytes(remote / "lfs" / "objects")
+    before = dir_bytes(objects_dir)
     out["push2_s"], out["push2_mb"] = run(["git", "push", "-q", "origin", "main"], repo, env)
-    out["incremental_push_mb"] = (dir_bytes(remote / "lfs" / "objects") - before) / 1e6
+    out["incremental_push_mb"] = (dir_bytes(objects_dir) - before) / 1e6
     out["fetch_checkout_s"], out["fetch_checkout_mb"] = run(
         ["sh", "-c", "git pull -q --ff-only origin main"], clone, env)
     return out
@@ -90,9 +105,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--cols", type=int, default=1024)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--http", action="store_true", help="objects to a giftless git-lfs server on localhost")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="theta-remote-bench-") as tmp:
-        results = {tool: bench(tool, Path(tmp), args) for tool in ("theta", "lfs")}
+        try:
+            results = {tool: bench(tool, Path(tmp), args) for tool in ("theta", "lfs")}
+        finally:
+            for server in servers:
+                server.kill()
+    print(f"objects to: {'giftless over HTTP on localhost' if args.http else 'file:// remotes'}")
     model_mb = args.tensors * args.rows * args.cols * 4 / 1e6
     changed_mb = 2 * args.rows * args.cols * 4 / 1e6
     print(f"model {model_mb:.1f} MB ({args.tensors} fp32 tensors), 2 changed tensors = {changed_mb:.1f} MB")

@@ -34,6 +34,33 @@ LFS_MISSING = (
     "(Debian/Ubuntu: apt-get install git-lfs; macOS: brew install git-lfs; others: https://git-lfs.com), "
     "then retry. Local work does not need it"
 )
+# what git-lfs prints when the LFS server refuses who we are (HTTP 401/403): the fix is the user's credentials
+AUTH_REFUSED = ("401", "403", "Authentication required", "Authorization error", "Forbidden", "credentials for")
+
+
+def run_lfs(repo: Repo, args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run `git lfs ARGS…` with its messages (and progress bar) passed through to our stderr as they come, and
+    return (exit code, the last of those messages) so a failure can be explained in one line."""
+    proc = subprocess.Popen(["git", "lfs", *args], cwd=repo.root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    tail = b""
+    out = getattr(sys.stderr, "buffer", None)
+    while chunk := proc.stderr.read1(65536):  # type: ignore[attr-defined]
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        tail = (tail + chunk)[-16384:]
+    return proc.wait(), tail.decode(errors="replace")
+
+
+def lfs_failure(action: str, remote: str, rc: int, messages: str) -> ThetaError:
+    """One line for a failed git-lfs transfer: the server refusing our credentials (a UsageError) names that fix."""
+    if any(marker in messages for marker in AUTH_REFUSED):
+        return UsageError(f"{action} {remote}: the LFS server refused the credentials (git lfs exited {rc}). "
+                          f"Check the token or password for its URL (git config lfs.url / remote.{remote}.lfsurl, "
+                          "or your git credential helper), then retry")
+    return ThetaError(f"{action} {remote} failed (git lfs exited {rc}); see the messages above")
 
 
 def has_git_lfs() -> bool:
@@ -121,10 +148,9 @@ def push_objects(repo: Repo, remote: str, oids: list[str]) -> int:
         )
     for start in range(0, len(oids), PUSH_BATCH):
         batch = oids[start : start + PUSH_BATCH]
-        proc = subprocess.run(["git", "lfs", "push", "--object-id", remote, *batch], cwd=repo.root,
-                              stdout=sys.stderr, stderr=sys.stderr)
-        if proc.returncode != 0:
-            raise ThetaError(f"git lfs push to {remote} failed (exit {proc.returncode}); see the messages above")
+        rc, messages = run_lfs(repo, ["push", "--object-id", remote, *batch])
+        if rc != 0:
+            raise lfs_failure("uploading tensor objects to", remote, rc, messages)
     return len(oids)
 
 
@@ -161,8 +187,7 @@ def _fetch(repo: Repo, store: ObjectStore, missing: list[Needed], remote: str, c
     total = sum(n.size for n in missing)
     sys.stderr.write(f"git-theta: downloading {len(missing)} tensor object(s), {total / 1e6:,.1f} MB "
                      f"from {remote}\n")
-    proc = subprocess.run(["git", "lfs", "fetch", remote, commit], cwd=repo.root, env=env,
-                          stdout=subprocess.DEVNULL, stderr=None)  # git-lfs draws its own progress bar
+    rc, messages = run_lfs(repo, ["fetch", remote, commit], env)  # git-lfs draws its own progress bar
     fetched = 0
     problems: list[str] = []
     for need in missing:
@@ -177,7 +202,9 @@ def _fetch(repo: Repo, store: ObjectStore, missing: list[Needed], remote: str, c
             )
         fetched += 1
     if problems:
-        hint = f" (git lfs fetch exited {proc.returncode}; see its messages above)" if proc.returncode else ""
+        if rc and any(marker in messages for marker in AUTH_REFUSED):
+            raise lfs_failure("downloading tensor objects from", remote, rc, messages)
+        hint = f" (git lfs fetch exited {rc}; see its messages above)" if rc else ""
         raise MissingError(f"{len(problems)} object(s) could not be fetched{hint}:\n  " + "\n  ".join(problems[:10]))
     return fetched
 
