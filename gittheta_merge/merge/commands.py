@@ -371,8 +371,11 @@ def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, 
 
 
 @click.command("merge-files")
-@click.argument("models", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, help="merged .safetensors file")
+@click.argument("models", nargs=-1)
+@click.option("-o", "--output", required=True,
+              help="merged .safetensors file (with --config also a directory: a Hugging Face model)")
+@click.option("--config", "config_file", default=None,
+              help="a mergekit YAML configuration (models are paths); replaces MODELS, --base, --strategy, --set")
 @click.option("--base", default=None, help="the common base checkpoint")
 @click.option("--strategy", "-s", default=DEFAULT_STRATEGY, show_default=True)
 @click.option("--set", "sets", multiple=True, help="strategy parameter KEY=VALUE (repeatable)")
@@ -382,13 +385,26 @@ def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, 
 @click.option("--report", default=None, help="write the JSON merge report here")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]: one block at a time there")
-def merge_files_cmd(models: tuple[str, ...], output: str, base: str | None, strategy: str, sets: tuple[str, ...],
+def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | None, base: str | None, strategy: str,
+                    sets: tuple[str, ...],
                     rules: tuple[str, ...], stats: tuple[str, ...], max_block_bytes: int, report: str | None,
                     dry_run: bool, device: str) -> None:
     """Merge plain .safetensors checkpoints outside git (model 0 is the target)."""
     from gittheta_merge.merge.api import merge_files, plan_files
     from gittheta_merge.merge.engine import summary_text
 
+    if config_file:
+        from gittheta_merge.merge import mergekit_config
+
+        if models or base or sets or strategy != DEFAULT_STRATEGY:
+            raise UsageError("--config names the models, the base, the method and its parameters; "
+                             "drop MODELS, --base, --strategy and --set")
+        result = mergekit_config.merge_files_config(config_file, output, report_path=report,
+                                                    max_block_bytes=max_block_bytes, device=check_device(device))
+        click.echo(summary_text(result))
+        return
+    if not models:
+        raise UsageError("name the models to merge (or --config merge.yml)")
     if dry_run:
         plan = plan_files(list(models), base, strategy, parse_sets(sets), list(rules), parse_stats(stats) or None,
                           max_block_bytes=max_block_bytes)

@@ -40,7 +40,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("mk")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
     base = LlamaForCausalLM(cfg)
     dirs = {"base": root / "base"}
@@ -185,7 +185,153 @@ def mergekit_outputs(models: dict[str, Path], tmp_path_factory: pytest.TempPathF
         jobs[f"keep-{method}"] = mergekit_lines(
             models, method, [{"weight": w, "density": KEEP_DENSITY, **extra} for w in (1.0, 0.0)], ("ft0", "ft1"),
             "base", {"rescale": "false"})
+    for name, text in CONFIGS.items():  # the same YAML files that `merge-files --config` reads
+        jobs[f"config-{name}"] = config_text(models, text).splitlines()
     return run_mergekit_all(jobs, tmp_path_factory.mktemp("mergekit"))
+
+
+# mergekit configurations run unchanged through `git theta merge-files --config` (merge/mergekit_config.py):
+# per-model parameters that differ, gradients over the 3 layers (t = 0, 0.5, 1), filters, shared parameters
+CONFIGS = {
+    "ties-per-model": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft0}
+    parameters: {{weight: 0.7, density: 0.5}}
+  - model: {ft1}
+    parameters: {{weight: 1.0, density: 0.3}}
+  - model: {ft2}
+    parameters: {{weight: 0.4, density: [0.2, 0.9]}}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: float32
+""",
+    "slerp-gradients-and-filters": """
+merge_method: slerp
+base_model: {ft0}
+models:
+  - model: {ft0}
+  - model: {other}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "task-arithmetic-gradient-weights": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {ft0}
+    parameters:
+      weight: [0.2, 1.0]
+  - model: {ft1}
+    parameters:
+      weight: [{{filter: mlp, value: 0.1}}, {{value: 0.9}}]
+parameters: {{normalize: true, lambda: 0.8}}
+dtype: float32
+""",
+    "linear-filtered": """
+merge_method: linear
+models:
+  - model: {ft0}
+    parameters:
+      weight: [{{filter: embed_tokens, value: 3.0}}, {{value: 1.0}}]
+  - model: {ft1}
+    parameters: {{weight: 2.0}}
+  - model: {ft2}
+    parameters: {{weight: 0.5}}
+dtype: float32
+""",
+    "breadcrumbs-ties-per-model-gamma": """
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft0}
+    parameters: {{weight: 1.0, density: 0.6, gamma: 0.05}}
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.4, gamma: 0.1}}
+dtype: float32
+""",
+    "nuslerp-rows": """
+merge_method: nuslerp
+models:
+  - model: {ft0}
+    parameters: {{weight: 2.0}}
+  - model: {other}
+    parameters: {{weight: 1.0}}
+parameters: {{nuslerp_flatten: false}}
+dtype: float32
+""",
+}
+
+
+def config_text(models: dict[str, Path], text: str) -> str:
+    return text.format(**{k: str(v) for k, v in models.items()}).lstrip()
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert set(got) == set(expected), what
+    for name, want in expected.items():
+        have = got[name].to(torch.float32)
+        scale = want.abs().max().item()
+        worst = (have - want).abs().max().item()
+        assert worst <= 1e-6 * max(scale, 1e-12), f"{what}: {name}: max |diff| {worst:.3g} (max |value| {scale:.3g})"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mergekit_configuration_runs_unchanged(models: dict[str, Path], mergekit_outputs: dict[str, dict],
+                                               tmp_path: Path, name: str) -> None:
+    from gittheta_merge.merge.mergekit_config import merge_files_config
+
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(config_text(models, CONFIGS[name]))
+    merge_files_config(cfg, tmp_path / "ours.safetensors", progress=False)
+    assert_same(load_file(str(tmp_path / "ours.safetensors")), mergekit_outputs[f"config-{name}"], name)
+
+
+def test_configuration_to_a_hugging_face_directory(models: dict[str, Path], mergekit_outputs: dict[str, dict],
+                                                   tmp_path: Path) -> None:
+    """merge-files --config with a directory output: weights, the base's config and a model card that records
+    the merge; transformers loads it."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(config_text(models, CONFIGS["ties-per-model"]))
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "gittheta_merge", "merge-files", "--config", str(cfg), "-o",
+                           str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").read_text() == (models["base"] / "config.json").read_text()
+    card = (out / "README.md").read_text()
+    assert "mergekit method `ties`" in card and str(models["ft2"]) in card and "density: [0.2, 0.9]" not in card
+    assert "density:" in card and "- base: " + str(models["base"]) in card
+    model = LlamaForCausalLM.from_pretrained(out)
+    assert_same({k: v for k, v in model.state_dict().items() if k in mergekit_outputs["config-ties-per-model"]},
+                mergekit_outputs["config-ties-per-model"], "directory output")
+
+
+def test_unsupported_configuration_keys_are_named(tmp_path: Path) -> None:
+    from gittheta_merge.errors import UsageError
+    from gittheta_merge.merge.mergekit_config import plan
+
+    with pytest.raises(UsageError, match="`slices` is not supported: frankenmerges"):
+        plan({"merge_method": "linear", "slices": [], "models": ["a"]}, ["w"])
+    with pytest.raises(UsageError, match="merge_method 'passthrough' is not supported"):
+        plan({"merge_method": "passthrough", "models": ["a", "b"]}, ["w"])
+    with pytest.raises(UsageError, match="parameter `t` is not one merge_method ties takes"):
+        plan({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"t": 0.5}}, ["w"])
+    with pytest.raises(UsageError, match="needs base_model"):
+        plan({"merge_method": "ties", "models": ["a", "c"]}, ["w"])
+    with pytest.raises(UsageError, match="unknown key `merge_methd`"):
+        plan({"merge_methd": "ties", "models": ["a"]}, ["w"])
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{' '.join(c[1])}" for c in CASES])

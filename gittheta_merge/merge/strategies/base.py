@@ -31,6 +31,9 @@ class Param:
     kind: str  # float | int | bool | str | floats | choice
     help: str = ""
     choices: tuple[str, ...] = ()
+    # a float that may also be given per model, one value each (mergekit's per-model density, epsilon, gamma):
+    # stored as a float when one value is given, else as a list; strategies read it with Strategy.for_model
+    per_model: bool = False
 
 
 def parse_bool(raw: Any) -> bool:
@@ -167,8 +170,23 @@ class Strategy:
                 known = ", ".join(sorted(cls.params_spec)) or "none"
                 raise UsageError(f"strategy {cls.name}: unknown parameter {key!r} (known: {known})")
             spec = cls.params_spec[key_norm]
-            out[key_norm] = parse_value(spec.kind, raw, f"strategy {cls.name}: {key_norm}", spec.choices)
+            where = f"strategy {cls.name}: {key_norm}"
+            if spec.per_model and spec.kind == "float" and not isinstance(raw, (int, float)):
+                values = parse_value("floats", raw, where)
+                out[key_norm] = values[0] if len(values) == 1 else values
+            else:
+                out[key_norm] = parse_value(spec.kind, raw, where, spec.choices)
         return out
+
+    def for_model(self, key: str, model: int) -> Any:
+        """A per-model parameter's value for model `model` (the one value when a single value was given)."""
+        value = self.params[key]
+        return value[model] if isinstance(value, list) else value
+
+    def values_of(self, key: str) -> list[Any]:
+        """Every value a per-model parameter takes (one, or one per model), e.g. to check their range."""
+        value = self.params.get(key)
+        return list(value) if isinstance(value, list) else [value]
 
     def validate(self) -> None:
         """Check parameter values against n_models (e.g. one weight per model)."""
@@ -177,6 +195,11 @@ class Strategy:
             raise UsageError(
                 f"strategy {self.name}: weights has {len(weights)} values for {self.n_models} models"
             )
+        for key, spec in self.params_spec.items():
+            value = self.params.get(key)
+            if spec.per_model and isinstance(value, list) and len(value) != self.n_models:
+                raise UsageError(f"strategy {self.name}: {key} has {len(value)} values for {self.n_models} models "
+                                 "(give one value, or one per model)")
 
     def model_weights(self) -> list[float]:
         weights = self.params.get("weights")

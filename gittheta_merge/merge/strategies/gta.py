@@ -48,7 +48,8 @@ def l1_rescaled(tau: Any, kept: Any) -> Any:
 
 def common_params(normalize: bool, rescale: bool) -> dict[str, Param]:
     return {
-        "density": Param(1.0, "float", "fraction of each task vector kept (mergekit's default 1: nothing dropped)"),
+        "density": Param(1.0, "float", "fraction of each task vector kept (mergekit's default 1: nothing dropped); "
+                                       "one value, or one per model", per_model=True),
         "weights": Param(None, "floats", "per-model task-vector weights (default 1 each)"),
         "normalize": Param(normalize, "bool", "divide by the sum of the weights (of the agreeing models, with "
                                               "consensus)"),
@@ -67,8 +68,9 @@ class _TaskVectorFamily(Strategy):
     def validate(self) -> None:
         super().validate()
         for key in ("density", "gamma"):
-            if key in self.params and not 0.0 <= self.params[key] <= 1.0:
-                raise UsageError(f"strategy {self.name}: {key} must be in [0, 1], got {self.params[key]}")
+            for value in self.values_of(key) if key in self.params else []:
+                if not 0.0 <= value <= 1.0:
+                    raise UsageError(f"strategy {self.name}: {key} must be in [0, 1], got {value}")
 
     def keep_mask(self, tau: Any, name: str, model: int) -> Any:
         """1 where an entry of model `model`'s task vector for tensor `name` survives, else 0 (tau's dtype)."""
@@ -76,7 +78,7 @@ class _TaskVectorFamily(Strategy):
 
     def sparsify(self, tau: Any, name: str, model: int) -> Any:
         """tau masked by `keep_mask` (untouched at density >= 1), L1-rescaled if asked."""
-        if self.params["density"] >= 1:
+        if self.for_model("density", model) >= 1:
             return tau
         kept = tau * self.keep_mask(tau, name, model)
         return l1_rescaled(tau, kept) if self.params["rescale"] else kept
@@ -116,10 +118,11 @@ class Breadcrumbs(_TaskVectorFamily):
 
     name = "breadcrumbs"
     params_spec = {**common_params(normalize=False, rescale=False),
-                   "gamma": Param(0.01, "float", "fraction of largest-magnitude entries dropped as outliers")}
+                   "gamma": Param(0.01, "float", "fraction of largest-magnitude entries dropped as outliers",
+                                   per_model=True)}
 
     def keep_mask(self, tau: Any, name: str, model: int) -> Any:
-        return keep_middle(tau, self.params["density"], self.params["gamma"])
+        return keep_middle(tau, self.for_model("density", model), self.for_model("gamma", model))
 
 
 class BreadcrumbsTies(Breadcrumbs):
@@ -142,7 +145,8 @@ class DareTies(_TaskVectorFamily):
     def keep_mask(self, tau: Any, name: str, model: int) -> Any:
         from gittheta_merge.merge.strategies.dare import uniforms
 
-        return (uniforms(self.params["seed"], name, model, list(tau.shape)) < self.params["density"]).to(tau.dtype)
+        keep = self.for_model("density", model)
+        return (uniforms(self.params["seed"], name, model, list(tau.shape)) < keep).to(tau.dtype)
 
 
 class DareLinear(DareTies):
@@ -160,22 +164,24 @@ class Della(_TaskVectorFamily):
     name = "della"
     consensus = True
     params_spec = {**common_params(normalize=True, rescale=True),
-                   "epsilon": Param(0.15, "float", "half-width of the keep probabilities around density"),
+                   "epsilon": Param(0.15, "float", "half-width of the keep probabilities around density",
+                                     per_model=True),
                    "seed": Param(0, "int", "seed of the random masks (with the tensor name and model index)")}
 
     def validate(self) -> None:
         super().validate()
-        d, e = self.params["density"], self.params["epsilon"]
-        if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
-            raise UsageError(f"strategy {self.name}: epsilon {e} must keep density +- epsilon inside (0, 1) "
-                             f"(density {d})")
+        for i in range(self.n_models):
+            d, e = self.for_model("density", i), self.for_model("epsilon", i)
+            if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+                raise UsageError(f"strategy {self.name}: epsilon {e} must keep density +- epsilon inside (0, 1) "
+                                 f"(density {d})")
 
     def keep_mask(self, tau: Any, name: str, model: int) -> Any:
         import torch
 
         from gittheta_merge.merge.strategies.dare import uniforms
 
-        density, eps = self.params["density"], self.params["epsilon"]
+        density, eps = self.for_model("density", model), self.for_model("epsilon", model)
         if density <= 0:
             return torch.zeros_like(tau)
         rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)

@@ -21,8 +21,12 @@ class TaskArithmetic(LinearStrategy):
     params_spec = {
         "lambda": Param(1.0, "float", "scale applied to the sum of the task vectors"),
         "weights": Param(None, "floats", "per-model task-vector weights (default 1 each)"),
+        "normalize": Param(False, "bool", "divide the weights by their sum (mergekit's task_arithmetic normalize)"),
     }
 
     def lincomb(self) -> LinComb:
         weights = self.model_weights()
+        total = sum(weights)
+        if self.params["normalize"] and abs(total) >= 1e-8:  # mergekit leaves a near-zero sum undivided
+            weights = [w / total for w in weights]
         return LinComb(tuple(weights), base_scale=sum(weights), lam=self.params["lambda"])

@@ -103,8 +103,8 @@ class _Selector:
         self.high_bin = [0] * n_models
         self.rank = [0] * n_models  # rank of the wanted value inside its high bin (1-indexed)
         self.thresholds: list[float] = [0.0] * n_models
-        self.keep_all = False
-        self.keep_none = False
+        self.keep_all = [False] * n_models
+        self.keep_none = [False] * n_models
 
     def _high(self, tau: Any) -> tuple[Any, Any]:
         """(|tau| bits, their high 16 bits), flat; |tau| is taken in place."""
@@ -125,22 +125,23 @@ class _Selector:
         for hist in self.hist:
             hist[0] += numel
 
-    def end_high(self, density: float) -> None:
+    def end_high(self, densities: list[float]) -> None:
+        """Each model's threshold bin for its own density (mergekit allows one density per model)."""
         import torch
 
-        keep = keep_count(self.total, density)
-        if self.keep_exactly:
-            if density <= 0:
-                self.keep_none = True
-                return
-            keep = max(1, keep)
-        # the threshold is the kth smallest |tau|: kthvalue(D - k) in the paper's code (keeps k + 1 entries),
-        # the k-th largest, kthvalue(D - k + 1), where exactly k are kept
-        kth = self.total - keep + (1 if self.keep_exactly else 0)
-        if kth <= 0 or self.total == 0 or (self.keep_exactly and density >= 1):
-            self.keep_all = True  # density 1: every entry is kept (|tau| >= 0)
-            return
-        for i, hist in enumerate(self.hist):
+        for i, (hist, density) in enumerate(zip(self.hist, densities)):
+            keep = keep_count(self.total, density)
+            if self.keep_exactly:
+                if density <= 0:
+                    self.keep_none[i] = True
+                    continue
+                keep = max(1, keep)
+            # the threshold is the kth smallest |tau|: kthvalue(D - k) in the paper's code (keeps k + 1 entries),
+            # the k-th largest, kthvalue(D - k + 1), where exactly k are kept
+            kth = self.total - keep + (1 if self.keep_exactly else 0)
+            if kth <= 0 or self.total == 0 or (self.keep_exactly and density >= 1):
+                self.keep_all[i] = True  # density 1: every entry is kept (|tau| >= 0)
+                continue
             cumulative = torch.cumsum(hist, 0)
             b = int(torch.searchsorted(cumulative, kth))  # first bin with cumulative >= kth
             self.high_bin[i] = b
@@ -153,9 +154,9 @@ class _Selector:
         bin count in bin 0, above it in 65537, and the boundary bin's entries land in 1..65536."""
         import torch
 
-        if self.keep_all or self.keep_none:
-            return
         for i, tau in enumerate(taus):
+            if self.keep_all[i] or self.keep_none[i]:
+                continue
             bits = tau.abs_().view(-1).view(torch.int32)
             key = torch.sub(bits, (self.high_bin[i] << 16) - 1, out=self.pool.like("high", bits))
             counts = torch.bincount(key.clamp_(0, BINS + 1), minlength=BINS + 2)
@@ -170,8 +171,8 @@ class _Selector:
         import torch
 
         for i, hist in enumerate(self.hist):
-            if self.keep_all or self.keep_none:
-                self.thresholds[i] = float("inf") if self.keep_none else 0.0
+            if self.keep_all[i] or self.keep_none[i]:
+                self.thresholds[i] = float("inf") if self.keep_none[i] else 0.0
                 continue
             cumulative = torch.cumsum(hist, 0)
             low = int(torch.searchsorted(cumulative, self.rank[i]))
@@ -196,8 +197,9 @@ class Ties(Strategy):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.params["density"] <= 1.0:
-            raise UsageError(f"strategy {self.name}: density must be in [0, 1], got {self.params['density']}")
+        for density in self.values_of("density"):
+            if not 0.0 <= density <= 1.0:
+                raise UsageError(f"strategy {self.name}: density must be in [0, 1], got {density}")
         self._selector: _Selector | None = None  # made by the first statistics pass (planning needs no torch)
         self.majority = 0.0
         self._sign_total = 0
@@ -213,8 +215,12 @@ class Ties(Strategy):
             self._sign_total = 0
 
     def _trimmed_sum(self, taus: list[Any]) -> Any:
-        for tau, th in zip(taus, self._selector.thresholds):
+        """Trim each task vector to its threshold, then weigh it (mergekit: sparsify, then weight), in place."""
+        weights = self.params.get("weights")
+        for i, (tau, th) in enumerate(zip(taus, self._selector.thresholds)):
             trim_(tau, th)
+            if weights is not None and weights[i] != 1.0:
+                tau.mul_(weights[i])
         return _sum_into(self.pool.like("sum", taus[0]), taus)
 
     def observe(self, index: int, chunk: Chunk) -> None:
@@ -234,7 +240,7 @@ class Ties(Strategy):
 
     def end_pass(self, index: int) -> None:
         if index == 0:
-            self._selector.end_high(self.params["density"])
+            self._selector.end_high([self.for_model("density", i) for i in range(self.n_models)])
         elif index == 1:
             self._selector.end_low()
         else:
@@ -273,8 +279,15 @@ class Ties(Strategy):
         for y in taus:
             y.clamp_(min=0)
         merged = _sum_into(self.pool.like("agree", taus[0]), taus)
-        counts = _sum_into(low, [y.sign_() for y in taus]).clamp_(min=1)
-        merged.div_(counts).mul_(sigma)
+        weights = self.params.get("weights")
+        if not self.params.get("normalize", True):
+            pass  # mergekit's normalize=false: the sum of the agreeing task vectors
+        elif weights is None:  # the disjoint mean: divide by how many models agree (at least 1)
+            merged.div_(_sum_into(low, [y.sign_() for y in taus]).clamp_(min=1))
+        else:  # mergekit: by the agreeing models' weights, 1 where none agree
+            divisor = _sum_into(low, [y.sign_().mul_(w) for y, w in zip(taus, weights)])
+            merged.div_(divisor.masked_fill_(divisor == 0, 1))
+        merged.mul_(sigma)
         lam = self.params["lambda"]
         if lam != 1.0:
             merged.mul_(lam)
@@ -296,8 +309,12 @@ class TiesLocal(Ties):
     keep_exactly = True
     params_spec = {
         "density": Param(0.2, "float", "fraction of each tensor's task vector kept, exactly max(1, int(density*n)) "
-                                       "entries (mergekit's convention)"),
+                                       "entries (mergekit's convention); one value, or one per model",
+                         per_model=True),
         "lambda": Param(1.0, "float", "scale of the merged task vector (mergekit's lambda)"),
+        "weights": Param(None, "floats", "per-model weights of the trimmed task vectors (mergekit's weight; "
+                                         "default 1 each: the disjoint mean)"),
+        "normalize": Param(True, "bool", "with weights: divide by the sum of the agreeing models' weights"),
     }
 
     def validate(self) -> None:
