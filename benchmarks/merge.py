@@ -43,11 +43,27 @@ from pathlib import Path
 
 from measure import settle_index, time_command  # benchmarks/ is the script directory
 
-METHODS = {  # our strategy, its --set parameters, mergekit's method name
+METHODS = {  # our strategy, its --set parameters, mergekit's method name (None: mergekit has none)
     "linear": ("average", [], "linear"),
     "task_arithmetic": ("task_arithmetic", ["lambda=1.0"], "task_arithmetic"),
     "ties": ("ties", ["density=0.2", "lambda=1.0"], "ties"),
     "ties_local": ("ties_local", ["density=0.2", "lambda=1.0"], "ties"),
+    # issue 17's methods (opt-in with --methods): the same parameters on both sides
+    "slerp": ("slerp", ["t=0.5"], "slerp"),
+    "model_stock": ("model_stock", [], "model_stock"),
+    "breadcrumbs": ("breadcrumbs", ["density=0.9", "gamma=0.01"], "breadcrumbs"),
+    "della": ("della", ["density=0.5", "epsilon=0.1"], "della"),
+    "tsv_merge": ("tsv_merge", [], None),
+    "iso_c": ("iso_c", [], None),
+}
+DEFAULT_METHODS = "linear,task_arithmetic,ties,ties_local"
+NO_BASE = {"slerp"}  # ours without --base (slerp interpolates the two fine-tunes; average ignores the base)
+MERGEKIT_PARAMS = {  # per-model parameters and global ones in mergekit's YAML, equal to the --set above
+    "linear": ("weight: 1.0", ""), "task_arithmetic": ("weight: 1.0", ""),
+    "ties": ("weight: 1.0\n      density: 0.2", ""),
+    "slerp": ("", "parameters: {t: 0.5}\n"), "model_stock": ("", ""),
+    "breadcrumbs": ("weight: 1.0\n      density: 0.9\n      gamma: 0.01", ""),
+    "della": ("weight: 1.0\n      density: 0.5\n      epsilon: 0.1", ""),
 }
 
 
@@ -160,12 +176,13 @@ def mergekit_run(venv: Path, work: Path, paths: dict[str, Path], method: str, si
             os.link(p, d / "model.safetensors")
         (d / "config.json").write_text(json.dumps(cfg_json))
         dirs[n] = d
-    params = {"linear": "weight: 1.0", "task_arithmetic": "weight: 1.0", "ties": "weight: 1.0\n      density: 0.2"}
+    per_model, shared = MERGEKIT_PARAMS[method]
     cfg = work / "mk" / f"{method}.yaml"
-    base_line = "" if method == "linear" else f"base_model: {dirs['base']}\n"
+    # slerp: from ft1 (its base_model) to ft2, as ours interpolates the two fine-tunes
+    base_line = {"linear": "", "slerp": f"base_model: {dirs['ft1']}\n"}.get(method, f"base_model: {dirs['base']}\n")
     # defaults: linear normalises the weights (= average), ties normalises (= the disjoint mean), lambda 1
-    cfg.write_text(f"merge_method: {method}\n{base_line}dtype: bfloat16\nmodels:\n"
-                   + "".join(f"  - model: {dirs[n]}\n    parameters:\n      {params[method]}\n"
+    cfg.write_text(f"merge_method: {method}\n{base_line}dtype: bfloat16\n{shared}models:\n"
+                   + "".join(f"  - model: {dirs[n]}\n" + (f"    parameters:\n      {per_model}\n" if per_model else "")
                              for n in ("ft1", "ft2")))
     out = work / "mk" / f"out-{method}"
     return timed([str(venv / "bin" / "mergekit-yaml"), str(cfg), str(out)], fresh=out)
@@ -282,7 +299,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=400e6, help="parameters (default 400e6)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep inputs here between runs")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--skip-git", action="store_true")
     ap.add_argument("--mergekit-venv", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="rounds; each round runs every row once, in order")
@@ -326,12 +343,13 @@ def main() -> None:
     jobs.append(("floor", WRITE_1, dd_write))
     for m in methods:
         strategy, sets, _ = METHODS[m]
-        cmd = [*gt, "merge-files", str(paths["ft1"]), str(paths["ft2"]), "--base", str(paths["base"]),
+        base_args = [] if m in NO_BASE else ["--base", str(paths["base"])]
+        cmd = [*gt, "merge-files", str(paths["ft1"]), str(paths["ft2"]), *base_args,
                "-o", str(out), "--strategy", strategy, *[a for s in sets for a in ("--set", s)]]
         jobs.append(("merge-files", m, lambda cmd=cmd: timed(cmd, fresh=out)))
     if args.mergekit_venv:
         for m in methods:
-            if m != "ties_local":
+            if m != "ties_local" and METHODS[m][2]:
                 jobs.append(("mergekit 0.1.5", m, lambda m=m: mergekit_run(args.mergekit_venv, work, paths,
                                                                           METHODS[m][2], args.size)))
     if not args.skip_git:
@@ -379,10 +397,10 @@ def main() -> None:
             continue
         row = {"tool": tool, "method": method, "wall_s": med((tool, method)), "rss_gb": med((tool, method), "rss_gb"),
                "walls": [r["wall_s"] for r in rs], "loads": [r["load_before"] for r in rs]}
-        row["floor_rounds"] = floors[2 if method == "linear" else 3]
+        row["floor_rounds"] = floors[2 if method in ("linear", "slerp") else 3]
         row["x_floor_rounds"] = [r["wall_s"] / f for r, f in zip(rs, row["floor_rounds"])]  # same round's floor
         row["x_floor"] = statistics.median(row["x_floor_rounds"])
-        row["x_best_floor"] = row["wall_s"] / best_floor[2 if method == "linear" else 3]
+        row["x_best_floor"] = row["wall_s"] / best_floor[2 if method in ("linear", "slerp") else 3]
         mk = runs.get(("mergekit 0.1.5", method))
         if mk and tool != "mergekit 0.1.5":
             # speed-up against mergekit within the same rounds (same load conditions), median over rounds

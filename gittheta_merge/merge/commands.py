@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from gittheta_merge.constants import BLOCK_BYTES, MERGE_CHUNK_BYTES
-from gittheta_merge.errors import InputError, MissingError, ThetaError, UsageError
+from gittheta_merge.errors import InputError, ThetaError, UsageError
 from gittheta_merge.merge import config
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.metadata import configured_block_bytes
@@ -186,154 +186,6 @@ def merge_driver_cmd(ancestor: str, ours: str, theirs: str, path: str) -> None:
     sys.exit(run_driver(ancestor, ours, theirs, path))
 
 
-def _rev(repo: Repo, rev: str) -> str:
-    out = repo.git("rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False).decode().strip()
-    if not out:
-        raise MissingError(f"{rev}: not a branch or commit")
-    return out
-
-
-def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = None,
-                  stats: dict[str, list[str | None]] | None = None, dry_run: bool = False,
-                  message: str | None = None, echo: Any = print) -> dict[str, Any]:
-    """N-way merge of branches into HEAD: one merge commit whose parents are HEAD and every branch.
-
-    Settings are resolved per model path (merge/config.py: .gittheta.toml < attributes < git config < `cli`);
-    statistics come from `stats` files if given, else from each branch's metadata.
-    """
-    from gittheta_merge.merge.api import load_stats
-    from gittheta_merge.merge.engine import summary_text
-    from gittheta_merge.merge.plan import plan_merge
-    from gittheta_merge.merge.sources import StoreSource
-    from gittheta_merge.storage.revisions import tracked_files
-    from gittheta_merge.storage.store import ObjectStore
-
-    if not branches:
-        raise UsageError("name at least one branch to merge")
-    if cli and cli.get("strategy"):
-        from gittheta_merge.merge import strategies
-
-        strategies.get(cli["strategy"])  # an unknown name is an error even when there is nothing to merge
-    head = _rev(repo, "HEAD")
-    commits = [_rev(repo, b) for b in branches]
-    merged_already = [b for b, c in zip(branches, commits) if repo.is_ancestor(c, head)]
-    if len(merged_already) == len(branches):
-        echo(f"Already up to date ({', '.join(branches)} already in HEAD); nothing to merge.")
-        return {"paths": [], "base": None}
-    base_out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
-    base = base_out[0] if base_out else None
-    labels = ["HEAD", *branches]
-    names = [_current_branch(repo), *branches]
-    revs = [head, *commits]
-    per_rev = [tracked_files(repo, r) for r in revs]
-    base_files = tracked_files(repo, base) if base else {}
-    paths = sorted(set().union(*[set(f) for f in per_rev]))
-    store = ObjectStore.for_repo(repo)
-    access = load_stats(stats, len(revs)) if stats else None
-    todo = []
-    for path in paths:
-        metas = [f.get(path) for f in per_rev]
-        missing = [labels[i] for i, m in enumerate(metas) if m is None]
-        if missing:
-            raise MissingError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
-        first = metas[0].to_bytes()  # type: ignore[union-attr]
-        if all(m.to_bytes() == first for m in metas[1:]):  # type: ignore[union-attr]
-            continue
-        bmeta = base_files.get(path)
-        sides = changed_sides(metas, bmeta)
-        if len(sides) < len(metas):
-            same = ", ".join(labels[i] for i in range(len(metas)) if i not in sides)
-            echo(f"{path}: unchanged from the merge base in {same}: not merged (as git does)")
-        if len(sides) == 1:
-            continue  # only one side changed the file: git's tree merge already took that side's version
-        todo.append((path, sides, bmeta, config.resolve(repo, path, cli)))
-    strategies_used: set[str] = set()
-    resolved = {}
-    for path, sides, bmeta, settings in todo:  # validate everything (statistics included) before touching anything
-        metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
-        options, res = resolved[path] = resolve_merge(metas, bmeta, store, settings, path, side_labels, side_names,
-                                                      _pick_stats(access, sides))
-        base_src = StoreSource(bmeta, store) if bmeta is not None else None
-        plan = plan_merge([StoreSource(m, store) for m in metas], base_src, options, res.access)
-        strategies_used.add(options.strategy)
-        echo(f"{path}: strategy {options.strategy}" + (f" ({res.fallback})" if res.fallback else ""))
-        for line in plan.summary_lines():
-            echo(f"  {line}")
-    if dry_run:
-        return {"paths": [p for p, _, _, _ in todo], "base": base}
-    if repo.git("status", "--porcelain", "--untracked-files=no").strip():
-        raise UsageError("you have uncommitted changes; commit or stash them before git theta merge")
-    # 1. plain files: git's own merges, one branch after another, on objects only (nothing checked out);
-    #    the theta driver is replaced by `true` (keep ours) because the models are merged N-way below
-    current = head
-    for label, commit in zip(branches, commits):
-        out = repo.git("-c", "merge.theta.driver=true", "merge-tree", "--write-tree", "--no-messages",
-                       current, commit, check=False).decode().split()
-        if not out or repo.git("cat-file", "-t", out[0], check=False).strip() != b"tree" or len(out) > 1:
-            raise InputError(f"merging {label}: git reports conflicts in plain (non-model) files "
-                             f"({', '.join(out[1:4]) or 'see git merge'}); resolve them with a normal "
-                             "git merge first. Nothing was changed")
-        current = repo.git("commit-tree", out[0], "-p", current, "-p", commit,
-                           input=b"git theta merge (intermediate)").decode().strip()
-    tree = repo.git("rev-parse", f"{current}^{{tree}}").decode().strip()
-    # the merged objects stay locked against gc until the merge commit refers to them
-    with store.guard.session():
-        # 2. models: the N-way merge, staged into a temporary index on top of that tree
-        block = configured_block_bytes(repo)
-        reports: dict[str, Any] = {}
-        index = repo.git_dir / "theta" / "merge-index"
-        index.parent.mkdir(parents=True, exist_ok=True)
-        env_index = {"GIT_INDEX_FILE": str(index)}
-        try:
-            repo.git("read-tree", tree, env=env_index)
-            for path, sides, bmeta, settings in todo:
-                metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
-                merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
-                                               block_bytes=block, resolved=resolved[path])
-                blob = repo.git("hash-object", "-w", "--no-filters", "--stdin",
-                                input=merged.to_bytes()).decode().strip()
-                repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env_index)
-                _write_report(repo, path, report)
-                reports[path] = report
-                echo(f"{path}: {summary_text(report)}")
-            final_tree = repo.git("write-tree", env=env_index).decode().strip()
-        finally:
-            index.unlink(missing_ok=True)
-        what = ", ".join(sorted(strategies_used)) or "none"
-        msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
-        parents = [arg for c in revs for arg in ("-p", c)]
-        commit = repo.git("commit-tree", final_tree, *parents, input=msg.encode()).decode().strip()
-        # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
-        repo.git("merge", "--ff-only", "-q", commit)
-    return {"paths": list(reports), "base": base, "commit": commit}
-
-
-def changed_sides(metas: list[Any], bmeta: Any) -> list[int]:
-    """Indices of the sides whose weights differ from the merge base's: a side that left the file as it was in
-    the base (typically HEAD = the base model when merging fine-tuned branches into main) has no opinion, as
-    in git's own merges, and would otherwise count as one more model (e.g. in a plain average). All sides
-    when there is no base or nothing changed."""
-    if bmeta is None:
-        return list(range(len(metas)))
-    digest = bmeta.weights_digest()
-    changed = [i for i, m in enumerate(metas) if m.weights_digest() != digest]
-    return changed or list(range(len(metas)))
-
-
-def _pick(per_rev: list[dict[str, Any]], path: str, labels: list[str], names: list[str],
-          sides: list[int]) -> tuple[list[Any], list[str], list[str]]:
-    return [per_rev[i][path] for i in sides], [labels[i] for i in sides], [names[i] for i in sides]
-
-
-def _pick_stats(access: Any, sides: list[int]) -> Any:
-    """Explicit --stats files are given one per side (HEAD first); keep those of the sides that are merged."""
-    if access is None:
-        return None
-    from gittheta_merge.merge.strategies.base import StatsAccess
-
-    return StatsAccess({kind: [srcs[i] for i in sides] for kind, srcs in access.sources.items()})
-
-
 def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...], max_block_bytes: int | None,
               shortcuts: str | None, device: str | None, allow_stale_stats: bool, missing_stats: str | None
               ) -> dict[str, Any]:
@@ -346,7 +198,9 @@ def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...
 
 
 @click.command("merge")
-@click.argument("branches", nargs=-1, required=True)
+@click.argument("branches", nargs=-1)
+@click.option("--config", "config_file", default=None,
+              help="a mergekit YAML configuration: its models and base_model are branches or revisions")
 @click.option("--strategy", "-s", default=None, help="merge strategy (default: settings, else average)")
 @click.option("--set", "sets", multiple=True, help="strategy parameter KEY=VALUE (repeatable)")
 @click.option("--rule", "rules", multiple=True, help="per-tensor rule REGEX=ACTION (repeatable)")
@@ -359,15 +213,28 @@ def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...
 @click.option("--shortcuts", type=click.Choice(config.BY_NAME["shortcuts"].choices), default=None,
               help=config.BY_NAME["shortcuts"].help)
 @click.option("--device", default=None, help=config.BY_NAME["device"].help)
+@click.option("--out-dtype", type=click.Choice(config.BY_NAME["out_dtype"].choices), default=None,
+              help=config.BY_NAME["out_dtype"].help)
 @click.option("-m", "--message", default=None)
-def merge_cmd(branches: tuple[str, ...], strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...],
-              stats: tuple[str, ...], allow_stale_stats: bool, missing_stats: str | None, dry_run: bool,
-              max_block_bytes: int | None, shortcuts: str | None, device: str | None,
-              message: str | None) -> None:
+def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str | None, sets: tuple[str, ...],
+              rules: tuple[str, ...], stats: tuple[str, ...], allow_stale_stats: bool, missing_stats: str | None,
+              dry_run: bool, max_block_bytes: int | None, shortcuts: str | None, device: str | None,
+              out_dtype: str | None, message: str | None) -> None:
     """Merge one or more branches into HEAD with a model-merging strategy, in one merge commit."""
+    from gittheta_merge.merge.octopus import config_models, octopus_merge
+
     repo = Repo.discover()
     cli = cli_layer(strategy, sets, rules, max_block_bytes, shortcuts, device, allow_stale_stats, missing_stats)
-    octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, click.echo)
+    cli["out_dtype"] = out_dtype
+    explicit = None
+    if config_file:
+        if branches or strategy or sets:
+            raise UsageError("--config names the models, the method and its parameters; drop BRANCH…, --strategy "
+                             "and --set")
+        branches, explicit = config_models(repo, config_file)
+    elif not branches:
+        raise UsageError("name at least one branch to merge (or --config merge.yml)")
+    octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, click.echo, explicit)
 
 
 @click.command("merge-files")

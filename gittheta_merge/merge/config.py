@@ -68,6 +68,8 @@ SETTINGS = (
             "the name of a data-free strategy to merge that file with instead"),
     Setting("allow_stale_stats", "bool", False, "use statistics computed on other weights than the ones merged"),
     Setting("device", "str", "cpu", "cpu or cuda[:N]: each chunk is merged on that device"),
+    Setting("out_dtype", "choice", "keep", "the dtype of every floating-point output tensor (mergekit's out_dtype); "
+            "keep: each tensor's own", ("keep", "F32", "F16", "BF16")),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 SETTING_KEYS = set(BY_NAME)
@@ -102,6 +104,7 @@ class MergeSettings:
     missing_stats: str = BY_NAME["missing_stats"].default
     allow_stale_stats: bool = BY_NAME["allow_stale_stats"].default
     device: str = BY_NAME["device"].default
+    out_dtype: str = BY_NAME["out_dtype"].default
     origin: dict[str, str] = field(default_factory=dict)
 
     def apply(self, layer: dict[str, Any], where: str) -> None:
@@ -128,7 +131,7 @@ class MergeSettings:
 
         return MergeOptions(strategy=self.strategy, params=dict(self.params), rules=list(self.rules),
                             max_block_bytes=self.max_block_bytes, shortcuts=self.shortcuts, device=self.device,
-                            **kwargs)
+                            out_dtype=None if self.out_dtype == "keep" else self.out_dtype, **kwargs)
 
 
 def _load_toml(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from gittheta_merge.merge.plan import MergeOptions, MergePlan, MergeResult, Sink, Source, plan_merge
 from gittheta_merge.merge.runner import _Runner
+from gittheta_merge.merge.sources import TensorInfo
 from gittheta_merge.merge.strategies.base import StatsAccess
 
 
@@ -76,7 +77,10 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
                     src, entry["source"] = base, "base"
                 else:
                     src, entry["source"] = models[index], labels[index] if index < len(labels) else tp.source
-                sink.keep(tp.name, src, tp.info)
+                if src.info(tp.name).dtype != tp.info.dtype:  # out_dtype: converted as it is copied
+                    copy_converted(sink, src, tp.info, options.max_block_bytes)
+                else:
+                    sink.keep(tp.name, src, tp.info)
             else:
                 strat = plan.strategies[tp.strategy]  # type: ignore[index]
                 entry["strategy"] = strat.name
@@ -139,3 +143,16 @@ def summary_text(report: dict[str, Any]) -> str:
             lines.append(f"{name}: thresholds {', '.join(f'{t:.4g}' for t in summ['thresholds'])}, "
                          f"majority sign {summ['majority_sign']:+.0f}")
     return "\n".join(lines)
+
+
+def copy_converted(sink: Any, src: Any, info: TensorInfo, max_block_bytes: int) -> None:
+    """A kept tensor written in another floating-point dtype (out_dtype), a row chunk at a time."""
+    from gittheta_merge import dtypes
+
+    torch_dtype = dtypes.to_torch(info.dtype)
+    bounds = sink.begin(info)
+    per = max(1, max_block_bytes // max(info.row_elems * 4, 1))
+    for lo, hi in zip(bounds, bounds[1:]):
+        for start in range(lo, hi, per):
+            sink.write(src.read_rows(info.name, start, min(hi, start + per)).to(torch_dtype))
+    sink.end()

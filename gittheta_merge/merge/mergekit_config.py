@@ -13,8 +13,9 @@ mergekit's parameter semantics, kept exactly (mergekit/config.py evaluate_settin
 * base-aware methods take the base_model as the base and the other listed models as inputs (a base listed under
   models is not one more input); slerp interpolates from the base (t = 0) to the other model.
 We compute in float32 whatever `dtype` says (mergekit computes in `dtype`), so results equal mergekit's run at
-float32. Keys we cannot honour (slices and modules: frankenmerges; tokenizer surgery; chat templates) are refused
-with the key named, rather than merged differently.
+float32; `out_dtype` is the dtype every floating-point output tensor is written in. Keys we cannot honour
+(slices and modules: frankenmerges; tokenizer surgery; chat templates) are refused with the key named, rather than
+merged differently.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ REFUSED = {"slices": "frankenmerges (slices) stack layers from different models;
            "modules": "per-module slices are frankenmerges; only per-tensor merges are built",
            "tokenizer": "tokenizer surgery (merging vocabularies) is not built; use tokenizer_source: base or a model",
            "chat_template": "chat templates are not written; set one in the output's tokenizer_config.json"}
+DTYPES = {"float32": "F32", "float": "F32", "fp32": "F32", "float16": "F16", "half": "F16", "fp16": "F16",
+          "bfloat16": "BF16", "bf16": "BF16"}
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
@@ -58,6 +61,7 @@ class MergekitPlan:
     rules: list[Rule] = field(default_factory=list)  # per-tensor parameters (one rule per distinct set)
     params: dict[str, Any] = field(default_factory=dict)  # parameters of tensors no rule names
     tokenizer_source: str | None = None
+    out_dtype: str | None = None  # safetensors code (F32, F16, BF16)
     source: str = ""
 
 
@@ -156,7 +160,11 @@ def plan(raw: dict[str, Any], names: list[str], where: str = "merge configuratio
         if key not in PER_MODEL and key not in IGNORED and _our_name(method, key) not in spec:
             raise UsageError(f"{where}: parameter `{key}` is not one merge_method {method} takes here "
                              f"(ours: {', '.join(sorted(spec))})")
-    out = MergekitPlan(method, strategy, models, base, tokenizer_source=raw.get("tokenizer_source"), source=where)
+    out_dtype = raw.get("out_dtype")
+    if out_dtype is not None and str(out_dtype).removeprefix("torch.") not in DTYPES:
+        raise UsageError(f"{where}: out_dtype {out_dtype!r} is not one of {', '.join(DTYPES)}")
+    out = MergekitPlan(method, strategy, models, base, tokenizer_source=raw.get("tokenizer_source"), source=where,
+                       out_dtype=DTYPES[str(out_dtype).removeprefix("torch.")] if out_dtype else None)
     if method == "slerp":  # from the base (t = 0) to the other model: our two inputs, no base
         if len(models) != 1:
             raise UsageError(f"{where}: slerp interpolates base_model and exactly one other model "
@@ -252,9 +260,8 @@ def merge_files_config(config_path: str | Path, output: str | Path, **kwargs: An
 
     raw = load(config_path)
     where = str(config_path)
-    refs = [str(e["model"] if isinstance(e, dict) else e) for e in raw.get("models") or []
-            if isinstance(e, (dict, str))]
-    first = weights_file(raw.get("base_model") or (refs[0] if refs else ""), where)
+    probe = plan(raw, [], where)  # the file's own mistakes first, before any model is opened
+    first = weights_file(probe.models[0], where)
     mk = plan(raw, SafetensorsSource(first).names(), where)
     files = [weights_file(m, where) for m in mk.models]
     base = weights_file(mk.base, where) if mk.base else None
@@ -264,7 +271,7 @@ def merge_files_config(config_path: str | Path, output: str | Path, **kwargs: An
     if to_dir:
         out.mkdir(parents=True, exist_ok=True)
     report = merge_files(files, target, base=base, strategy=mk.strategy, params=mk.params, rules=mk.rules,
-                         labels=mk.models, **kwargs)
+                         labels=mk.models, out_dtype=mk.out_dtype, **kwargs)
     if to_dir:
         _write_hf_extras(mk, raw, out, where)
     return report

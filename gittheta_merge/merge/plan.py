@@ -61,6 +61,9 @@ class MergeOptions:
     # the compiled kernel over plain files runs one range per CPU. None: on for the torch-free path when
     # there are 2+ CPUs, off for the torch path (docs/merge.md: measured). False: one thread throughout
     prefetch: bool | None = None
+    # the dtype every floating-point output tensor is written in (mergekit's out_dtype; safetensors code such as
+    # BF16); None: each tensor keeps its inputs' dtype. Kept tensors of another dtype are converted as they are copied
+    out_dtype: str | None = None
 
 
 @dataclass
@@ -239,6 +242,10 @@ def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
         out = infos[0]
         plans.append(TensorPlan(name, "merge", None, key, TensorInfo(name, out.dtype, out.shape, None),  # type: ignore[union-attr]
                                 "changed on several sides"))
+    if options.out_dtype:
+        for tp in plans:
+            if tp.info is not None and tp.info.is_float and tp.info.dtype != options.out_dtype:
+                tp.info = TensorInfo(tp.name, options.out_dtype, tp.info.shape, None)
     return MergePlan(plans, instances, n, options.max_block_bytes)
 
 

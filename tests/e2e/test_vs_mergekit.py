@@ -257,6 +257,18 @@ models:
     parameters: {{weight: 0.5, density: 0.4, gamma: 0.1}}
 dtype: float32
 """,
+    "task-arithmetic-out-bf16": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {ft0}
+    parameters: {{weight: 0.6}}
+  - model: {ft1}
+    parameters: {{weight: [{{filter: embed_tokens, value: 0.0}}, {{value: 0.4}}]}}
+parameters: {{lambda: 1.5}}
+dtype: float32
+out_dtype: bfloat16
+""",
     "nuslerp-rows": """
 merge_method: nuslerp
 models:
@@ -275,11 +287,18 @@ def config_text(models: dict[str, Path], text: str) -> str:
 
 
 def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """Equal within 1e-6 of the largest value; in bf16 (out_dtype), within one bf16 rounding step of each value."""
     assert set(got) == set(expected), what
     for name, want in expected.items():
-        have = got[name].to(torch.float32)
+        assert got[name].dtype == want.dtype, (what, name, got[name].dtype, want.dtype)
+        have, want = got[name].to(torch.float32), want.to(torch.float32)
         scale = want.abs().max().item()
         worst = (have - want).abs().max().item()
+        if got[name].dtype == torch.bfloat16:
+            assert bool(((have - want).abs() <= 2 ** -7 * want.abs() + 1e-30).all()), f"{what}: {name} (bf16)"
+            differ = (have != want).float().mean().item()
+            assert differ < 0.01, f"{what}: {name}: {differ:.2%} of the bf16 values differ"
+            continue
         assert worst <= 1e-6 * max(scale, 1e-12), f"{what}: {name}: max |diff| {worst:.3g} (max |value| {scale:.3g})"
 
 

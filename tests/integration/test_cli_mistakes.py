@@ -23,6 +23,7 @@ def setup(repo: Path) -> Path:
     save_file(random_state(2, seed=3, shape=(8, 8)), repo / "other-shape.safetensors")
     (repo / "notes.txt").write_text("not a checkpoint\n")
     (repo / "data.xml").write_text("<x/>\n")
+    (repo / "frankenmerge.yml").write_text("merge_method: passthrough\nslices:\n  - sources: []\n")
     git(repo, "add", "model.safetensors", ".gitattributes")
     git(repo, "commit", "-qm", "model")
     git(repo, "checkout", "-q", "-b", "side")
@@ -38,6 +39,11 @@ MERGE = ["merge-files", "a.safetensors", "b.safetensors", "-o", "out.safetensors
 
 MISTAKES = [
     (MERGE + ["--strategy", "nosuch"], "nosuch"),
+    (["merge-files", "--config", "nosuch.yml", "-o", "out.safetensors"], "nosuch.yml"),
+    (["merge-files", "--config", "frankenmerge.yml", "-o", "out.safetensors"], "`slices` is not supported"),
+    (["merge-files", "a.safetensors", "--config", "frankenmerge.yml", "-o", "out.safetensors"], "drop MODELS"),
+    (["merge", "--config", "frankenmerge.yml"], "`slices` is not supported"),
+    (["merge", "side", "--config", "frankenmerge.yml"], "drop BRANCH"),
     (MERGE + ["--strategy", "average", "--set", "weights=x,y"], "weights"),
     (MERGE + ["--strategy", "average", "--set", "nosuch=1"], "nosuch"),
     (MERGE + ["--strategy", "ties", "--set", "density=2"], "density"),

@@ -282,3 +282,60 @@ def test_wudi_through_git_theta_merge_lowers_its_loss(repo: Path) -> None:
         assert moved > 1e-3  # the optimisation really moved the merged task vector
         assert np.linalg.norm(got[name].double().numpy() - want) <= 1e-3 * moved + 1e-6
         assert entries[name]["wudi_loss_end"] < entries[name]["wudi_loss_start"]
+
+
+def mergekit_ties_reference(base: torch.Tensor, models: list[torch.Tensor], weights: list[float],
+                            densities: list[float]) -> np.ndarray:
+    """mergekit's ties straight from its definition, float64: per model keep exactly max(1, int(d n)) entries of
+    the task vector by magnitude, weigh, elect the sign of the sum (+ where >= 0), add the agreeing entries and
+    divide by the agreeing models' weights (1 where none agree)."""
+    b = base.double().numpy().ravel()
+    taus = []
+    for m, w, d in zip(models, weights, densities):
+        tau = m.double().numpy().ravel() - b
+        k = max(1, int(d * tau.size))
+        kept = np.zeros_like(tau)
+        top = np.argsort(-np.abs(tau))[:k]
+        kept[top] = tau[top]
+        taus.append(w * kept)
+    taus = np.stack(taus)
+    elected = np.where(taus.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = np.sign(taus) == elected
+    divisor = (np.array(weights)[:, None] * agree).sum(axis=0)
+    divisor[divisor == 0] = 1
+    return (b + (taus * agree).sum(axis=0) / divisor).reshape(base.shape)
+
+
+def test_mergekit_configuration_through_git_theta_merge(repo: Path) -> None:
+    """`git theta merge --config merge.yml`: models and base_model are branches; per-model weights, a per-model
+    density with a filter, the base listed among the models (not one more input); one merge commit with every
+    branch as a parent; values equal mergekit's ties computed from its definition."""
+    base, models = setup(repo, n_branches=3)
+    (repo / "merge.yml").write_text("""
+merge_method: ties
+base_model: main
+models:
+  - model: main
+  - model: t0
+    parameters: {weight: 1.0, density: [{filter: l0, value: 0.5}, {value: 0.8}]}
+  - model: t1
+    parameters: {weight: 0.5, density: 0.3}
+  - model: t2
+    parameters: {weight: 2.0}
+parameters: {density: 0.6, normalize: true}
+dtype: float32
+""".lstrip())
+    out = git(repo, "theta", "merge", "--config", "merge.yml").stdout.decode()
+    assert "strategy ties_local" in out, out
+    parents = git(repo, "log", "-1", "--format=%P").stdout.decode().split()
+    assert [git(repo, "rev-parse", b).stdout.decode().strip() for b in ("HEAD~1", "t0", "t1", "t2")] == parents
+    got = load_file(str(repo / "model.safetensors"))
+    tuned = [dict(base, **{k: m[k] for k in ("l0.weight", "l1.weight")}, **({"l0.bias": m["l0.bias"]} if i == 0
+                                                                            else {})) for i, m in enumerate(models)]
+    for name in ("l0.weight", "l1.weight", "l0.bias"):
+        densities = [0.5 if name.startswith("l0") else 0.8, 0.3, 0.6]
+        want = mergekit_ties_reference(base[name], [t[name] for t in tuned], [1.0, 0.5, 2.0], densities)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=name)
+    assert torch.equal(got["emb.weight"], base["emb.weight"])
+    assert "0 corrupt, 0 missing" in git(repo, "theta", "fsck").stdout.decode()

@@ -50,7 +50,8 @@ def test_every_setting_is_read_from_each_layer(tmp_path) -> None:
 
     sp.run(["git", "init", "-q", str(tmp_path)], check=True)
     values = {"shortcuts": ("exact", "git"), "max_block_bytes": ("1048576", "2097152"),
-              "missing_stats": ("average", "ties"), "allow_stale_stats": ("true", "false"), "device": ("cuda", "cpu")}
+              "missing_stats": ("average", "ties"), "allow_stale_stats": ("true", "false"), "device": ("cuda", "cpu"),
+              "out_dtype": ("BF16", "F16")}
     assert set(values) == {s.name for s in config.SETTINGS}
     (tmp_path / ".gittheta.toml").write_text("[merge]\n" + "".join(
         f"{k} = {v[0] if k in ('max_block_bytes', 'allow_stale_stats') else repr(v[0])}\n" for k, v in values.items()))
