@@ -33,7 +33,8 @@ def _hint_if_not_installed() -> None:
 
 # commands whose modules are imported only when used: the filter process runs inside every
 # `git add`/`checkout` and must not pay for importing the merge engine
-LAZY_COMMANDS = {"merge": "merge_cmd", "merge-driver": "merge_driver_cmd", "merge-files": "merge_files_cmd"}
+LAZY_COMMANDS = {"merge": "merge_cmd", "merge-driver": "merge_driver_cmd", "merge-files": "merge_files_cmd",
+                 "merge-adapters": "merge_adapters_cmd"}
 
 
 class ThetaGroup(click.Group):

@@ -243,6 +243,8 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
               help="merged .safetensors file (with --config also a directory: a Hugging Face model)")
 @click.option("--config", "config_file", default=None,
               help="a mergekit YAML configuration (models are paths); replaces MODELS, --base, --strategy, --set")
+@click.option("--adapter", "adapters", multiple=True,
+              help="a PEFT LoRA adapter directory (repeatable): each counts as the model --base + its delta weights")
 @click.option("--base", default=None, help="the common base checkpoint")
 @click.option("--strategy", "-s", default=DEFAULT_STRATEGY, show_default=True)
 @click.option("--set", "sets", multiple=True, help="strategy parameter KEY=VALUE (repeatable)")
@@ -252,7 +254,8 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
 @click.option("--report", default=None, help="write the JSON merge report here")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]: one block at a time there")
-def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | None, base: str | None, strategy: str,
+def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | None, adapters: tuple[str, ...],
+                    base: str | None, strategy: str,
                     sets: tuple[str, ...],
                     rules: tuple[str, ...], stats: tuple[str, ...], max_block_bytes: int, report: str | None,
                     dry_run: bool, device: str) -> None:
@@ -270,8 +273,17 @@ def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | Non
                                                     max_block_bytes=max_block_bytes, device=check_device(device))
         click.echo(summary_text(result))
         return
+    if adapters:
+        from gittheta_merge.merge.adapters import merge_adapter_models
+
+        if models or not base:
+            raise UsageError("--adapter merges adapters onto --base BASE.safetensors: give --base, and no MODELS")
+        result = merge_adapter_models(base, list(adapters), output, strategy, parse_sets(sets), list(rules),
+                                      report, max_block_bytes=max_block_bytes, device=check_device(device))
+        click.echo(summary_text(result))
+        return
     if not models:
-        raise UsageError("name the models to merge (or --config merge.yml)")
+        raise UsageError("name the models to merge (or --config merge.yml, or --adapter DIR)")
     if dry_run:
         plan = plan_files(list(models), base, strategy, parse_sets(sets), list(rules), parse_stats(stats) or None,
                           max_block_bytes=max_block_bytes)
@@ -281,3 +293,28 @@ def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | Non
                          parse_stats(stats) or None, report, max_block_bytes=max_block_bytes,
                          device=check_device(device))
     click.echo(summary_text(result))
+
+
+@click.command("merge-adapters")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="the merged adapter's directory")
+@click.option("--combination", default="svd", show_default=True,
+              help="PEFT's add_weighted_adapter combination: linear, cat, svd, ties, ties_svd, dare_linear, "
+                   "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd")
+@click.option("--weights", default=None, help="one weight per adapter, e.g. 1,0.5 (default 1 each)")
+@click.option("--density", type=float, default=1.0, show_default=True, help="fraction kept by the pruning kinds")
+@click.option("--svd-rank", type=int, default=None, help="rank of the SVD kinds' result (default: the largest rank)")
+@click.option("--svd-clamp", type=float, default=None, help="clamp the SVD factors at this quantile of their entries")
+@click.option("--majority-sign-method", type=click.Choice(["total", "frequency"]), default="total", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the dare kinds' random masks")
+def merge_adapters_cmd(adapters: tuple[str, ...], output: str, combination: str, weights: str | None, density: float,
+                       svd_rank: int | None, svd_clamp: float | None, majority_sign_method: str, seed: int) -> None:
+    """Merge PEFT LoRA adapter directories into one adapter, as PEFT's add_weighted_adapter does."""
+    from gittheta_merge.merge.adapters import merge_adapters
+    from gittheta_merge.merge.strategies.base import parse_value
+
+    parsed = parse_value("floats", weights, "--weights") if weights else None
+    report = merge_adapters(list(adapters), output, parsed, combination, density, svd_rank, svd_clamp,
+                            majority_sign_method, seed)
+    click.echo(f"merged {len(adapters)} adapters ({report['combination']}, rank {report['rank']}, "
+               f"{report['modules']} modules) into {output}")
