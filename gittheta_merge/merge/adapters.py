@@ -57,7 +57,8 @@ class Adapter:
 
     @classmethod
     def open(cls, path: str | Path) -> Adapter:
-        path = Path(path)
+        """A directory, or `REV:DIR` for the adapter a branch or commit holds (tracked or plain files alike)."""
+        path = Path(path) if Path(path).exists() or ":" not in str(path) else from_revision(str(path))
         cfg_path, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
         if not cfg_path.is_file() or not weights.is_file():
             raise UsageError(f"{path}: not a PEFT adapter directory (needs adapter_config.json and "
@@ -115,6 +116,34 @@ class Adapter:
         if self.config.get("fan_in_fan_out"):
             return (b @ a[:, start:end]).T * s
         return (b[start:end] @ a) * s
+
+
+def from_revision(ref: str) -> Path:
+    """Check `REV:DIR`'s adapter files out of git into a temporary directory (an adapter is megabytes, not a model):
+    a tracked adapter_model.safetensors is rebuilt from its metadata and objects (fetched if missing) by the same
+    smudge as a checkout, whatever the work tree's attributes say."""
+    import atexit
+    import io
+    import shutil
+    import subprocess
+    import tempfile
+
+    from gittheta_merge.filter.process import Filter
+    from gittheta_merge.storage.gitutil import Repo
+
+    rev, _, folder = ref.partition(":")
+    repo = Repo.discover()
+    target = Path(tempfile.mkdtemp(prefix="theta-adapter-"))
+    atexit.register(shutil.rmtree, target, True)
+    folder = folder.strip("/")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = f"{folder}/{name}" if folder else name
+        spec = f"{rev}:{path}"
+        if subprocess.run(["git", "cat-file", "-e", spec], cwd=repo.root, capture_output=True).returncode != 0:
+            raise UsageError(f"{ref}: no {name} at {spec} (REV:DIR names an adapter directory in a commit)")
+        with open(target / name, "wb") as out:
+            Filter(repo).smudge(path, io.BytesIO(repo.git("cat-file", "blob", spec)), out)
+    return target
 
 
 # -- PEFT's task-tensor combinations (utils/merge_utils.py), on a list of same-shape float32 tensors ----------------

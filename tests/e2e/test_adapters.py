@@ -187,3 +187,34 @@ def test_dare_combinations_keep_density_of_the_entries_reproducibly(lora: dict[s
         assert torch.allclose(x[a_key][moved], (a * scale)[moved], rtol=1e-5), module
     sigma = (density * (1 - density) / total) ** 0.5
     assert abs(kept / total - density) < 5 * sigma, kept / total
+
+
+def test_adapters_on_branches_merge_by_revision(lora: dict[str, Path], tmp_path: Path) -> None:
+    """Branches that each hold an adapter (tracked with git theta) merge with REV:DIR references: the result equals
+    merging the directories themselves."""
+    import shutil
+
+    from conftest import git, init_repo
+
+    from gittheta_merge.merge.adapters import merge_adapters
+
+    repo = init_repo(tmp_path / "repo")
+    git(repo, "theta", "track", "*.safetensors")
+    git(repo, "commit", "-qm", "track", "--allow-empty")
+    for branch, name in (("task-a", "a0"), ("task-b", "a1")):
+        git(repo, "checkout", "-qb", branch, "main")
+        shutil.copytree(lora[name], repo / "adapter", dirs_exist_ok=True)
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", branch)
+    git(repo, "checkout", "-q", "main")
+    stored = git(repo, "show", "task-a:adapter/adapter_model.safetensors").stdout
+    assert stored.startswith(b'{"gittheta"')  # tracked per tensor, not as raw bytes
+    proc = git(repo, "theta", "merge-adapters", "task-a:adapter", "task-b:adapter", "-o", "merged",
+               "--combination", "svd", "--weights", "0.7,0.3")
+    assert b"merged 2 adapters (svd, rank 4" in proc.stdout
+    merge_adapters([lora["a0"], lora["a1"]], tmp_path / "direct", [0.7, 0.3], "svd")
+    got = load_file(str(repo / "merged" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "direct" / "adapter_model.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    bad = git(repo, "theta", "merge-adapters", "task-a:adapter", "task-b:nothere", "-o", "x", check=False)
+    assert bad.returncode != 0 and b"no adapter_config.json at task-b:nothere/" in bad.stderr, bad.stderr
