@@ -23,9 +23,10 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def slerp(t: float, a: Any, b: Any, dot_threshold: float = 0.9995, eps: float = 1e-8,
-          report: dict[str, Any] | None = None) -> Any:
+          report: dict[str, Any] | None = None, in_place: bool = False) -> Any:
     """The interpolated tensor (a's shape, float32 or float64), straight from the definition above; the cosine
-    goes into `report` if one is given."""
+    goes into `report` if one is given. in_place: a and b may be overwritten (the engine's chunk tensors), which
+    saves three whole-tensor temporaries (the 400M benchmark's peak: 1.42 GB before)."""
     import torch
 
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -48,6 +49,8 @@ def slerp(t: float, a: Any, b: Any, dot_threshold: float = 0.9995, eps: float = 
         theta = torch.acos(cos)
         sin = torch.sin(theta)
         ca, cb = torch.sin((1 - t) * theta) / sin, torch.sin(t * theta) / sin
+    if in_place and x.data_ptr() == a.data_ptr() and y.data_ptr() == b.data_ptr():
+        return x.mul_(ca).add_(y.mul_(cb)).reshape(a.shape)  # no whole-tensor temporaries: a and b are ours
     return (ca * x + cb * y).reshape(a.shape)
 
 
@@ -72,7 +75,7 @@ class Slerp(Strategy):
 
     def merge(self, chunk: Chunk) -> Any:
         a, b = chunk.models
-        return slerp(self.params["t"], a, b, self.params["dot_threshold"], report=chunk.report)
+        return slerp(self.params["t"], a, b, self.params["dot_threshold"], report=chunk.report, in_place=True)
 
 
 def nuslerp(t: float, a: Any, b: Any, vectors: str, eps: float = 1e-8) -> Any:
