@@ -3,6 +3,7 @@ the lazily loaded merge commands; each command group lives in its own module her
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -31,6 +32,14 @@ def _hint_if_not_installed() -> None:
                    "would commit raw files. Run `git theta install` (it also checks the models out).", err=True)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C: raise KeyboardInterrupt once, so the cleanup code (temp files, locks) runs, and ignore the repeats:
+    git forwards the signal to the command it runs (`git theta …`) besides the terminal sending it, and a second
+    KeyboardInterrupt would break off that cleanup."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 # commands whose modules are imported only when used: the filter process runs inside every
 # `git add`/`checkout` and must not pay for importing the merge engine
 LAZY_COMMANDS = {"merge": "merge_cmd", "merge-driver": "merge_driver_cmd", "merge-files": "merge_files_cmd",
@@ -54,8 +63,12 @@ class ThetaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         if ctx.protected_args and ctx.protected_args[0] not in _NO_HINT:
             _hint_if_not_installed()
+        signal.signal(signal.SIGINT, _interrupted)
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("git-theta: interrupted; what was done so far is intact (a rerun completes it)", err=True)
+            sys.exit(130)
         except ThetaError as exc:
             click.echo(f"git-theta: error: {exc}", err=True)
             sys.exit(1)

@@ -182,6 +182,10 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         parents = [arg for c in parent_revs for arg in ("-p", c)]
         commit = repo.git("commit-tree", final_tree, *parents, input=msg.encode()).decode().strip()
         # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
+        if repo.git("rev-parse", "HEAD").decode().strip() != head:
+            raise UsageError("HEAD moved while this merge ran (another command committed on this branch), so its "
+                             f"merge commit {commit[:12]} was not applied; the branch, index and work tree are as the "
+                             "other command left them. Rerun git theta merge")
         repo.git("merge", "--ff-only", "-q", commit)
     return {"paths": list(reports), "base": base, "commit": commit}
 

@@ -9,6 +9,7 @@ file. Once PIDFILE.go exists no process pauses again. The points wrap the object
   object-written   after an object is newly stored (add, merges, stats)
   objects-checked  after a command checked that the objects it names exist, just before it answers (the clean)
   objects-fetched  when the first downloaded object is about to be verified (after git-lfs wrote them)
+  object-opened    before an object is opened for reading (checkout's smudge, merges, diff)
 """
 
 from __future__ import annotations
@@ -66,3 +67,4 @@ if _SPEC:
     ObjectStore.put_stream = _after("object-written", newly_written)(ObjectStore.put_stream)
     ObjectStore.require_present = _after("objects-checked")(ObjectStore.require_present)
     ObjectStore.verify = _before("objects-fetched")(ObjectStore.verify)
+    ObjectStore.open = _before("object-opened")(ObjectStore.open)
