@@ -20,8 +20,8 @@ from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.engine import merge_models
 from gittheta_merge.merge.plan import MergeOptions, MergePlan, MergeResult, plan_merge
 from gittheta_merge.merge.rules import Rule, parse_rule
-from gittheta_merge.merge.sinks import SafetensorsSink, StoreSink
-from gittheta_merge.merge.sources import SafetensorsSource, StoreSource
+from gittheta_merge.merge.sinks import SafetensorsSink, ShardedSafetensorsSink, StoreSink
+from gittheta_merge.merge.sources import StoreSource, open_checkpoint
 from gittheta_merge.merge.statsflow import StatFile
 from gittheta_merge.merge.strategies.base import StatsAccess
 from gittheta_merge.storage.metadata import Metadata
@@ -47,6 +47,9 @@ def load_stats(stats: dict[str, Sequence[PathLike | None]] | None, n_models: int
     return access
 
 
+SHARD_BYTES = 5_000_000_000  # a directory output's shard size: mergekit's default (--out-shard-size 5B)
+
+
 def _options(strategy: str, params: dict[str, Any] | None, rules: Sequence[Rule | str] | None,
              **kwargs: Any) -> MergeOptions:
     parsed = [r if isinstance(r, Rule) else parse_rule(r) for r in (rules or [])]
@@ -57,8 +60,8 @@ def plan_files(models: Sequence[PathLike], base: PathLike | None = None, strateg
                params: dict[str, Any] | None = None, rules: Sequence[Rule | str] | None = None,
                stats: dict[str, Sequence[PathLike | None]] | None = None, **kwargs: Any) -> MergePlan:
     """Validate a merge of files and return its plan without reading any tensor data."""
-    sources = [SafetensorsSource(p) for p in models]
-    base_src = SafetensorsSource(base) if base else None
+    sources = [open_checkpoint(p) for p in models]
+    base_src = open_checkpoint(base) if base else None
     options = _options(strategy, params, rules, **kwargs)
     return plan_merge(sources, base_src, options, load_stats(stats, len(sources)))
 
@@ -67,17 +70,23 @@ def merge_files(models: Sequence[PathLike], output: PathLike, base: PathLike | N
                 strategy: str = "average", params: dict[str, Any] | None = None,
                 rules: Sequence[Rule | str] | None = None,
                 stats: dict[str, Sequence[PathLike | None]] | None = None,
-                report_path: PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Merge safetensors files into `output`; returns the merge report (also written to report_path).
+                report_path: PathLike | None = None, shard_bytes: int | None = None,
+                **kwargs: Any) -> dict[str, Any]:
+    """Merge safetensors checkpoints (files, or model directories, sharded or not) into `output`; returns the merge
+    report (also written to report_path). An output ending in .safetensors is one file; any other is a directory
+    that gets model.safetensors, or shards of at most `shard_bytes` (default 5 GB) and their index.
 
     kwargs go to MergeOptions (max_block_bytes, shortcuts, device, labels, progress). Files carry no
     content identities, so only rules and strategies decide; every tensor present in all models is merged.
     """
-    sources = [SafetensorsSource(p) for p in models]
-    base_src = SafetensorsSource(base) if base else None
+    sources = [open_checkpoint(p) for p in models]
+    base_src = open_checkpoint(base) if base else None
     options = _options(strategy, params, rules, **kwargs)
     access = load_stats(stats, len(sources))
-    sink = SafetensorsSink(output, sources[0].file_metadata)
+    if str(output).endswith(".safetensors"):
+        sink: Any = SafetensorsSink(output, sources[0].file_metadata)
+    else:
+        sink = ShardedSafetensorsSink(output, shard_bytes or SHARD_BYTES, sources[0].file_metadata)
     try:
         result = merge_models(sources, base_src, sink, options, access)
     except BaseException:

@@ -38,6 +38,19 @@ def parse_sets(items: tuple[str, ...]) -> dict[str, str]:
     return params
 
 
+def parse_size(text: str | None) -> int | None:
+    """5GB, 500MB, 2.5e9, 4096: bytes (decimal units, as mergekit's --out-shard-size)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--shard-size {text!r}: a size such as 5GB, 500MB or 1000000000")
+    value = float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " ")
+    if value < 1:
+        raise UsageError(f"--shard-size {text!r}: must be at least one byte")
+    return int(value)
+
+
 def parse_stats(items: tuple[str, ...]) -> dict[str, list[str | None]]:
     stats: dict[str, list[str | None]] = {}
     for item in items:
@@ -243,6 +256,8 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
               help="merged .safetensors file (with --config also a directory: a Hugging Face model)")
 @click.option("--config", "config_file", default=None,
               help="a mergekit YAML configuration (models are paths); replaces MODELS, --base, --strategy, --set")
+@click.option("--shard-size", default=None,
+              help="a directory output's largest shard, e.g. 5GB or 500MB (default 5GB, as mergekit)")
 @click.option("--adapter", "adapters", multiple=True,
               help="a PEFT LoRA adapter directory (repeatable): each counts as the model --base + its delta weights")
 @click.option("--base", default=None, help="the common base checkpoint")
@@ -254,8 +269,8 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
 @click.option("--report", default=None, help="write the JSON merge report here")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan; read no tensor data")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]: one block at a time there")
-def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | None, adapters: tuple[str, ...],
-                    base: str | None, strategy: str,
+def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | None, shard_size: str | None,
+                    adapters: tuple[str, ...], base: str | None, strategy: str,
                     sets: tuple[str, ...],
                     rules: tuple[str, ...], stats: tuple[str, ...], max_block_bytes: int, report: str | None,
                     dry_run: bool, device: str) -> None:
@@ -270,7 +285,8 @@ def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | Non
             raise UsageError("--config names the models, the base, the method and its parameters; "
                              "drop MODELS, --base, --strategy and --set")
         result = mergekit_config.merge_files_config(config_file, output, report_path=report,
-                                                    max_block_bytes=max_block_bytes, device=check_device(device))
+                                                    max_block_bytes=max_block_bytes, device=check_device(device),
+                                                    shard_bytes=parse_size(shard_size))
         click.echo(summary_text(result))
         return
     if adapters:
@@ -290,8 +306,8 @@ def merge_files_cmd(models: tuple[str, ...], output: str, config_file: str | Non
         click.echo("\n".join(plan.summary_lines()))
         return
     result = merge_files(list(models), output, base, strategy, parse_sets(sets), list(rules),
-                         parse_stats(stats) or None, report, max_block_bytes=max_block_bytes,
-                         device=check_device(device))
+                         parse_stats(stats) or None, report, shard_bytes=parse_size(shard_size),
+                         max_block_bytes=max_block_bytes, device=check_device(device))
     click.echo(summary_text(result))
 
 

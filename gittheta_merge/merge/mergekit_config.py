@@ -236,17 +236,12 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 
 
 def weights_file(ref: str, where: str) -> Path:
-    """The safetensors file a model reference names: the file itself, or a directory's model.safetensors."""
+    """The checkpoint a model reference names: a safetensors file, or a model directory (sharded or not)."""
     path = Path(ref)
     if path.is_dir():
-        single = path / "model.safetensors"
-        if single.is_file():
-            return single
-        if (path / "model.safetensors.index.json").is_file():
-            raise UsageError(f"{where}: {ref} is a sharded checkpoint (model.safetensors.index.json); merge-files "
-                             "reads one model.safetensors per model: consolidate it, or track it in git and use "
-                             "git theta merge --config")
-        raise UsageError(f"{where}: {ref} has no model.safetensors")
+        if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+            return path
+        raise UsageError(f"{where}: {ref} has no model.safetensors or model.safetensors.index.json")
     if not path.is_file():
         raise UsageError(f"{where}: model {ref!r} is neither a safetensors file nor a model directory")
     return path
@@ -254,23 +249,23 @@ def weights_file(ref: str, where: str) -> Path:
 
 def merge_files_config(config_path: str | Path, output: str | Path, **kwargs: Any) -> dict[str, Any]:
     """`git theta merge-files --config merge.yml -o OUT`: OUT a .safetensors file, or a directory that gets
-    model.safetensors, the base's (or tokenizer_source's) config and tokenizer files, and a model card."""
+    model.safetensors (or shards and their index above the shard size), the base's (or tokenizer_source's) config
+    and tokenizer files, and a model card."""
     from gittheta_merge.merge.api import merge_files
-    from gittheta_merge.merge.sources import SafetensorsSource
+    from gittheta_merge.merge.sources import open_checkpoint
 
     raw = load(config_path)
     where = str(config_path)
     probe = plan(raw, [], where)  # the file's own mistakes first, before any model is opened
     first = weights_file(probe.models[0], where)
-    mk = plan(raw, SafetensorsSource(first).names(), where)
+    mk = plan(raw, open_checkpoint(first).names(), where)
     files = [weights_file(m, where) for m in mk.models]
     base = weights_file(mk.base, where) if mk.base else None
     out = Path(output)
     to_dir = out.suffix != ".safetensors"
-    target = out / "model.safetensors" if to_dir else out
     if to_dir:
         out.mkdir(parents=True, exist_ok=True)
-    report = merge_files(files, target, base=base, strategy=mk.strategy, params=mk.params, rules=mk.rules,
+    report = merge_files(files, out, base=base, strategy=mk.strategy, params=mk.params, rules=mk.rules,
                          labels=mk.models, out_dtype=mk.out_dtype, **kwargs)
     if to_dir:
         _write_hf_extras(mk, raw, out, where)

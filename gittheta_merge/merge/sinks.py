@@ -221,3 +221,73 @@ class SafetensorsSink:
             self._fd = None
         if self._tmp and os.path.exists(self._tmp):
             os.unlink(self._tmp)
+
+
+class ShardedSafetensorsSink:
+    """A Hugging Face sharded checkpoint: tensors in output order cut into files of at most `shard_bytes`
+    (model-00001-of-0000N.safetensors, one SafetensorsSink each) and model.safetensors.index.json naming the file of
+    every tensor; one file (model.safetensors, no index) when everything fits in one shard, as transformers writes."""
+
+    def __init__(self, folder: str | Path, shard_bytes: int, file_metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.shard_bytes = shard_bytes
+        self.file_metadata = file_metadata
+        self._sinks: list[SafetensorsSink] = []
+        self._owner: dict[str, SafetensorsSink] = {}
+        self._current: SafetensorsSink | None = None
+        self._total = 0
+
+    def start(self, outputs: list[TensorInfo]) -> None:
+        groups: list[list[TensorInfo]] = [[]]
+        size = 0
+        for info in outputs:
+            if groups[-1] and size + info.nbytes > self.shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(info)
+            size += info.nbytes
+        self._total = sum(t.nbytes for t in outputs)
+        n = len(groups)
+        for i, group in enumerate(groups):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            sink = SafetensorsSink(self.folder / name, self.file_metadata)
+            sink.start(group)
+            self._sinks.append(sink)
+            self._owner.update({t.name: sink for t in group})
+
+    def keep(self, name: str, source: Any, info: TensorInfo) -> None:
+        self._owner[name].keep(name, source, info)
+
+    def begin(self, info: TensorInfo) -> list[int]:
+        self._current = self._owner[info.name]
+        return self._current.begin(info)
+
+    def write(self, rows: Any) -> None:
+        assert self._current is not None
+        self._current.write(rows)
+
+    def file_span(self, name: str) -> tuple[int, int, str]:
+        return self._owner[name].file_span(name)
+
+    def span_written(self, name: str) -> None:
+        self._owner[name].span_written(name)
+
+    def end(self) -> None:
+        if self._current is not None:
+            self._current.end()
+
+    def finish(self) -> None:
+        import json
+
+        for sink in self._sinks:
+            sink.finish()
+        if len(self._sinks) > 1:
+            index = {"metadata": {"total_size": self._total},
+                     "weight_map": {name: sink.path.name for name, sink in self._owner.items()}}
+            tmp = self.folder / ".model.safetensors.index.json.tmp"
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+            os.replace(tmp, self.folder / "model.safetensors.index.json")
+
+    def abort(self) -> None:
+        for sink in self._sinks:
+            sink.abort()

@@ -255,3 +255,68 @@ def _pread_exact(fd: int, out: memoryview, offset: int, what: str) -> None:
         if n <= 0:
             raise InputError(f"{what}file ended early")
         got += n
+
+
+class ShardedSource:
+    """A Hugging Face sharded checkpoint (model.safetensors.index.json + its shards) read as one source: each
+    tensor from its shard's SafetensorsSource (positioned reads, as for one file)."""
+
+    ordered_reads = False
+
+    def __init__(self, index_path: str | Path) -> None:
+        from gittheta_merge.errors import loads_untrusted
+
+        index_path = Path(index_path)
+        index = loads_untrusted(index_path.read_text(), str(index_path), "model.safetensors.index.json")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index_path}: no weight_map")
+        self.path = str(index_path.parent)
+        shards: dict[str, SafetensorsSource] = {}
+        self._by_name: dict[str, SafetensorsSource] = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+                raise InputError(f"{index_path}: tensor {name!r}: shard {shard!r} is not a file beside the index")
+            if shard not in shards:
+                shards[shard] = SafetensorsSource(index_path.parent / shard)
+            self._by_name[name] = shards[shard]
+        order = [n for src in shards.values() for n in src.names() if self._by_name.get(n) is src]
+        self._order = order + [n for n in weight_map if n not in set(order)]
+        self.file_metadata = next(iter(shards.values())).file_metadata
+
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def info(self, name: str) -> TensorInfo | None:
+        src = self._by_name.get(name)
+        return src.info(name) if src is not None else None
+
+    def boundaries(self, name: str) -> list[int]:
+        return self._by_name[name].boundaries(name)
+
+    def read_rows(self, name: str, start: int, end: int) -> Any:
+        return self._by_name[name].read_rows(name, start, end)
+
+    def read_raw(self, name: str, start: int, end: int) -> Any:
+        return self._by_name[name].read_raw(name, start, end)
+
+    def read_into(self, name: str, start: int, end: int, out: memoryview) -> None:
+        self._by_name[name].read_into(name, start, end, out)
+
+    def file_span(self, name: str) -> tuple[int, int, str]:
+        return self._by_name[name].file_span(name)
+
+
+def open_checkpoint(path: str | Path) -> Any:
+    """A merge source for a .safetensors file, or a model directory (model.safetensors, or a sharded checkpoint's
+    model.safetensors.index.json)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            return SafetensorsSource(p / "model.safetensors")
+        if (p / "model.safetensors.index.json").is_file():
+            return ShardedSource(p / "model.safetensors.index.json")
+        raise MissingError(f"{path}: a directory without model.safetensors or model.safetensors.index.json")
+    if p.name.endswith(".index.json"):
+        return ShardedSource(p)
+    return SafetensorsSource(p)
