@@ -39,7 +39,9 @@ def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
               help="jsonl or csv with text and label fields")
 @click.option("--task", type=click.Choice(["sequence-classification", "token-classification", "causal-lm",
                                            "masked-lm"]), default="sequence-classification", show_default=True)
-@click.option("--config", "config_dir", default=None, help="HF config/tokenizer directory when MODEL_PATH is a file")
+@click.option("--config", "config_dir", default=None,
+              help="HF config/tokenizer directory when MODEL_PATH is a file; the base model's directory when "
+                   "MODEL_PATH is a PEFT adapter")
 @click.option("--n-examples", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
@@ -71,11 +73,11 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
     for path in tracked:
         attach.check_staged(repo, path)  # before minutes of computation, not after
     model, tokenizer = workdir.load_model_and_tokenizer(model_path, task, config_dir)
-    stat = workdir.compute_statistic_from_file(
+    stat = workdir.adapter_keys(model, workdir.compute_statistic_from_file(
         model, tokenizer, data_path, kind=kind, task=task, label_policy=label_policy, n_examples=n_examples,
         batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
         diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
-        label_field=label_field)
+        label_field=label_field))
     summary = {k: v for k, v in stat.provenance.items() if isinstance(v, (str, int, float, bool))}
     store = ObjectStore.for_repo(repo)
     tmp_dir = store.tmp_dir

@@ -20,6 +20,8 @@ def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None 
     from gittheta_merge.stats.batches import load_model
 
     path = Path(model_path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return _load_adapter(path, task, config_dir)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MissingError(f"{model_path}: no config.json; pass a Hugging Face model directory "
@@ -119,3 +121,44 @@ def compute_statistic_from_file(model: Any, tokenizer: Any, data_path: str, *, t
     return compute_statistic(model, tokenizer, iter_examples(spec), n_examples=n_examples,
                              data_digest=file_digest(data_path),
                              data_source={"file": Path(data_path).name}, **kwargs)
+
+
+def _load_adapter(path: Path, task: str, config_dir: str | None) -> tuple[Any, Any]:
+    """A PEFT LoRA adapter directory on its base model (--config BASE_DIR, or the adapter's base_model_name_or_path
+    when that is a local directory), with only the adapter's parameters trainable: a statistic of the adapter."""
+    import json
+
+    from gittheta_merge.stats.batches import load_model
+
+    base = config_dir or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise UsageError(f"{path} is a PEFT adapter: pass --config BASE_DIR, the base model's directory "
+                         f"(its adapter_config.json names {base!r}, which is not a local model directory)")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UsageError(f"{path} is a PEFT adapter: statistics of adapters need peft (pip install peft)") from None
+    model = PeftModel.from_pretrained(load_model(str(base), task), str(path), is_trainable=True)
+    tok_dir = path if any((path / f).is_file() for f in TOKENIZER_FILES) else Path(base)
+    return model, _load_tokenizer(tok_dir, None)
+
+
+def adapter_keys(model: Any, stat: Any) -> Any:
+    """A statistic of a PeftModel keyed like the adapter's saved tensors: PEFT names a parameter
+    `….lora_A.<adapter>.weight` in the model and `….lora_A.weight` in adapter_model.safetensors."""
+    names = getattr(model, "peft_config", None)
+    if not names:
+        return stat
+    suffixes = tuple(f".{name}" for name in names)
+
+    def rename(key: str) -> str:
+        for suffix in suffixes:
+            key = key.replace(f"{suffix}.", ".") if f"{suffix}." in key else key
+        return key
+
+    stat.tensors = {rename(k): v for k, v in stat.tensors.items()}
+    for field in ("sharing", "counts"):
+        value = stat.provenance.get(field)
+        if isinstance(value, dict):
+            stat.provenance[field] = {rename(k): rename(v) if isinstance(v, str) else v for k, v in value.items()}
+    return stat

@@ -218,3 +218,51 @@ def test_adapters_on_branches_merge_by_revision(lora: dict[str, Path], tmp_path:
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
     bad = git(repo, "theta", "merge-adapters", "task-a:adapter", "task-b:nothere", "-o", "x", check=False)
     assert bad.returncode != 0 and b"no adapter_config.json at task-b:nothere/" in bad.stderr, bad.stderr
+
+
+def test_fisher_of_an_adapter_is_staged_next_to_it(hf_repo: Path) -> None:
+    """`git theta stats compute ADAPTER --config BASE --kind fisher`: the Fisher of the adapter's parameters only,
+    keyed like adapter_model.safetensors, equal to per-example gradients squared computed here directly."""
+    import json as _json
+
+    import transformers
+    from conftest import git
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from gittheta_merge.stats import statistic_from_bytes
+    from gittheta_merge.stats.attach import blob_path
+    from gittheta_merge.storage.gitutil import Repo
+    from gittheta_merge.storage.revisions import read_metadata
+    from gittheta_merge.storage.store import ObjectStore
+
+    torch.manual_seed(3)
+    base = transformers.BertForSequenceClassification.from_pretrained(hf_repo / "model")
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                    init_lora_weights=False)).save_pretrained(hf_repo / "adapter")
+    git(hf_repo, "theta", "track", "adapter")
+    git(hf_repo, "add", "-A")
+    git(hf_repo, "commit", "-qm", "adapter")
+    out = git(hf_repo, "theta", "stats", "compute", "adapter", "--config", "model", "--kind", "fisher", "--data",
+              "train.jsonl", "--n-examples", "5", "--batch-size", "2", "--max-length", "16")
+    assert "staged fisher statistics for adapter/adapter_model.safetensors" in out.stdout.decode()
+    repo = Repo.discover(hf_repo)
+    meta = read_metadata(repo, ":", "adapter/adapter_model.safetensors")
+    stored = statistic_from_bytes(blob_path(ObjectStore.for_repo(repo), meta, "fisher", "adapter").read_bytes())
+    saved = set(load_file(hf_repo / "adapter" / "adapter_model.safetensors"))
+    assert set(stored.tensors) == saved  # every adapter tensor, named as saved, and no base weight
+
+    model = PeftModel.from_pretrained(transformers.BertForSequenceClassification.from_pretrained(hf_repo / "model"),
+                                      hf_repo / "adapter", is_trainable=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_repo / "model")
+    params = {k.replace(".default.", "."): p for k, p in model.named_parameters() if p.requires_grad}
+    want = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    for line in (hf_repo / "train.jsonl").read_text().splitlines()[:5]:
+        row = _json.loads(line)
+        enc = tok(row["text"], return_tensors="pt", truncation=True, max_length=16)
+        logp = torch.log_softmax(model(**enc).logits[0], dim=-1)[row["label"]]
+        grads = torch.autograd.grad(logp, list(params.values()))
+        for key, g in zip(params, grads):
+            want[key] += g.double() ** 2
+    for key, value in want.items():
+        scale = value.abs().max().item()
+        assert (stored.tensors[key].double() - value).abs().max().item() <= 1e-5 * max(scale, 1e-30), key
