@@ -12,7 +12,7 @@ from gittheta_merge import __version__
 from gittheta_merge.errors import ThetaError, storage_error
 from gittheta_merge.storage.gitutil import Repo
 
-_NO_HINT = {"install", "filter-process", "clean", "smudge", "pre-push", "--help", "--version"}
+_NO_HINT = {"install", "filter-process", "clean", "smudge", "pre-push", "hook", "--help", "--version"}
 
 
 def _hint_if_not_installed() -> None:
@@ -87,11 +87,12 @@ def main() -> None:
 
 
 def _register() -> None:
-    from gittheta_merge.cli import filters, inspect, maintenance, remote, stats, strategies, tracking
+    from gittheta_merge.cli import filters, inspect, maintenance, materialize, remote, stats, strategies, tracking
 
     for command in (tracking.install, tracking.track, inspect.ls_cmd, inspect.diff_cmd, maintenance.fsck,
                     maintenance.gc, stats.stats, remote.pull_objects, remote.pre_push_cmd, filters.filter_process,
-                    filters.clean, filters.smudge, strategies.strategies_cmd):
+                    filters.clean, filters.smudge, strategies.strategies_cmd, materialize.checkout_cmd,
+                    materialize.status_cmd, materialize.hook_cmd):
         main.add_command(command)
 
 

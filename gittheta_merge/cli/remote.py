@@ -24,6 +24,9 @@ def pull_objects(revs: tuple[str, ...], remote: str | None) -> None:
                 needs.setdefault(need.oid, need)
     count = transfer.fetch_objects(repo, list(needs.values()), remote)
     click.echo(f"fetched {count} object(s); {len(needs)} needed by {', '.join(revs or ('HEAD',))} are now local")
+    from gittheta_merge.storage.materialize import materialize
+
+    materialize(repo, echo=click.echo)  # placeholders whose objects were missing can be written now
 
 
 @click.command("pre-push", hidden=True)

@@ -37,6 +37,9 @@ class Filter:
         self.max_block_bytes = configured_block_bytes(repo)
         self.scratch = repo.common_dir / "theta" / "tmp"
         self.auto_fetch = repo.config_bool("theta.autoFetch", True) and bool(repo.git("remote").strip())
+        from gittheta_merge.storage.materialize import threshold
+
+        self.materialize_bytes = threshold(repo)  # above it, smudge gives git a placeholder (storage/materialize.py)
 
     def context(self, path: str, label: str, total_bytes: int | None = None,
                 total_tensors: int | None = None) -> tuple[Context, Progress]:
@@ -56,6 +59,12 @@ class Filter:
         require_space(target.parent, size - reclaimed, f"{path}: checking out {human_bytes(size)}")
 
     def clean(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
+        from gittheta_merge.storage.materialize import recognise
+
+        known = recognise(self.repo, path, stream)  # a file we materialized, unchanged: no re-hash
+        if known is not None:
+            out.write(known)
+            return
         head = read_head(stream, 64)
         if not head:
             raise InputError(f"{path}: file is empty: not a checkpoint")
@@ -121,6 +130,11 @@ class Filter:
         finally:
             bar.close()
 
+    def is_placeholder_size(self, path: str, data: bytes) -> bool:
+        """Above theta.materializeBytes the checkout gets the metadata itself as a placeholder, which the hooks
+        then replace by the real file written straight from the store (storage/materialize.py)."""
+        return Metadata.from_bytes(data, path).total_bytes > self.materialize_bytes
+
     def smudge(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
         head = read_head(stream, 64)
         if not is_metadata(head):
@@ -128,7 +142,11 @@ class Filter:
             while chunk := stream.read(8 << 20):
                 out.write(chunk)
             return
-        meta = self.parse_for_smudge(path, head + stream.read())
+        data = head + stream.read()
+        if self.is_placeholder_size(path, data):
+            out.write(data)
+            return
+        meta = self.parse_for_smudge(path, data)
         self.smudge_meta(path, meta, out)
 
 
@@ -226,8 +244,10 @@ def _serve_smudge(filt: Filter, path: str, content: object, writer: PktWriter, c
         head = read_head(content, 64)  # type: ignore[arg-type]
         if is_metadata(head):
             data = head + content.read()  # type: ignore[attr-defined]
-            meta: Metadata | None = filt.parse_for_smudge(path, data, commit)
-            rest = b""
+            if filt.is_placeholder_size(path, data):
+                meta, rest = None, data  # a placeholder: the hooks write the real file (storage/materialize.py)
+            else:
+                meta, rest = filt.parse_for_smudge(path, data, commit), b""
         else:
             meta, rest = None, head + content.read()  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001

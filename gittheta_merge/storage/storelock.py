@@ -48,7 +48,7 @@ def _proc_stat(pid: int) -> tuple[str, list[str]]:
     return stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 1:].split()
 
 
-def _start_time(pid: int) -> str:
+def start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot ('' where /proc has none, or the process is gone)."""
     fields = _proc_stat(pid)[1]
     return fields[19] if fields else ""
@@ -59,7 +59,10 @@ def alive(pid: int, start: str) -> bool:
     if pid <= 0:
         return False
     if Path("/proc/self/stat").exists():
-        return _start_time(pid) == start and start != ""
+        fields = _proc_stat(pid)[1]
+        if fields and fields[0] == "Z":  # killed and not yet reaped (a container without an init): dead
+            return False
+        return bool(fields) and fields[19] == start and start != ""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -254,7 +257,7 @@ class WriterGuard:
         owner = calling_git() if self.owner == "git" and self._sessions else os.getpid()
         self._pending = folder / str(os.getpid())
         self._file = open(self._pending, "w")  # noqa: SIM115 - appended to until the lock is released
-        self._file.write(f"{os.getpid()} {_start_time(os.getpid())} {owner} {_start_time(owner)} {self.label}\n")
+        self._file.write(f"{os.getpid()} {start_time(os.getpid())} {owner} {start_time(owner)} {self.label}\n")
         self._file.flush()
         if not self._registered:
             atexit.register(self._at_exit)

@@ -23,6 +23,20 @@ command -v git-theta >/dev/null 2>&1 || {
 }
 exec git-theta pre-push "$@"
 """
+# git's hooks after commands that write the work tree: they write models checked out as placeholders
+# (storage/materialize.py) and chain to git-lfs's hook of the same name and to any hook that was here before
+POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite")
+POST_HOOK = """#!/bin/sh
+# gittheta-merge {name} hook: writes tracked models that git checked out as placeholders (models above
+# theta.materializeBytes) straight from the object store, then chains to git-lfs's {name} hook and to any
+# hook that was here before (saved as {name}.local).
+command -v git-theta >/dev/null 2>&1 || {{
+  echo >&2 "This repository stores models with gittheta-merge, but 'git-theta' is not on your path."
+  echo >&2 "Install it (pip install gittheta-merge) and run git theta checkout, or remove .git/hooks/{name}."
+  exit 0
+}}
+exec git-theta hook {name} "$@"
+"""
 SCOPES = {"repo": "--local", "user": "--global", "global": "--system"}
 ATTRS = "filter=theta diff=theta merge=theta -text"
 HF_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -67,31 +81,50 @@ def hooks_dir(repo: Repo) -> Path:
 
 
 def install_hooks(repo: Repo) -> Path:
-    """Install the pre-push hook, chaining to whatever was there (git-lfs's hook, or a custom one).
+    """Install our hooks, chaining to whatever was there (git-lfs's hook, or a custom one).
 
-    git-lfs's own hook is replaced because ours runs `git lfs pre-push` itself; any other hook is kept
-    as `pre-push.local` and run by ours. Called by `install` and, lazily, by the filter process so a
-    fresh clone with a user-scope install gets it too.
-    """
+    git-lfs's own hooks are replaced because ours run `git lfs <hook>` themselves; any other hook is kept
+    as `<hook>.local` and run by ours. Called by `install` and, lazily, by the filter process so a fresh
+    clone with a user-scope install gets them too. Returns the pre-push hook's path."""
     directory = hooks_dir(repo)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "pre-push"
+    _install_hook(directory, "pre-push", PRE_PUSH_HOOK, "git-theta pre-push")
+    for name in POST_HOOKS:
+        _install_hook(directory, name, POST_HOOK.format(name=name), f"git-theta hook {name}")
+    return directory / "pre-push"
+
+
+def _install_hook(directory: Path, name: str, text: str, ours: str) -> None:
+    target = directory / name
     if target.exists():
-        text = target.read_text(errors="replace")
-        if "git-theta pre-push" in text:
-            return target
-        commands = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        is_lfs_hook = any("git lfs pre-push" in c for c in commands) and len(commands) <= 3
+        current = target.read_text(errors="replace")
+        if ours in current:
+            return
+        commands = [ln.strip() for ln in current.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        is_lfs_hook = any(f"git lfs {name}" in c for c in commands) and len(commands) <= 3
         if not is_lfs_hook:
-            saved = directory / "pre-push.local"
+            saved = directory / f"{name}.local"
             if saved.exists():
                 raise StorageError(f"{target} exists and {saved} too; merge them by hand, then rerun")
             os.replace(target, saved)
-    tmp = directory / "pre-push.theta-tmp"
-    tmp.write_text(PRE_PUSH_HOOK)
+    tmp = directory / f"{name}.theta-tmp"
+    tmp.write_text(text)
     tmp.chmod(0o755)
     os.replace(tmp, target)
-    return target
+
+
+def run_chained_hook(repo: Repo, name: str, args: list[str], stdin_data: bytes) -> int:
+    """After our part of a hook: the hook that was here before (`<name>.local`), then git-lfs's."""
+    import subprocess
+
+    local = hooks_dir(repo) / f"{name}.local"
+    if local.exists() and os.access(local, os.X_OK):
+        rc = subprocess.run([str(local), *args], cwd=repo.root, input=stdin_data).returncode
+        if rc != 0:
+            return rc
+    if shutil.which("git-lfs") and repo.config_get("filter.lfs.process"):
+        return subprocess.run(["git", "lfs", name, *args], cwd=repo.root, input=stdin_data).returncode
+    return 0
 
 
 def materialise(repo: Repo) -> list[str]:
@@ -115,6 +148,9 @@ def materialise(repo: Repo) -> list[str]:
         for path in stale:
             (repo.root / path).unlink()
         repo.git("checkout", "--", *stale)
+        from gittheta_merge.storage.materialize import materialize
+
+        materialize(repo, stale)  # models above theta.materializeBytes came back as placeholders: write them
     return stale
 
 

@@ -112,9 +112,9 @@ def test_gc_between_the_clean_and_gits_index_spares_pending_objects(repo: Path, 
     lists = list(folder.iterdir())
     oids = store_objects(repo)
     me = os.getpid()
-    from gittheta_merge.storage.storelock import _start_time
+    from gittheta_merge.storage.storelock import start_time
 
-    (folder / "999999999").write_text(f"999999999 0 {me} {_start_time(me)} git-theta filter-process\n"
+    (folder / "999999999").write_text(f"999999999 0 {me} {start_time(me)} git-theta filter-process\n"
                                       + "".join(o + "\n" for o in oids))
     git(repo, "rm", "-q", "--cached", "model.safetensors")  # nothing in git refers to them any more
     out = git(repo, "theta", "gc", "--prune", "now").stdout.decode()

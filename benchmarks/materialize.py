@@ -1,0 +1,130 @@
+"""Checkout of a large model: through git (git holds the whole smudge output in memory) against direct
+materialization (a placeholder for git, the file written by our post-checkout hook from the object store).
+
+For each size: a repo with two commits that differ in every tensor; `git checkout` of the other commit is timed, and
+the peak RSS of the whole process tree (git, the filter process, the hook and its children, summed at each 20 ms
+sample from /proc) is recorded; then `git status` right after. Baselines: `cp` of the same file, and the same
+checkout with materialization off (theta.materializeBytes above the file size).
+
+    python benchmarks/materialize.py                   # 2 GB
+    python benchmarks/materialize.py --sizes 2,4       # GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def tree_rss_kb(root: int) -> int:
+    """Summed VmRSS of `root` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        pid, ppid = int(entry), int(fields.get("PPid", "0").strip() or 0)
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) if "VmRSS" in fields else 0
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_tree(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, peak summed RSS of the process tree in MB)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss_kb(proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    proc.wait()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}")
+    return time.monotonic() - start, peak / 1024
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_repo(work: Path, gb: float, materialize_bytes: int) -> Path:
+    repo = work / f"repo-{gb:g}-{materialize_bytes}"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "b@example.com")
+    git(repo, "config", "user.name", "bench")
+    git(repo, "theta", "install")
+    git(repo, "config", "theta.materializeBytes", str(materialize_bytes))
+    git(repo, "theta", "track", "model.safetensors")
+    n = max(1, int(gb * 1e9 / (4096 * 4096 * 4)))  # 64 MiB fp32 tensors
+    for version in (0, 1):
+        save_file({f"layer{i}.weight": torch.full((4096, 4096), float(i + 1000 * version)) +
+                   torch.arange(4096 * 4096, dtype=torch.float32).reshape(4096, 4096) for i in range(n)},
+                  repo / "model.safetensors")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", f"v{version}")
+    return repo
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="2", help="comma-separated model sizes in GB")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="materialize-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print("| model | cp s | checkout via git: s / tree MB | materialized: s / tree MB | s vs cp | tree MB / "
+          "file MB | git status after, s |")
+    print("|---|---|---|---|---|---|---|")
+    for gb in (float(x) for x in args.sizes.split(",")):
+        rows = {}
+        for mode, threshold in (("git", 1 << 50), ("materialized", 1 << 20)):
+            repo = make_repo(work, gb, threshold)
+            size = (repo / "model.safetensors").stat().st_size
+            time.sleep(1.1)  # out of git's racy window
+            rows[mode] = run_tree(["git", "checkout", "-q", "HEAD~1"], repo)
+            t0 = time.monotonic()
+            status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, check=True)
+            rows[mode + "-status"] = (time.monotonic() - t0, 0.0)
+            assert status.stdout == b"", status.stdout
+            copy = work / "copy.safetensors"
+            t0 = time.monotonic()
+            subprocess.run(["cp", str(repo / "model.safetensors"), str(copy)], check=True)
+            rows["cp"] = (time.monotonic() - t0, 0.0)
+            copy.unlink()
+            subprocess.run(["rm", "-rf", str(repo)], check=True)
+        (gs, gmb), (ms, mmb) = rows["git"], rows["materialized"]
+        print(f"| {size / 1e9:.2f} GB | {rows['cp'][0]:.2f} | {gs:.2f} / {gmb:.0f} | {ms:.2f} / {mmb:.0f} | "
+              f"{ms / rows['cp'][0]:.2f}x | {mmb / (size / 1e6):.3f} (git: {gmb / (size / 1e6):.3f}) | "
+              f"{rows['materialized-status'][0]:.2f} (git: {rows['git-status'][0]:.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

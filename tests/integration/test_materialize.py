@@ -1,0 +1,186 @@
+"""Direct materialization (storage/materialize.py): above theta.materializeBytes git checks out a placeholder and
+our hooks write the real file from the object store. Here the threshold is 1,000 bytes so small models take that
+path through every git command that writes the work tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import git, pause_env, sha, store_objects
+from safetensors.torch import save_file
+
+from gittheta_merge.storage.metadata import is_metadata
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer{i}.weight": torch.randn(128, 64, generator=g) for i in range(6)}
+
+
+def _is_placeholder(path: Path) -> bool:
+    return is_metadata(path.read_bytes()[:64])
+
+
+@pytest.fixture
+def mrepo(repo: Path) -> Path:
+    git(repo, "config", "theta.materializeBytes", "1000")
+    git(repo, "config", "theta.blockBytes", str(16 << 10))
+    git(repo, "theta", "track", "model.safetensors")
+    save_file(_state(0), repo / "model.safetensors")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    return repo
+
+
+def _commit(repo: Path, seed: int, msg: str) -> str:
+    save_file(_state(seed), repo / "model.safetensors")
+    git(repo, "commit", "-qam", msg)
+    return sha(repo / "model.safetensors")
+
+
+def _clean(repo: Path) -> None:
+    assert git(repo, "status", "--porcelain").stdout == b""
+    assert git(repo, "diff", "--stat").stdout == b""
+
+
+def test_git_commands_that_write_the_work_tree(mrepo: Path) -> None:
+    repo = mrepo
+    v1 = sha(repo / "model.safetensors")
+    v2 = _commit(repo, 1, "v2")
+    git(repo, "checkout", "-q", "HEAD~1")  # post-checkout
+    assert sha(repo / "model.safetensors") == v1
+    _clean(repo)
+    git(repo, "switch", "-q", "main")
+    assert sha(repo / "model.safetensors") == v2
+    _clean(repo)
+    git(repo, "restore", "--source", "HEAD~1", "model.safetensors")  # post-checkout runs for restore too? no:
+    if _is_placeholder(repo / "model.safetensors"):  # restore runs no hook: the placeholder stays, listed
+        assert b"placeholder: model.safetensors" in git(repo, "theta", "status").stdout
+        git(repo, "theta", "checkout")
+    assert sha(repo / "model.safetensors") == v1
+    git(repo, "checkout", "-q", "--", "model.safetensors")
+    git(repo, "theta", "checkout")
+    assert sha(repo / "model.safetensors") == v2
+    _clean(repo)
+
+    git(repo, "branch", "side", "HEAD~1")
+    git(repo, "switch", "-q", "side")
+    v3 = _commit(repo, 3, "side")
+    git(repo, "switch", "-q", "main")
+    git(repo, "rebase", "-q", "side", check=False)  # both changed the model: a conflict git's driver resolves
+    git(repo, "rebase", "--abort", check=False)
+    git(repo, "reset", "-q", "--hard", "side")  # no hook at all: a placeholder, listed and written on demand
+    assert _is_placeholder(repo / "model.safetensors")
+    assert b"placeholder: model.safetensors" in git(repo, "theta", "status").stdout
+    _clean(repo)  # a placeholder is as good as the model for git: cleaning it gives the same metadata
+    git(repo, "theta", "checkout", "model.safetensors")
+    assert sha(repo / "model.safetensors") == v3
+    _clean(repo)
+
+    git(repo, "switch", "-q", "main")
+    git(repo, "cherry-pick", "--strategy-option=theirs", "side", check=False)  # post-rewrite / post-checkout
+    git(repo, "cherry-pick", "--abort", check=False)
+    git(repo, "merge", "-q", "--no-edit", "side")  # the merge driver averages; post-merge writes the result
+    assert not _is_placeholder(repo / "model.safetensors")
+    _clean(repo)
+    assert "0 corrupt, 0 missing" in git(repo, "theta", "fsck").stdout.decode()
+
+
+def test_stash_and_a_committed_placeholder_keep_the_model(mrepo: Path) -> None:
+    repo = mrepo
+    v1 = sha(repo / "model.safetensors")
+    save_file(_state(7), repo / "model.safetensors")
+    git(repo, "stash", "-q")
+    if _is_placeholder(repo / "model.safetensors"):
+        git(repo, "theta", "checkout")
+    assert sha(repo / "model.safetensors") == v1
+    git(repo, "stash", "pop", "-q")
+    git(repo, "theta", "checkout")
+    edited = sha(repo / "model.safetensors")
+    git(repo, "commit", "-qam", "edited")
+    git(repo, "reset", "-q", "--hard", "HEAD")  # leaves the model as it is (unchanged) or a placeholder
+    (repo / "notes.txt").write_text("hello\n")
+    git(repo, "add", "notes.txt")
+    blob = git(repo, "rev-parse", "HEAD:model.safetensors").stdout
+    git(repo, "commit", "-qam", "notes, with whatever the model file is now")
+    assert git(repo, "rev-parse", "HEAD:model.safetensors").stdout == blob  # never a text file in its place
+    git(repo, "theta", "checkout")
+    assert sha(repo / "model.safetensors") == edited
+
+
+def test_status_after_materialization_does_not_restore_or_rehash(mrepo: Path) -> None:
+    repo = mrepo
+    _commit(repo, 1, "v2")
+    git(repo, "checkout", "-q", "HEAD~1")
+    objects = store_objects(repo)
+    index = (repo / ".git" / "index").read_bytes()
+    git(repo, "add", "-A")
+    _clean(repo)
+    assert store_objects(repo) == objects and (repo / ".git" / "index").read_bytes() == index
+    # the record lost or corrupt: one real clean, the same answer
+    (repo / ".git" / "theta" / "materialized.json").write_text("{not json")
+    os.utime(repo / "model.safetensors")  # git must look at the file again
+    _clean(repo)
+    assert store_objects(repo) == objects
+
+
+def test_a_file_changed_behind_our_back_is_detected(mrepo: Path) -> None:
+    repo = mrepo
+    _commit(repo, 1, "v2")
+    git(repo, "checkout", "-q", "HEAD~1")
+    model = repo / "model.safetensors"
+    before = store_objects(repo)
+    st = model.stat()
+    data = bytearray(model.read_bytes())
+    data[-5] ^= 0xFF  # same size
+    with open(model, "r+b") as fh:  # in place: same inode
+        fh.write(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: only the ctime tells
+    assert model.stat().st_size == st.st_size and model.stat().st_mtime_ns == st.st_mtime_ns
+    assert git(repo, "status", "--porcelain").stdout.strip() == b"M model.safetensors"  # cleaned for real
+    git(repo, "add", "model.safetensors")
+    assert len(store_objects(repo) - before) == 1  # the one changed block
+
+
+def test_killed_materialization_leaves_the_placeholder(mrepo: Path, tmp_path: Path) -> None:
+    repo = mrepo
+    v2 = _commit(repo, 1, "v2")
+    git(repo, "reset", "-q", "--hard", "HEAD~1")  # placeholder of v1
+    git(repo, "reset", "-q", "--hard", "main@{1}")  # placeholder of v2
+    assert _is_placeholder(repo / "model.safetensors")
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen(["git", "theta", "checkout"], cwd=repo, env=pause_env("object-opened", pidfile, 3),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert _is_placeholder(repo / "model.safetensors")  # never a half-written model under the real name
+    git(repo, "theta", "checkout")  # the rerun writes it, and clears the dead run's temporary file
+    assert sha(repo / "model.safetensors") == v2
+    assert not list(repo.glob(".theta-materialize-*"))
+    _clean(repo)
+
+
+def test_hooks_chain_to_what_was_there(repo: Path) -> None:
+    hooks = repo / ".git" / "hooks"
+    marker = repo / ".git" / "custom-ran"
+    for name in ("post-checkout", "post-merge"):
+        (hooks / name).unlink(missing_ok=True)
+    (hooks / "post-checkout").write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n")
+    (hooks / "post-checkout").chmod(0o755)
+    git(repo, "theta", "install")
+    assert (hooks / "post-checkout.local").exists() and "git-theta hook" in (hooks / "post-checkout").read_text()
+    git(repo, "commit", "-qm", "x", "--allow-empty")
+    git(repo, "checkout", "-qb", "other")
+    assert marker.read_text().strip().endswith(" 1")  # the user's hook ran, with git's arguments
+    git(repo, "theta", "install")  # idempotent: nothing saved twice
+    assert "git-theta hook" in (hooks / "post-checkout").read_text()
