@@ -175,6 +175,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
     """Speak git's long-running filter protocol (version 2) until git closes the pipe."""
     reader, writer = PktReader(stdin), PktWriter(stdout)
     _widen_pipe(stdout)
+    _widen_pipe(stdin)  # and git's writes to us: a clean (or the refresh after a materialization) streams a whole file
     hello = reader.read_text_list()
     if hello[:1] != ["git-filter-client"] or "version=2" not in hello:
         raise InputError(f"unexpected filter handshake from git: {hello}")

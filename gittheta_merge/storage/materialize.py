@@ -243,11 +243,14 @@ def recognise(repo: Repo, path: str, stream: BinaryIO) -> bytes | None:
     if not written.matches(st):
         return None
     size, head_buf, tail_buf = 0, bytearray(), bytearray()
-    while chunk := stream.read(8 << 20):
+    buf = bytearray(8 << 20)  # one buffer for the whole drain: git's stream is read, never copied
+    view = memoryview(buf)
+    while n := stream.readinto(view):  # type: ignore[attr-defined]
+        chunk = view[:n]
         if len(head_buf) < SAMPLE:
             head_buf += chunk[: SAMPLE - len(head_buf)]
-        tail_buf = (tail_buf + chunk)[-SAMPLE:]
-        size += len(chunk)
+        tail_buf = bytearray(chunk[n - SAMPLE:]) if n >= SAMPLE else (tail_buf + chunk)[-SAMPLE:]
+        size += n
     if (size, hashlib.sha256(head_buf).hexdigest(), hashlib.sha256(tail_buf).hexdigest()) != (
             written.size, written.head, written.tail):
         records = load_records(repo)
