@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gittheta_merge.errors import InputError, MissingError, StorageError, human_bytes, require_space, storage_error
+from gittheta_merge.storage.fastindex import FAST_MIN_BYTES, FastIndex
 from gittheta_merge.storage.storelock import WriterGuard
 
 _OID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -74,6 +75,7 @@ class ObjectStore:
         self.tmp_dir = self.lfs_dir / "tmp"
         self.fsync = fsync
         self.guard = writer_guard(self.lfs_dir)
+        self._fast: FastIndex | None | bool = False  # not opened yet
 
     @classmethod
     def for_repo(cls, repo: object) -> ObjectStore:
@@ -129,15 +131,37 @@ class ObjectStore:
 
     # -- writing ----------------------------------------------------------------------------------
     def put(self, data: bytes | bytearray | memoryview) -> tuple[str, bool]:
-        """Store bytes; returns (oid, newly_written). Existing objects are not rewritten."""
+        """Store bytes; returns (oid, newly_written). Existing objects are not rewritten. A block stored before is
+        recognised by its BLAKE3 hash (storage/fastindex.py) without computing sha256."""
+        size = len(memoryview(data).cast("B")) if not isinstance(data, (bytes, bytearray)) else len(data)
+        fast = self.fast_index if size >= FAST_MIN_BYTES else None
+        key = fast.key(data) if fast is not None else None
+        if fast is not None and key is not None:
+            known = fast.get(key, size)
+            if known is not None:
+                with self.guard.hold():
+                    self.guard.record(known)
+                    if self._touch(known) and self.size(known) == size:
+                        return known, False
         oid = hashlib.sha256(data).hexdigest()
         with self.guard.hold():
             self.guard.record(oid)
             if self._touch(oid):
-                return oid, False
-            with self._writing(len(data)):
-                self._write_atomic(oid, memoryview(data))
-        return oid, True
+                new = False
+            else:
+                with self._writing(size):
+                    self._write_atomic(oid, memoryview(data))
+                new = True
+        if fast is not None and key is not None:
+            fast.add(key, oid, size)
+        return oid, new
+
+    @property
+    def fast_index(self) -> FastIndex | None:
+        """The BLAKE3 -> sha256 cache of this store (None without the blake3 package), opened on first use."""
+        if self._fast is False:
+            self._fast = FastIndex.open(self.lfs_dir)
+        return self._fast  # type: ignore[return-value]
 
     def put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         """Store exactly `size` bytes read from a stream, in bounded memory (temp file + rename)."""

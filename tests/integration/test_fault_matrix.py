@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from gittheta_merge.storage.store import ObjectStore
 
+pytestmark = pytest.mark.slow  # 9 tests, about 50 s together: run by .ci/run with -m slow, outside the default suite
 SIGNALS = [signal.SIGKILL, signal.SIGINT]
 
 
