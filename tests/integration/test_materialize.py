@@ -184,3 +184,29 @@ def test_hooks_chain_to_what_was_there(repo: Path) -> None:
     assert marker.read_text().strip().endswith(" 1")  # the user's hook ran, with git's arguments
     git(repo, "theta", "install")  # idempotent: nothing saved twice
     assert "git-theta hook" in (hooks / "post-checkout").read_text()
+
+
+@pytest.mark.skipif(__import__("shutil").which("git-lfs") is None, reason="git-lfs not installed")
+def test_with_git_lfs_hooks_both_tools_check_out(repo: Path) -> None:
+    """git-lfs installed in the same repository (its post-checkout/post-merge hooks): ours replace them and call
+    `git lfs <hook>` themselves; a plain git-lfs file and a materialized model both check out exactly."""
+    git(repo, "lfs", "install", "--local", "--force")
+    git(repo, "theta", "install")
+    hooks = repo / ".git" / "hooks"
+    for name in ("post-checkout", "post-merge", "pre-push"):
+        assert "git-theta" in (hooks / name).read_text(), name
+    git(repo, "config", "theta.materializeBytes", "1000")
+    git(repo, "lfs", "track", "*.bin")
+    git(repo, "theta", "track", "model.safetensors")
+    (repo / "data.bin").write_bytes(b"v1" * 5000)
+    save_file(_state(0), repo / "model.safetensors")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    v1 = sha(repo / "model.safetensors")
+    (repo / "data.bin").write_bytes(b"v2" * 5000)
+    save_file(_state(1), repo / "model.safetensors")
+    git(repo, "commit", "-qam", "v2")
+    proc = git(repo, "checkout", "-q", "HEAD~1")
+    assert b"error" not in proc.stderr.lower(), proc.stderr
+    assert (repo / "data.bin").read_bytes() == b"v1" * 5000 and sha(repo / "model.safetensors") == v1
+    _clean(repo)
