@@ -341,20 +341,11 @@ def merge_adapter_models(base: str | Path, adapters: list[str | Path], output: s
                          report_path: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """A full model from the base and N adapters: each adapter is the model base + s B A, merged by `strategy`
     over the base (task-vector strategies then merge the adapters' delta weights), written as safetensors."""
-    from gittheta_merge.merge.api import _options
-    from gittheta_merge.merge.engine import merge_models
-    from gittheta_merge.merge.sinks import SafetensorsSink
+    from gittheta_merge.merge.api import _options, merge_into_file
 
     base_src, models = adapter_sources(base, adapters)
     if len(models) < 2:
         raise UsageError("name two or more adapters to merge (one adapter: PEFT's merge_and_unload)")
     options = _options(strategy, params, rules, labels=[str(a) for a in adapters], **kwargs)
-    sink = SafetensorsSink(output, base_src.base.file_metadata)
-    try:
-        result = merge_models(models, base_src, sink, options, None)
-    except BaseException:
-        sink.abort()
-        raise
-    if report_path:
-        Path(report_path).write_text(json.dumps(result.report, indent=1))
-    return result.report
+    return merge_into_file(models, base_src, output, options, report_path=report_path,
+                           file_metadata=base_src.base.file_metadata)

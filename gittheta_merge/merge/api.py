@@ -82,13 +82,21 @@ def merge_files(models: Sequence[PathLike], output: PathLike, base: PathLike | N
     sources = [open_checkpoint(p) for p in models]
     base_src = open_checkpoint(base) if base else None
     options = _options(strategy, params, rules, **kwargs)
-    access = load_stats(stats, len(sources))
+    return merge_into_file(sources, base_src, output, options, load_stats(stats, len(sources)), report_path,
+                           shard_bytes, sources[0].file_metadata)
+
+
+def merge_into_file(sources: Sequence[Any], base: Any, output: PathLike, options: MergeOptions,
+                    stats: StatsAccess | None = None, report_path: PathLike | None = None,
+                    shard_bytes: int | None = None, file_metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the engine into a .safetensors file, or a directory of shards (model.safetensors when one fits); a failed
+    merge leaves no partial output. Returns the report (also written to report_path)."""
     if str(output).endswith(".safetensors"):
-        sink: Any = SafetensorsSink(output, sources[0].file_metadata)
+        sink: Any = SafetensorsSink(output, file_metadata)
     else:
-        sink = ShardedSafetensorsSink(output, shard_bytes or SHARD_BYTES, sources[0].file_metadata)
+        sink = ShardedSafetensorsSink(output, shard_bytes or SHARD_BYTES, file_metadata)
     try:
-        result = merge_models(sources, base_src, sink, options, access)
+        result = merge_models(list(sources), base, sink, options, stats)
     except BaseException:
         sink.abort()
         raise
