@@ -196,9 +196,9 @@ def _serve_requests(filt: Filter, reader: PktReader, writer: PktWriter) -> None:
     try:
         from gittheta_merge.storage.tracking import install_hooks
 
-        install_hooks(filt.repo)  # a fresh clone with a user-scope install gets the pre-push hook too
+        install_hooks(filt.repo)  # a fresh clone with a user-scope install gets our hooks too
     except (ThetaError, OSError) as exc:
-        sys.stderr.write(f"git-theta: warning: could not install the pre-push hook: {exc}\n")
+        sys.stderr.write(f"git-theta: warning: could not install the git hooks: {exc}\n")
 
     while True:
         try:
