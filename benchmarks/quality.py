@@ -339,10 +339,28 @@ def grid(strategy: str, size: str) -> list[dict[str, Any]]:
         "fisher": [{"normalize": "true"}, {"normalize": "false"}],
         "regmean": [{"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)],
         "mats": [{"iterations": n} for n in (10, 30, 100)],
+        # issue 17's methods (slerp and nuslerp take exactly two models: not in a 3-task merge)
+        "karcher": [{}],
+        "model_stock": [{}],
+        "breadcrumbs": [{"density": 0.9, "gamma": 0.01, "lambda": v} for v in (0.7, 1.0, 1.5)],
+        "breadcrumbs_ties": [{"density": d, "gamma": 0.01, "lambda": v} for d in (0.5, 0.9) for v in (1.0, 1.5)],
+        "dare_ties": [{"density": d, "lambda": v} for d in (0.1, 0.5) for v in (1.0, 1.5)],
+        "dare_linear": [{"density": d, "lambda": v} for d in (0.1, 0.5) for v in (0.7, 1.0)],
+        "della": [{"density": 0.5, "epsilon": 0.1, "lambda": v} for v in (1.0, 1.5)],
+        "della_linear": [{"density": 0.5, "epsilon": 0.1, "lambda": v} for v in (0.7, 1.0)],
+        "sce": [{"select_topk": k} for k in (0.1, 1.0)],
+        "tsv_merge": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
+        "iso_c": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
+        "iso_cts": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
+        "wudi": [{"alpha": 1.0}],
     }
     smoke = {"average": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.2, "lambda": 1.0},
              "ties_local": {"density": 0.2, "lambda": 1.0}, "dare": {"drop": 0.5, "lambda": 0.7, "seed": 0},
-             "fisher": {}, "regmean": {"alpha": 0.9}, "mats": {"iterations": 30}}
+             "fisher": {}, "regmean": {"alpha": 0.9}, "mats": {"iterations": 30}, "karcher": {}, "model_stock": {},
+             "breadcrumbs": {"density": 0.9, "gamma": 0.01}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01},
+             "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5}, "della": {"density": 0.5, "epsilon": 0.1},
+             "della_linear": {"density": 0.5, "epsilon": 0.1}, "sce": {"select_topk": 0.1}, "tsv_merge": {},
+             "iso_c": {}, "iso_cts": {}, "wudi": {"iterations": 30}}
     return full[strategy] if size == "full" else [smoke[strategy]]
 
 

@@ -13,6 +13,9 @@ from gittheta_merge.errors import ThetaError, storage_error
 from gittheta_merge.storage.gitutil import Repo
 
 _NO_HINT = {"install", "filter-process", "clean", "smudge", "pre-push", "hook", "--help", "--version"}
+# commands that leave placeholders alone: git's own filter and hooks, listing them, writing them, the merge driver
+# (git writes the work tree after it), and the ones that work without a repository
+_NO_MATERIALIZE = _NO_HINT | {"status", "checkout", "merge-driver", "merge-files", "merge-adapters", "strategies"}
 
 
 def _hint_if_not_installed() -> None:
@@ -30,6 +33,20 @@ def _hint_if_not_installed() -> None:
         click.echo("git-theta: this repository tracks models with gittheta-merge, but the theta filter is "
                    "not configured in this clone, so models are checked out as metadata text and `git add` "
                    "would commit raw files. Run `git theta install` (it also checks the models out).", err=True)
+
+
+def _write_placeholders() -> None:
+    """Every git theta command first writes models a hook-less git command left as placeholders (git reset --hard),
+    so what it reads from the work tree is the model; a failure here is a warning, never the command's end."""
+    try:
+        repo = Repo.discover()
+        from gittheta_merge.storage.materialize import materialize, placeholders
+        from gittheta_merge.storage.tracking import is_installed
+
+        if is_installed(repo) and placeholders(repo):
+            materialize(repo, echo=lambda line: click.echo(line, err=True))
+    except ThetaError as exc:
+        click.echo(f"git-theta: warning: could not write the placeholders in the work tree: {exc}", err=True)
 
 
 def _interrupted(signum: int, frame: object) -> None:
@@ -63,6 +80,8 @@ class ThetaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         if ctx.protected_args and ctx.protected_args[0] not in _NO_HINT:
             _hint_if_not_installed()
+        if ctx.protected_args and ctx.protected_args[0] not in _NO_MATERIALIZE:
+            _write_placeholders()
         signal.signal(signal.SIGINT, _interrupted)
         try:
             return super().invoke(ctx)

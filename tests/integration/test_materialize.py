@@ -210,3 +210,18 @@ def test_with_git_lfs_hooks_both_tools_check_out(repo: Path) -> None:
     assert b"error" not in proc.stderr.lower(), proc.stderr
     assert (repo / "data.bin").read_bytes() == b"v1" * 5000 and sha(repo / "model.safetensors") == v1
     _clean(repo)
+
+
+def test_every_git_theta_command_writes_placeholders_first(mrepo: Path) -> None:
+    """After a hook-less `git reset --hard`, the next git theta command (here `ls`) writes the model first."""
+    repo = mrepo
+    v2 = _commit(repo, 1, "v2")
+    git(repo, "reset", "-q", "--hard", "HEAD~1")
+    git(repo, "reset", "-q", "--hard", "main@{1}")
+    assert _is_placeholder(repo / "model.safetensors")
+    git(repo, "theta", "status")  # listing them leaves them
+    assert _is_placeholder(repo / "model.safetensors")
+    proc = git(repo, "theta", "ls")
+    assert b"wrote model.safetensors" in proc.stderr
+    assert sha(repo / "model.safetensors") == v2
+    _clean(repo)
