@@ -47,5 +47,8 @@ def hook_cmd(name: str, args: tuple[str, ...]) -> None:
 
     repo = Repo.discover()
     stdin_data = sys.stdin.buffer.read() if name == "post-rewrite" else b""  # the rewritten commits, for the chain
-    materialize(repo, echo=lambda line: click.echo(line, err=True))  # after a branch or a file checkout alike
-    sys.exit(run_chained_hook(repo, name, list(args), stdin_data))
+    try:
+        materialize(repo, echo=lambda line: click.echo(line, err=True))  # after a branch or a file checkout alike
+    finally:  # the user's and git-lfs's hooks run even when writing a model failed (its error is printed)
+        rc = run_chained_hook(repo, name, list(args), stdin_data)
+    sys.exit(rc)

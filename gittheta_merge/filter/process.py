@@ -63,7 +63,11 @@ class Filter:
 
         known = recognise(self.repo, path, stream)  # a file we materialized, unchanged: no re-hash
         if known is not None:
-            out.write(known)
+            meta = Metadata.from_bytes(known, path)
+            before = dict(meta.stats)
+            self.carry_over_stats(path, meta)  # statistics staged since the checkout stay attached
+            self.store.require_present(meta.iter_objects(), path)
+            out.write(known if meta.stats == before else meta.to_bytes())
             return
         head = read_head(stream, 64)
         if not head:
@@ -134,6 +138,14 @@ class Filter:
         """Above theta.materializeBytes the checkout gets the metadata itself as a placeholder, which the hooks
         then replace by the real file written straight from the store (storage/materialize.py)."""
         return Metadata.from_bytes(data, path).total_bytes > self.materialize_bytes
+
+    def smudge_full(self, path: str, data: bytes, out: BinaryIO) -> None:
+        """The real file for content git holds (metadata or a raw file), whatever its size: for callers that write
+        the file themselves, not git's checkout (no placeholder)."""
+        if not is_metadata(data[:64]):
+            out.write(data)
+            return
+        self.smudge_meta(path, self.parse_for_smudge(path, data), out)
 
     def smudge(self, path: str, stream: BinaryIO, out: BinaryIO) -> None:
         head = read_head(stream, 64)

@@ -123,7 +123,6 @@ def from_revision(ref: str) -> Path:
     a tracked adapter_model.safetensors is rebuilt from its metadata and objects (fetched if missing) by the same
     smudge as a checkout, whatever the work tree's attributes say."""
     import atexit
-    import io
     import shutil
     import subprocess
     import tempfile
@@ -142,7 +141,7 @@ def from_revision(ref: str) -> Path:
         if subprocess.run(["git", "cat-file", "-e", spec], cwd=repo.root, capture_output=True).returncode != 0:
             raise UsageError(f"{ref}: no {name} at {spec} (REV:DIR names an adapter directory in a commit)")
         with open(target / name, "wb") as out:
-            Filter(repo).smudge(path, io.BytesIO(repo.git("cat-file", "blob", spec)), out)
+            Filter(repo).smudge_full(path, repo.git("cat-file", "blob", spec), out)
     return target
 
 

@@ -82,7 +82,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
     head = _rev(repo, "HEAD")
     commits = [_rev(repo, b) for b in branches]
     merged_already = [b for b, c in zip(branches, commits) if repo.is_ancestor(c, head)]
-    if len(merged_already) == len(branches):
+    if explicit is None and len(merged_already) == len(branches):
         echo(f"Already up to date ({', '.join(branches)} already in HEAD); nothing to merge.")
         return {"paths": [], "base": None}
     if explicit is None:
@@ -107,8 +107,8 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         if missing:
             raise MissingError(f"{path}: not tracked in {', '.join(missing)}; merge it with plain git merge")
         first = metas[0].to_bytes()  # type: ignore[union-attr]
-        if all(m.to_bytes() == first for m in metas[1:]):  # type: ignore[union-attr]
-            continue
+        if explicit is None and all(m.to_bytes() == first for m in metas[1:]):  # type: ignore[union-attr]
+            continue  # (a configuration's method runs even on equal models: task arithmetic of one, weighted)
         bmeta = base_files.get(path)
         if explicit is not None:
             names_here = [t.name for t in metas[0].tensors]  # type: ignore[union-attr]

@@ -141,8 +141,9 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 def plan_merge(models: list[Source], base: Source | None, options: MergeOptions,
                stats: StatsAccess | None = None) -> MergePlan:
     """Decide every tensor from metadata alone; raise ThetaError for anything that cannot merge."""
-    if len(models) < 2:
-        raise UsageError("a merge needs at least two models")
+    if len(models) < 2 and (base is None or not models):
+        raise UsageError("a merge needs at least two models, or one model and a base (task arithmetic of one "
+                         "fine-tune, as a mergekit configuration may ask)")
     if options.shortcuts not in {"git", "exact"}:
         raise UsageError(f"shortcuts must be 'git' or 'exact', not {options.shortcuts!r}")
     stats = stats or StatsAccess()

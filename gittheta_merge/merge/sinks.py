@@ -281,6 +281,12 @@ class ShardedSafetensorsSink:
 
         for sink in self._sinks:
             sink.finish()
+        written = {sink.path.name for sink in self._sinks}
+        for old in [*self.folder.glob("model.safetensors"), *self.folder.glob("model-*-of-*.safetensors")]:
+            if old.name not in written:  # an earlier run's output, which loaders would read instead of ours
+                old.unlink()
+        if len(self._sinks) == 1:
+            (self.folder / "model.safetensors.index.json").unlink(missing_ok=True)
         if len(self._sinks) > 1:
             index = {"metadata": {"total_size": self._total},
                      "weight_map": {name: sink.path.name for name, sink in self._owner.items()}}

@@ -23,6 +23,7 @@ theta.blockBytes), while small models, which git handles quickly, keep git's own
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -219,7 +220,7 @@ def _remove_stale_temp(repo: Repo) -> None:
 
     for _, path in tracked_paths(repo):
         folder = (repo.root / path).parent
-        for tmp in folder.glob(f"{TMP_PREFIX}{Path(path).name}.*"):
+        for tmp in folder.glob(f"{glob.escape(TMP_PREFIX + Path(path).name)}.*"):
             pid, _, start = tmp.name.rsplit(".", 1)[-1].partition("-")
             if pid.isdigit() and not alive(int(pid), start):
                 tmp.unlink(missing_ok=True)

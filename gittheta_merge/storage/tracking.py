@@ -30,13 +30,27 @@ POST_HOOK = """#!/bin/sh
 # gittheta-merge {name} hook: writes tracked models that git checked out as placeholders (models above
 # theta.materializeBytes) straight from the object store, then chains to git-lfs's {name} hook and to any
 # hook that was here before (saved as {name}.local).
-command -v git-theta >/dev/null 2>&1 || {{
-  echo >&2 "This repository stores models with gittheta-merge, but 'git-theta' is not on your path."
-  echo >&2 "Install it (pip install gittheta-merge) and run git theta checkout, or remove .git/hooks/{name}."
-  exit 0
-}}
-exec git-theta hook {name} "$@"
+if {check}; then
+  exec {cmd} hook {name} "$@"
+fi
+echo >&2 "gittheta-merge is not installed here, so models above theta.materializeBytes stay placeholders;"
+echo >&2 "install it (pip install gittheta-merge) and run git theta checkout."
+local_hook="$(dirname "$0")/{name}.local"
+if [ -x "$local_hook" ]; then
+  exec "$local_hook" "$@"
+fi
+exit 0
 """
+HOOK_MARKER = "# gittheta-merge {name} hook"  # how install recognises our hooks (and never saves one as .local)
+
+
+def post_hook_text(name: str) -> str:
+    """Our hook, calling the tool as the filter does (the console script, or this interpreter with -m)."""
+    cmd = command_prefix()
+    check = "command -v git-theta >/dev/null 2>&1" if cmd == "git-theta" else f"[ -x {cmd.split(' -m ')[0]} ]"
+    return POST_HOOK.format(name=name, cmd=cmd, check=check)
+
+
 SCOPES = {"repo": "--local", "user": "--global", "global": "--system"}
 ATTRS = "filter=theta diff=theta merge=theta -text"
 HF_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -90,11 +104,14 @@ def install_hooks(repo: Repo) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     _install_hook(directory, "pre-push", PRE_PUSH_HOOK, "git-theta pre-push")
     for name in POST_HOOKS:
-        _install_hook(directory, name, POST_HOOK.format(name=name), f"git-theta hook {name}")
+        _install_hook(directory, name, post_hook_text(name), HOOK_MARKER.format(name=name))
+    _exclude_temp_files(repo)
     return directory / "pre-push"
 
 
 def _install_hook(directory: Path, name: str, text: str, ours: str) -> None:
+    """Write our hook; a foreign one is first linked to `<name>.local` (os.link fails if that exists, so two
+    processes installing at once never save our own hook as the user's, which would then call itself)."""
     target = directory / name
     if target.exists():
         current = target.read_text(errors="replace")
@@ -104,13 +121,31 @@ def _install_hook(directory: Path, name: str, text: str, ours: str) -> None:
         is_lfs_hook = any(f"git lfs {name}" in c for c in commands) and len(commands) <= 3
         if not is_lfs_hook:
             saved = directory / f"{name}.local"
-            if saved.exists():
-                raise StorageError(f"{target} exists and {saved} too; merge them by hand, then rerun")
-            os.replace(target, saved)
-    tmp = directory / f"{name}.theta-tmp"
+            try:
+                os.link(target, saved)
+            except FileExistsError:
+                if saved.read_bytes() != target.read_bytes():
+                    raise StorageError(f"{target} exists and {saved} too; merge them by hand, then rerun") from None
+    tmp = directory / f"{name}.theta-tmp.{os.getpid()}"
     tmp.write_text(text)
     tmp.chmod(0o755)
     os.replace(tmp, target)
+
+
+def _exclude_temp_files(repo: Repo) -> None:
+    """A materialization killed mid-write leaves `.theta-materialize-*` beside the model until the next run: keep
+    `git add -A` from committing it (.git/info/exclude, once)."""
+    exclude = Path(repo.git("rev-parse", "--git-path", "info/exclude").decode().strip())
+    exclude = exclude if exclude.is_absolute() else repo.root / exclude
+    line = ".theta-materialize-*"
+    try:
+        text = exclude.read_text() if exclude.exists() else ""
+        if line not in text.splitlines():
+            exclude.parent.mkdir(parents=True, exist_ok=True)
+            with open(exclude, "a") as fh:
+                fh.write(("" if not text or text.endswith("\n") else "\n") + line + "\n")
+    except OSError:
+        pass  # an unwritable .git/info: the temp file is still removed by the next materialization
 
 
 def run_chained_hook(repo: Repo, name: str, args: list[str], stdin_data: bytes) -> int:
@@ -118,7 +153,8 @@ def run_chained_hook(repo: Repo, name: str, args: list[str], stdin_data: bytes) 
     import subprocess
 
     local = hooks_dir(repo) / f"{name}.local"
-    if local.exists() and os.access(local, os.X_OK):
+    ours = HOOK_MARKER.format(name=name)
+    if local.exists() and os.access(local, os.X_OK) and ours not in local.read_text(errors="replace"):
         rc = subprocess.run([str(local), *args], cwd=repo.root, input=stdin_data).returncode
         if rc != 0:
             return rc

@@ -49,3 +49,8 @@ def test_sharded_directories_in_and_out(tmp_path: Path) -> None:
                             str(tmp_path / "m1"), "-o", str(tmp_path / "one")], capture_output=True, text=True)
     assert small.returncode == 0, small.stderr  # under the default 5 GB: one model.safetensors, no index
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["model.safetensors"]
+    again = subprocess.run([sys.executable, "-m", "gittheta_merge", "merge-files", str(tmp_path / "m0"),
+                            str(tmp_path / "m1"), "-o", str(tmp_path / "one"), "--shard-size", "30KB"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr  # into the same folder, sharded now: no stale model.safetensors
+    assert "model.safetensors" not in [p.name for p in (tmp_path / "one").iterdir()]

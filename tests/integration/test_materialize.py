@@ -225,3 +225,19 @@ def test_every_git_theta_command_writes_placeholders_first(mrepo: Path) -> None:
     assert b"wrote model.safetensors" in proc.stderr
     assert sha(repo / "model.safetensors") == v2
     _clean(repo)
+
+
+def test_statistics_staged_after_a_checkout_stay_attached(mrepo: Path, tmp_path: Path) -> None:
+    """The clean shortcut answers with the metadata recorded at checkout; statistics staged since then are carried
+    over as by a real clean (found in review)."""
+    repo = mrepo
+    _commit(repo, 1, "v2")
+    git(repo, "checkout", "-q", "HEAD~1")
+    fisher = tmp_path / "fisher.safetensors"
+    save_file({k: v.abs() for k, v in _state(0).items()}, fisher)
+    git(repo, "theta", "stats", "add", str(fisher), "model.safetensors", "--kind", "fisher")
+    os.utime(repo / "model.safetensors")  # git looks at the file again: clean runs (the shortcut)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "stats")
+    assert b"fisher" in git(repo, "theta", "stats", "ls", "model.safetensors").stdout
+    assert ".theta-materialize-*" in (repo / ".git" / "info" / "exclude").read_text()

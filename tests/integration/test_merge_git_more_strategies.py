@@ -339,3 +339,16 @@ dtype: float32
                                    err_msg=name)
     assert torch.equal(got["emb.weight"], base["emb.weight"])
     assert "0 corrupt, 0 missing" in git(repo, "theta", "fsck").stdout.decode()
+
+
+def test_mergekit_configuration_with_one_model_still_runs_its_method(repo: Path) -> None:
+    """A configuration naming one fine-tune (task arithmetic, weight 0.5) merges it: the result is the base plus half
+    the task vector, not the fine-tune as git's tree merge would leave it (found in review)."""
+    base, models = setup(repo, n_branches=1)
+    (repo / "half.yml").write_text("merge_method: task_arithmetic\nbase_model: main\nmodels:\n"
+                                   "  - model: t0\n    parameters: {weight: 0.5}\n")
+    git(repo, "theta", "merge", "--config", "half.yml")
+    got = load_file(str(repo / "model.safetensors"))
+    for name in ("l0.weight", "l1.weight"):
+        want = base[name] + 0.5 * (models[0][name] - base[name])
+        assert torch.allclose(got[name], want, atol=1e-6), name
