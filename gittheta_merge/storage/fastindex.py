@@ -29,6 +29,7 @@ class FastIndex:
         self._auto = blake3.blake3.AUTO
         self.path = path
         self._map: dict[bytes, tuple[str, int]] | None = None
+        self._by_oid: dict[str, bytes] | None = None
 
     @classmethod
     def open(cls, lfs_dir: Path) -> FastIndex | None:
@@ -58,11 +59,25 @@ class FastIndex:
         hit = self._load().get(key)
         return hit[0] if hit is not None and hit[1] == size else None
 
+    def key_of(self, oid: str, size: int) -> bytes | None:
+        """The BLAKE3 hash recorded for a stored object, so a read can be verified at BLAKE3's speed; None when
+        the object was never recorded (fetched, or smaller than FAST_MIN_BYTES): then it is verified by sha256."""
+        if self._by_oid is None:
+            self._by_oid = {oid_: key for key, (oid_, size_) in self._load().items()}
+        key = self._by_oid.get(oid)
+        return key if key is not None and self._load()[key][1] == size else None
+
+    def hasher(self) -> Any:
+        """An incremental BLAKE3 hasher (multi-threaded for large updates)."""
+        return self._blake3(max_threads=self._auto)
+
     def add(self, key: bytes, oid: str, size: int) -> None:
         entries = self._load()
         if key in entries:
             return
         entries[key] = (oid, size)
+        if self._by_oid is not None:
+            self._by_oid[oid] = key
         body = struct.pack("<32s32sQ", key, bytes.fromhex(oid), size)
         record = body + struct.pack("<I", zlib.crc32(body))
         try:

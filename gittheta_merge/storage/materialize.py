@@ -11,10 +11,12 @@ It runs from git's post-checkout, post-merge and post-rewrite hooks (storage/hoo
 `pull-objects`, and on demand (`git theta checkout [PATHS]`; `git theta status` lists placeholders).
 
 After writing, what was written is recorded (size, mtime, ctime, inode, device, the metadata blob, and digests of
-the first and last 64 KiB) in .git/theta/materialized.json, and git's index is refreshed: git then streams the file
-through the clean filter once, which recognises it from the record and answers with the recorded metadata while
-only draining the stream (no sha256 of the model). A file changed behind our back changes its ctime (which no
-user tool can set), so it no longer matches and is cleaned for real.
+the first and last 64 KiB) in .git/theta/materialized.json, and the file's stat is written into git's index entry
+(storage/gitindex.py), so git sees it unmodified without reading it. Where the index cannot be patched, it is
+refreshed through git instead: git then streams the file through the clean filter once, which recognises it from
+the record and answers with the recorded metadata while only draining the stream (no sha256 of the model). A file
+changed behind our back changes its ctime (which no user tool can set), so it no longer matches and is cleaned for
+real; the index is written only once the clock has left the second of that ctime, because git compares seconds.
 
 The threshold's rule: git holds at most that many bytes of one file in memory. The default, 512 MiB, keeps every
 checkout far inside a 16 GB machine's memory whatever the model's size (the materialization itself holds one block,
@@ -146,11 +148,35 @@ def write_file(repo: Repo, path: str, meta: Metadata, fsync: bool = False) -> os
                 out.flush()
                 os.fsync(out.fileno())
         os.chmod(fd_tmp, mode)
-        os.replace(fd_tmp, target)
+        _move_into_place(fd_tmp, target)
     except BaseException:
         fd_tmp.unlink(missing_ok=True)
         raise
     return target.stat()
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Put `tmp` at `target` atomically. Over an existing file, swap the two (renameat2 RENAME_EXCHANGE) and delete
+    the old one: ext4 forces a file renamed *over* another to disk first (auto_da_alloc: 0.5 s for 2 GB here,
+    which `cp` never waits for), and a swap is as atomic without that. `theta.fsync` asks for durability when
+    wanted. A kill between the swap and the delete leaves the old file under the temporary name, removed later
+    as stale; where the swap is not supported, a plain replace."""
+    if target.exists() and _exchange(tmp, target):
+        tmp.unlink(missing_ok=True)
+        return
+    os.replace(tmp, target)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def materialize(repo: Repo, paths: list[str] | None = None, echo: Callable[[str], Any] | None = None,
@@ -194,11 +220,25 @@ def materialize(repo: Repo, paths: list[str] | None = None, echo: Callable[[str]
 
 
 def _refresh(repo: Repo, written: list[tuple[str, str, str]]) -> None:
-    """Let git see the written files as unmodified. The index remembers the placeholder's size, and git calls a
-    file of another size modified without asking the filter; so each entry whose blob is the one we wrote is
-    re-entered without stat data (`--index-info`, the same blob: nothing staged), and the refresh then streams the
-    file through clean once, which recognises it (recognise()) and lets git record the real file's stat.
+    """Let git see the written files as unmodified: each index entry whose blob is the one we wrote gets the file's
+    stat data (gitindex.record_stat). Failing that: the index remembers the placeholder's size, and git calls a
+    file of another size modified without asking the filter; so each such entry is re-entered without stat data
+    (`--index-info`, the same blob: nothing staged), and the refresh then streams the file through clean once,
+    which recognises it (recognise()) and lets git record the real file's stat.
     An entry whose blob differs (`git restore --source`: the work tree is not the index) is left modified."""
+    from gittheta_merge.storage.gitindex import record_stat
+
+    files = {}
+    for p, blob, ours in written:
+        if blob == ours:
+            try:
+                files[p] = (blob, os.stat(repo.root / p))
+            except OSError:
+                pass
+    if files:
+        _next_second_after(max(st.st_ctime_ns for _, st in files.values()))
+    if files and record_stat(repo, files) == set(files):
+        return  # the index now holds the files' stat: git sees them unmodified without reading them
     modes = {p: mode for (mode, _, _), p in _index_modes(repo, [p for p, _, _ in written])}
     same = [(p, blob) for p, blob, ours in written if blob == ours and p in modes]
     if same:
@@ -206,6 +246,17 @@ def _refresh(repo: Repo, written: list[tuple[str, str, str]]) -> None:
         repo.git("update-index", "--index-info", input=lines.encode())
     # no paths here: `update-index --refresh PATH` would also stage PATH's content
     subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=repo.root, capture_output=True)
+
+
+def _next_second_after(ctime_ns: int) -> None:
+    """Wait until the clock is past the second of `ctime_ns` (0-1 s, once per materialization). git compares stat
+    data to the second: an edit in the same second as the one the index records (keeping size and mtime) would
+    otherwise look unmodified. The 20 ms margin covers the filesystem's coarse clock."""
+    import time
+
+    delay = (ctime_ns // 10**9 + 1) + 0.02 - time.time()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _index_modes(repo: Repo, paths: list[str]) -> list[tuple[tuple[str, str, str], str]]:

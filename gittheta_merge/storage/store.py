@@ -353,7 +353,11 @@ class OverlappedVerifier:
         self._errors: list[CorruptObject] = []
 
     def iter_object(self, oid: str, size: int, what: str = "") -> Iterator[memoryview]:
-        digest = hashlib.sha256()
+        # an object this store recorded in its BLAKE3 cache is verified against that hash (4-7 GB/s here against
+        # sha256's 1.7): what was checked when the object was stored is checked again, at the speed of a copy
+        index = self.store.fast_index if size >= FAST_MIN_BYTES else None
+        fast_key = index.key_of(oid, size) if index is not None else None
+        digest = index.hasher() if fast_key is not None else hashlib.sha256()
         with self.store.open(oid, size, what) as handle:
             remaining = size
             while remaining:
@@ -365,10 +369,10 @@ class OverlappedVerifier:
                 self._ring.submit(digest.update, piece)
                 yield piece
                 remaining -= n
-        self._ring.after(self._verdict, digest, oid, what)
+        self._ring.after(self._verdict, digest, oid, what, fast_key)
 
-    def _verdict(self, digest: Any, oid: str, what: str) -> None:
-        if digest.hexdigest() != oid:
+    def _verdict(self, digest: Any, oid: str, what: str, fast_key: bytes | None) -> None:
+        if (digest.digest() != fast_key) if fast_key is not None else (digest.hexdigest() != oid):
             self._errors.append(CorruptObject.mismatch(oid, what))
 
     def check(self) -> None:

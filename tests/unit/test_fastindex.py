@@ -64,3 +64,36 @@ def test_a_record_naming_a_missing_or_other_sized_object_is_not_believed(tmp_pat
     store.delete(oid)  # as gc would
     assert ObjectStore(lfs).put(block) == (oid, True)  # written again, not assumed present
     assert ObjectStore(lfs).verify(oid)
+
+
+def _read_overlapped(store: ObjectStore, oid: str, size: int) -> bytes:
+    verifier = store.overlapped_verifier()
+    try:
+        out = b"".join(bytes(p) for p in verifier.iter_object(oid, size))
+        verifier.check()
+    finally:
+        verifier.close()
+    return out
+
+
+def test_reads_of_recorded_objects_are_verified_by_blake3_and_catch_corruption(
+        tmp_path: Path, sha256_calls: list[int]) -> None:
+    from gittheta_merge.storage.store import CorruptObject
+
+    lfs = tmp_path / "lfs"
+    block = os.urandom(1 << 20)
+    oid, _ = ObjectStore(lfs).put(block)
+    sha256_calls.clear()
+    assert _read_overlapped(ObjectStore(lfs), oid, len(block)) == block
+    assert sha256_calls == []  # verified by the recorded BLAKE3 hash
+    path = ObjectStore(lfs).path(oid)
+    os.chmod(path, 0o644)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 1  # one bit, same size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptObject, match=oid[:12]):
+        _read_overlapped(ObjectStore(lfs), oid, len(block))
+    (lfs / "theta-fastindex").unlink()  # without the cache: sha256, the same verdict
+    with pytest.raises(CorruptObject, match=oid[:12]):
+        _read_overlapped(ObjectStore(lfs), oid, len(block))
+    assert sha256_calls
