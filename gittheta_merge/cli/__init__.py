@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Any
 
 import click
 
@@ -63,18 +64,29 @@ LAZY_COMMANDS = {"merge": "merge_cmd", "merge-driver": "merge_driver_cmd", "merg
                  "merge-adapters": "merge_adapters_cmd"}
 
 
+def _plugin_commands() -> list[Any]:
+    """Commands that installed plugins add (entry-point group `gittheta_merge.commands`, e.g. `git theta align`)."""
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group="gittheta_merge.commands"))
+
+
 class ThetaGroup(click.Group):
     """Turns ThetaError into a one-line message and exit code 1, without a traceback; loads the
     merge commands lazily."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS) | {ep.name for ep in _plugin_commands()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS and name not in self.commands:
             from gittheta_merge.merge import commands
 
             self.add_command(getattr(commands, LAZY_COMMANDS[name]), name)
+        if name not in self.commands and name not in LAZY_COMMANDS:
+            for ep in _plugin_commands():
+                if ep.name == name:
+                    self.add_command(ep.load(), name)  # a plugin's command (entry point), imported when used
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> object:

@@ -23,15 +23,15 @@ from gittheta_merge.formats.safetensors_header import MAX_HEADER, parse_header, 
 from .statistic import Statistic
 
 __all__ = ["FORMAT", "METADATA_KEY", "blob_header", "load_statistic", "provenance_in", "read_provenance",
-           "save_statistic", "statistic_from_bytes", "statistic_to_bytes"]
+           "save_statistic", "statistic_from_bytes", "statistic_to_bytes", "write_blob"]
 
 METADATA_KEY = "gittheta.stats"
 FORMAT = "gittheta-stats/1"
 
 
-def _metadata(stat: Statistic) -> dict[str, str]:
-    return {"format": FORMAT, "kind": stat.kind,
-            METADATA_KEY: json.dumps(stat.provenance, sort_keys=True, separators=(",", ":"))}
+def _metadata(kind: str, provenance: dict[str, Any]) -> dict[str, str]:
+    return {"format": FORMAT, "kind": kind,
+            METADATA_KEY: json.dumps(provenance, sort_keys=True, separators=(",", ":"))}
 
 
 def _tensors(stat: Statistic) -> dict[str, torch.Tensor]:
@@ -54,10 +54,15 @@ def _write(stat: Statistic, out: BinaryIO) -> None:
     (`render_header`), so a statistic always gives the same bytes, hence the same oid (the safetensors library
     orders the string metadata differently from one run to the next); tensors are laid out as the library lays
     them out (wider dtypes first, then by name), which keeps every tensor's data aligned."""
-    tensors = _tensors(stat)
+    write_blob(stat.kind, _tensors(stat), stat.provenance, out)
+
+
+def write_blob(kind: str, tensors: dict[str, torch.Tensor], provenance: dict[str, Any], out: BinaryIO) -> None:
+    """A statistic blob of any kind, including a plugin's own (gittheta_align's `alignment`): the same bytes for
+    the same content. `tensors` must be contiguous CPU tensors."""
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header = render_header(_metadata(stat), [(k, dtypes.from_torch(tensors[k].dtype), list(tensors[k].shape))
-                                             for k in order])
+    header = render_header(_metadata(kind, provenance), [(k, dtypes.from_torch(tensors[k].dtype),
+                                                          list(tensors[k].shape)) for k in order])
     out.write(len(header).to_bytes(8, "little"))
     out.write(header)
     for k in order:

@@ -1,0 +1,102 @@
+"""Where each tensor of a BERT-family model (post-LayerNorm encoder) sits in the alignment: which permutation
+acts on its rows (outputs) and which on its columns (inputs).
+
+Sites (Verma & Elbayad 2024, §7 of merge-methods.md): per layer an attention site (the concatenated heads, the input
+of attention.output.dense) and an FF site (the input of output.dense); and residual sites, the outputs of the
+embeddings' LayerNorm and of each layer's two LayerNorms. Residual site keys are ``res@emb``, ``res@L.attn`` and
+``res@L.out``; with one shared residual permutation (every option but ``sep``) they all name the same one, which is
+what makes the permuted model compute the same function. The MLM head's transform writes into the space the tied
+decoder (the word embeddings) reads, so its rows follow ``res@emb``; a pooler reads the last residual site and its
+outputs are not permuted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gittheta_merge.errors import InputError
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes the sites need, read from a model's config."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        model_type = config.get("model_type", "")
+        if model_type not in ("bert", "roberta", "xlm-roberta", "electra", ""):
+            raise InputError(f"alignment supports the BERT family (post-LayerNorm encoders); this config is "
+                             f"model_type {model_type!r}")
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise InputError("alignment supports absolute position embeddings only "
+                             f"(this config: {config['position_embedding_type']!r})")
+        return cls(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+                   config["intermediate_size"])
+
+    def residual_sites(self) -> list[str]:
+        sites = ["res@emb"]
+        for layer in range(self.n_layers):
+            sites += [f"res@{layer}.attn", f"res@{layer}.out"]
+        return sites
+
+    def site_dim(self, site: str) -> int:
+        return self.d_ff if site.startswith("ff@") else self.d_model
+
+
+_LAYER = re.compile(r"^(?P<prefix>(?:[A-Za-z_]+\.)*?)encoder\.layer\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def roles(name: str, shape: Shape) -> tuple[str | None, str | None]:
+    """(row site, column site) of tensor `name`: the permutation applied to its first and second dimension (a 1-D
+    tensor has only rows). None: that dimension is not permuted. Unknown names are an error naming them."""
+    last = f"res@{shape.n_layers - 1}.out"
+    m = _LAYER.match(name)
+    if m:
+        layer, rest = int(m["layer"]), m["rest"]
+        into = "res@emb" if layer == 0 else f"res@{layer - 1}.out"  # the stream this layer reads
+        attn, ff = f"attn@{layer}", f"ff@{layer}"
+        mid, out = f"res@{layer}.attn", f"res@{layer}.out"
+        table = {
+            "attention.self.query.weight": (attn, into), "attention.self.query.bias": (attn, None),
+            "attention.self.key.weight": (attn, into), "attention.self.key.bias": (attn, None),
+            "attention.self.value.weight": (attn, into), "attention.self.value.bias": (attn, None),
+            "attention.output.dense.weight": (mid, attn), "attention.output.dense.bias": (mid, None),
+            "attention.output.LayerNorm.weight": (mid, None), "attention.output.LayerNorm.bias": (mid, None),
+            "intermediate.dense.weight": (ff, mid), "intermediate.dense.bias": (ff, None),
+            "output.dense.weight": (out, ff), "output.dense.bias": (out, None),
+            "output.LayerNorm.weight": (out, None), "output.LayerNorm.bias": (out, None),
+        }
+        if rest in table:
+            return table[rest]
+        raise InputError(f"tensor {name!r}: not a part of a BERT layer that alignment knows")
+    stripped = re.sub(r"^(bert|roberta|electra|model)\.", "", name)
+    table = {
+        "embeddings.word_embeddings.weight": (None, "res@emb"),
+        "embeddings.position_embeddings.weight": (None, "res@emb"),
+        "embeddings.token_type_embeddings.weight": (None, "res@emb"),
+        "embeddings.LayerNorm.weight": ("res@emb", None), "embeddings.LayerNorm.bias": ("res@emb", None),
+        "embeddings.position_ids": (None, None), "embeddings.token_type_ids": (None, None),
+        "pooler.dense.weight": (None, last), "pooler.dense.bias": (None, None),
+        "cls.predictions.transform.dense.weight": ("res@emb", last),
+        "cls.predictions.transform.dense.bias": ("res@emb", None),
+        "cls.predictions.transform.LayerNorm.weight": ("res@emb", None),
+        "cls.predictions.transform.LayerNorm.bias": ("res@emb", None),
+        "cls.predictions.decoder.weight": (None, "res@emb"),
+        "cls.predictions.decoder.bias": (None, None), "cls.predictions.bias": (None, None),
+    }
+    if stripped in table:
+        return table[stripped]
+    if stripped.startswith("classifier."):
+        return (None, None)  # reads the pooler's output, which is not permuted
+    raise InputError(f"tensor {name!r}: alignment does not know where it sits in a BERT model (supported: the "
+                     "encoder, embeddings, pooler, MLM head and a classifier on the pooler)")

@@ -1,0 +1,179 @@
+"""`git theta align`: permute models trained from different initializations into one model's coordinates.
+
+    git theta align seed-a seed-b --data text.jsonl            # B aligned to A, committed on seed-b-aligned
+    git theta align --to seed-a seed-b seed-c --data text.txt  # each aligned to seed-a
+    git theta merge seed-a seed-b-aligned --strategy average
+
+The aligned commit's child of B: the same tree with B's weights permuted (the model computes the same function
+where the options are function-preserving), and an `alignment` statistic attached to the weights (the joint
+feature statistics, the permutations and their provenance), so `git theta stats ls` shows how it was made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import click
+
+from gittheta_merge.errors import InputError, UsageError
+
+KIND = "alignment"
+
+
+def _texts(path: str, field: str, limit: int) -> list[str]:
+    """Sentences from a .jsonl file (one JSON object per line, text under `field`) or a plain text file (a line
+    each); empty lines skipped."""
+    texts: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise InputError(f"{path}:{n}: not JSON ({exc.msg})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                        raise InputError(f"{path}:{n}: no text field {field!r} (use --text-field)")
+                    line = row[field]
+                texts.append(line)
+                if len(texts) >= limit:
+                    break
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the data ({exc.strerror})") from None
+    if not texts:
+        raise InputError(f"{path}: no text in it; alignment needs sentences to run both models on")
+    return texts
+
+
+@click.command("align")
+@click.argument("revs", nargs=-1, required=True)
+@click.option("--to", "reference", default=None, help="The model the others are aligned to (default: the first REV).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text to run both models on: .jsonl (see --text-field) or plain text, one sentence a line.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--max-sentences", default=1000, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--path", "folder", default=None, help="The model directory in the repository (found when only one).")
+@click.option("--components", default="ff+attn+res", show_default=True,
+              help="What to align: a +-joined subset of ff, attn, res.")
+@click.option("--heads", default="permute", show_default=True, type=click.Choice(["permute", "monotonic", "ignore"]),
+              help="Attention heads: matched as whole heads then within (permute), kept in place (monotonic), or "
+                   "ignored, one flat matching (not function-preserving).")
+@click.option("--residual", default="first", show_default=True, type=click.Choice(["first", "last", "all", "sep"]),
+              help="The residual permutation from the embeddings' site, the last layer's, all averaged, or one per "
+                   "site (sep: not function-preserving).")
+@click.option("--into", default=None, help="Branch for the aligned model (default: REV-aligned; one REV only).")
+@click.option("--force", is_flag=True, help="Replace the branch if it exists.")
+def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_field: str, max_sentences: int,
+          batch_size: int, max_length: int, folder: str | None, components: str, heads: str, residual: str,
+          into: str | None, force: bool) -> None:
+    """Permute models trained from different initializations into one model's coordinates (Verma & Elbayad
+    2024), so that merging them averages matching features. Commits each aligned model on a branch."""
+    from gittheta_align.matching import Options
+    from gittheta_merge.storage.gitutil import Repo
+
+    options = Options.parse(components, heads, residual)
+    repo = Repo.discover()
+    ref = reference if reference is not None else revs[0]
+    others = [r for r in revs if r != ref] if reference is None else list(revs)
+    if not others:
+        raise UsageError("name a model to align and the one to align it to (git theta align A B)")
+    if into is not None and len(others) > 1:
+        raise UsageError("--into names one branch: align one model at a time with it")
+    texts = _texts(data_path, text_field, max_sentences)
+    for rev in others:
+        branch = into or f"{rev}-aligned"
+        result = align_one(repo, ref, rev, texts, data_path, options, folder, branch, force, batch_size, max_length,
+                           echo=lambda line: click.echo(line, err=True))
+        click.echo(f"aligned {rev} to {ref}: {result['commit'][:12]} on {branch} ({result['summary']})")
+
+
+def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, options: Any, folder: str | None,
+              branch: str, force: bool, batch_size: int = 8, max_length: int = 128, echo: Any = print) -> dict:
+    """Align `rev`'s model to `ref`'s and commit it on `branch`; returns the commit and a one-line summary."""
+    import numpy as np
+    import transformers
+
+    from gittheta_align import gitflow
+    from gittheta_align.features import batches_from_texts, joint_statistics
+    from gittheta_align.matching import permutations
+    from gittheta_merge.progress import Progress
+    from gittheta_merge.stats.blobs import write_blob
+    from gittheta_merge.storage.revisions import tracked_files
+    from gittheta_merge.storage.store import ObjectStore
+
+    a, b = gitflow.resolve(repo, ref), gitflow.resolve(repo, rev)
+    folder = gitflow.model_dir(repo, b, folder)
+    shape_a, _ = gitflow.shape_at(repo, a, folder)
+    shape_b, _ = gitflow.shape_at(repo, b, folder)
+    if shape_a != shape_b:
+        raise InputError(f"{folder or '.'}/config.json: {ref} and {rev} have different architectures "
+                         f"({shape_a} vs {shape_b}); alignment matches models of one shape")
+    gitflow.check_same_tokenizer(repo, a, b, folder)
+    sites = options.sites(shape_b)
+    echo(f"git-theta: align {rev} to {ref}: {len(sites)} sites, {len(texts)} sentences; statistics "
+         f"{sum(shape_b.site_dim(s) ** 2 * 8 for s in sites) / 1e6:.0f} MB (float64)")
+    with gitflow.checked_out(repo, a, folder) as dir_a, gitflow.checked_out(repo, b, folder) as dir_b:
+        model_a, model_b = gitflow.load_model(dir_a), gitflow.load_model(dir_b)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(dir_a))
+        bar = Progress(f"align: running both models on {len(texts)} sentences", len(texts))
+        done = [0]
+
+        def batches() -> Any:
+            for batch in batches_from_texts(tokenizer, texts, batch_size, max_length):
+                yield batch
+                done[0] += len(batch["input_ids"])
+                bar.update(done[0], 0)
+
+        stats = joint_statistics(model_a, model_b, batches(), shape_b, sites)
+        bar.close()
+        tokens = next(iter(stats.values())).n
+        del model_a, model_b
+    perms = permutations(stats, shape_b, options)
+    provenance = {
+        "method": "Verma & Elbayad 2024 permutation alignment", "reference": a, "aligned": b,
+        "data": {"file": data_path, "sha256": gitflow.data_digest(data_path), "sentences": len(texts),
+                 "tokens": tokens, "max_length": max_length},
+        "options": {"components": "+".join(options.components), "heads": options.heads,
+                    "residual": options.residual},
+        "function_preserving": options.function_preserving(), "sites": sites,
+    }
+    tensors = {}
+    for site, st in stats.items():
+        tensors.update({k: _torch(v) for k, v in st.tensors(site).items()})
+    for site, perm in perms.items():
+        tensors[f"perm.{site}"] = _torch(np.asarray(perm, dtype=np.int64))
+    out = io.BytesIO()
+    write_blob(KIND, tensors, provenance, out)
+    blob = out.getvalue()
+    store = ObjectStore.for_repo(repo)
+    files = {}
+    for path, meta in tracked_files(repo, b).items():
+        if folder and not path.startswith(folder + "/"):
+            continue
+        if meta.format != "safetensors":
+            raise InputError(f"{path}: alignment rewrites safetensors weights (this file is {meta.format})")
+        aligned = gitflow.aligned_metadata(repo, meta, shape_b, perms)
+        oid, _ = store.put(blob)
+        aligned.extra["stats"] = {KIND: {"oid": oid, "size": len(blob), "weights": aligned.weights_digest(),
+                                         "provenance": provenance}}
+        files[path] = aligned.to_bytes()
+    moved = sum(int(not np.array_equal(p, np.arange(len(p)))) for p in perms.values())
+    summary = (f"{moved} of {len(perms)} sites permuted, {tokens} tokens; "
+               f"{'function-preserving' if options.function_preserving() else 'NOT function-preserving'}")
+    message = f"Align {rev} to {ref} ({'+'.join(options.components)}, heads {options.heads}, " \
+              f"residual {options.residual})\n\n{summary}\n"
+    commit = gitflow.commit_on_branch(repo, b, files, branch, message, force)
+    return {"commit": commit, "summary": summary, "perms": perms, "stats": stats}
+
+
+def _torch(array: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(array.copy())

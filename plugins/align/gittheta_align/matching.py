@@ -1,0 +1,111 @@
+"""From joint statistics to permutations (stage P): a Hungarian assignment on the raw cross-correlation
+(scipy's linear_sum_assignment, maximising; the paper's scripts pass --no-absval), with the attention sites'
+head-aware variants and the residual variants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gittheta_align.bert import Shape
+from gittheta_align.features import SiteStats, correlation
+from gittheta_merge.errors import UsageError
+
+COMPONENTS = ("ff", "attn", "res")
+HEAD_MODES = ("permute", "monotonic", "ignore")
+RESIDUAL_MODES = ("first", "last", "all", "sep")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to align and how (the paper's names). `components`: a subset of ff / attn / res."""
+
+    components: tuple[str, ...] = ("ff", "attn", "res")
+    heads: str = "permute"
+    residual: str = "first"
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.components if c not in COMPONENTS]
+        if bad or not self.components:
+            raise UsageError(f"components must be a +-joined subset of ff, attn, res (got {'+'.join(self.components)})")
+        if self.heads not in HEAD_MODES:
+            raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)} (got {self.heads!r})")
+        if self.residual not in RESIDUAL_MODES:
+            raise UsageError(f"residual must be one of {', '.join(RESIDUAL_MODES)} (got {self.residual!r})")
+
+    @classmethod
+    def parse(cls, components: str, heads: str, residual: str) -> Options:
+        return cls(tuple(c.strip() for c in components.split("+") if c.strip()), heads, residual)
+
+    def function_preserving(self) -> bool:
+        """Whether applying the permutations to one model leaves its outputs unchanged."""
+        return not ("attn" in self.components and self.heads == "ignore") and not (
+            "res" in self.components and self.residual == "sep")
+
+    def sites(self, shape: Shape) -> list[str]:
+        """The sites whose statistics the options need."""
+        sites = []
+        for layer in range(shape.n_layers):
+            if "attn" in self.components:
+                sites.append(f"attn@{layer}")
+            if "ff" in self.components:
+                sites.append(f"ff@{layer}")
+        if "res" in self.components:
+            res = shape.residual_sites()
+            sites += {"first": res[:1], "last": res[-1:], "all": res, "sep": res}[self.residual]
+        return sites
+
+
+def assign(corr: np.ndarray) -> tuple[np.ndarray, float]:
+    """perm with perm[r] = the B feature matched to A feature r, and the summed correlation of the matches."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(corr, maximize=True)
+    perm = np.empty(corr.shape[0], dtype=np.int64)
+    perm[rows] = cols
+    return perm, float(corr[rows, cols].sum())
+
+
+def assign_heads(corr: np.ndarray, n_heads: int, mode: str) -> np.ndarray:
+    """An attention site's permutation. permute: a within-head assignment for every (A head, B head) pair, then
+    an assignment of heads on the summed correlations; monotonic: head j stays j, within-head assignment only;
+    ignore: one flat assignment over all features (mixes heads: not function-preserving)."""
+    if mode == "ignore":
+        return assign(corr)[0]
+    d_head = corr.shape[0] // n_heads
+    block = [slice(h * d_head, (h + 1) * d_head) for h in range(n_heads)]
+    if mode == "monotonic":
+        return np.concatenate([h * d_head + assign(corr[block[h], block[h]])[0] for h in range(n_heads)])
+    inner = {}
+    score = np.zeros((n_heads, n_heads))
+    for j in range(n_heads):
+        for k in range(n_heads):
+            inner[j, k], score[j, k] = assign(corr[block[j], block[k]])
+    heads, _ = assign(score)
+    return np.concatenate([heads[j] * d_head + inner[j, heads[j]] for j in range(n_heads)])
+
+
+def permutations(stats: dict[str, SiteStats], shape: Shape, options: Options) -> dict[str, np.ndarray]:
+    """Every site's permutation of B into A's coordinates. Sites of components not aligned are absent (identity)."""
+    perms: dict[str, np.ndarray] = {}
+    for layer in range(shape.n_layers):
+        if "attn" in options.components:
+            perms[f"attn@{layer}"] = assign_heads(correlation(*stats[f"attn@{layer}"].covariances()),
+                                                  shape.n_heads, options.heads)
+        if "ff" in options.components:
+            perms[f"ff@{layer}"] = assign(correlation(*stats[f"ff@{layer}"].covariances()))[0]
+    if "res" in options.components:
+        res = shape.residual_sites()
+        if options.residual == "sep":
+            for site in res:
+                perms[site] = assign(correlation(*stats[site].covariances()))[0]
+        else:
+            used = {"first": res[:1], "last": res[-1:], "all": res}[options.residual]
+            # `all`: the covariances averaged over the residual sites, then turned into a correlation
+            parts = [stats[s].covariances() for s in used]
+            mean = [sum(p[i] for p in parts) / len(parts) for i in range(3)]
+            shared = assign(correlation(*mean))[0]
+            for site in res:
+                perms[site] = shared
+    return perms

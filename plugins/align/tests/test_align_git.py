@@ -1,0 +1,128 @@
+"""`git theta align` in real repositories: a planted permutation is undone exactly (the aligned branch holds the
+reference's very objects), an aligned model computes what the unaligned one did, its alignment statistic is
+versioned with it, it merges with the reference, and bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gittheta_align.bert import Shape
+from gittheta_align.permute import permute_state, random_perms
+
+transformers = pytest.importorskip("transformers")
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check)
+
+
+def _config(layers: int = 2) -> transformers.BertConfig:
+    return transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=layers,
+                                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+
+
+def _save(folder: Path, model: torch.nn.Module, tokenizer: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "t")
+    git(repo, "theta", "install")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    git(repo, "theta", "track", "model/*.safetensors")
+    git(repo, "add", ".gitattributes")
+    git(repo, "commit", "-qm", "attributes")
+    torch.manual_seed(0)
+    _save(repo / "model", transformers.BertModel(_config()), tokenizer)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "seed a")
+    git(repo, "branch", "seed-a")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(6, 20))) for _ in range(120)) + "\n")
+    return repo
+
+
+def _commit_model(repo: Path, branch: str, model: torch.nn.Module) -> None:
+    git(repo, "checkout", "-q", "-b", branch, "main~1")
+    git(repo, "checkout", "seed-a", "--", "model")  # the same tokenizer files, byte for byte
+    model.save_pretrained(repo / "model", safe_serialization=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", branch)
+    git(repo, "checkout", "-q", "main")
+
+
+def _model_at(repo: Path, rev: str) -> torch.nn.Module:
+    git(repo, "checkout", "-q", rev)
+    model = transformers.BertModel.from_pretrained(str(repo / "model")).eval()
+    git(repo, "checkout", "-q", "main")
+    return model
+
+
+def _tensors(repo: Path, rev: str) -> list[str]:
+    meta = json.loads(git(repo, "show", f"{rev}:model/model.safetensors").stdout)
+    return [json.dumps(t, sort_keys=True) for t in meta["tensors"]]
+
+
+def test_a_planted_permutation_is_undone_exactly(repo: Path) -> None:
+    a = _model_at(repo, "seed-a")
+    shape = Shape.from_config(a.config.to_dict())
+    b = transformers.BertModel(a.config)
+    b.load_state_dict(permute_state(a.state_dict(), shape, random_perms(shape, seed=3)))
+    _commit_model(repo, "seed-b", b)
+    assert _tensors(repo, "seed-b") != _tensors(repo, "seed-a")
+    out = git(repo, "theta", "align", "seed-a", "seed-b", "--data", str(repo.parent / "text.txt"))
+    assert "on seed-b-aligned" in out.stdout, out.stderr
+    # the aligned model is the reference, object for object (the objects are content-addressed)
+    assert _tensors(repo, "seed-b-aligned") == _tensors(repo, "seed-a")
+    assert git(repo, "rev-parse", "seed-b-aligned~1").stdout == git(repo, "rev-parse", "seed-b").stdout
+    stats = git(repo, "theta", "stats", "ls", "--rev", "seed-b-aligned").stdout
+    assert "alignment" in stats
+    assert git(repo, "status", "--porcelain").stdout == ""  # the user's work tree and index are untouched
+
+
+def test_an_aligned_model_computes_the_same_function_and_merges(repo: Path) -> None:
+    torch.manual_seed(1)
+    b = transformers.BertModel(_config()).eval()
+    _commit_model(repo, "seed-b", b)
+    git(repo, "theta", "align", "seed-a", "seed-b", "--data", str(repo.parent / "text.txt"), "--into", "b-in-a")
+    aligned = _model_at(repo, "b-in-a")
+    batch = {"input_ids": torch.tensor([[2, 7, 9, 30, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        ref, got = b(**batch).pooler_output, aligned(**batch).pooler_output
+    assert torch.allclose(ref, got, atol=1e-5)
+    a_sd, al_sd = _model_at(repo, "seed-a").state_dict(), aligned.state_dict()
+    git(repo, "checkout", "-q", "-b", "merged", "seed-a")
+    merged = git(repo, "theta", "merge", "b-in-a", "--strategy", "average", check=False)
+    assert merged.returncode == 0, merged.stderr
+    m = transformers.BertModel.from_pretrained(str(repo / "model"))
+    name = "encoder.layer.1.intermediate.dense.weight"
+    assert torch.allclose(m.state_dict()[name], (a_sd[name] + al_sd[name]) / 2, atol=1e-6)
+
+
+def test_bad_input_is_refused_and_writes_nothing(repo: Path) -> None:
+    torch.manual_seed(2)
+    _commit_model(repo, "deeper", transformers.BertModel(_config(layers=3)))
+    refs = git(repo, "show-ref").stdout
+    out = git(repo, "theta", "align", "seed-a", "deeper", "--data", str(repo.parent / "text.txt"), check=False)
+    assert out.returncode == 1 and "different architectures" in out.stderr
+    empty = repo.parent / "empty.txt"
+    empty.write_text("\n")
+    out = git(repo, "theta", "align", "seed-a", "deeper", "--data", str(empty), check=False)
+    assert out.returncode == 1 and "no text" in out.stderr
+    assert git(repo, "show-ref").stdout == refs
