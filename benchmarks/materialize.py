@@ -4,7 +4,9 @@ materialization (a placeholder for git, the file written by our post-checkout ho
 For each size: a repo with two commits that differ in every tensor; `git checkout` of the other commit is timed, and
 the peak RSS of the whole process tree (git, the filter process, the hook and its children, summed at each 20 ms
 sample from /proc) is recorded; then `git status` right after. Baselines: `cp` of the same file, and the same
-checkout with materialization off (theta.materializeBytes above the file size).
+checkout with materialization off (theta.materializeBytes above the file size). Every timed step starts after a
+`sync`, so none pays for writing back the previous step's dirty pages (a single cp right after a 2 GB checkout
+took 1.5 s instead of 0.6 s here); --repeat checkouts alternate between the two commits, medians are shown.
 
     python benchmarks/materialize.py                   # 2 GB
     python benchmarks/materialize.py --sizes 2,4       # GB
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -93,33 +96,60 @@ def make_repo(work: Path, gb: float, materialize_bytes: int) -> Path:
     return repo
 
 
+def prepare(cache: str, sources: list[Path]) -> None:
+    """Before a timed step: no dirty pages left to write back (`sync`); then either nothing cached (cold: what a
+    checkout of a model written long ago meets; needs root for /proc/sys/vm/drop_caches) or the step's sources
+    read once into the page cache (warm)."""
+    subprocess.run(["sync"], check=True)
+    if cache == "cold":
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return
+    for source in sources:
+        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(16 << 20):
+                    pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2", help="comma-separated model sizes in GB")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--cache", choices=["cold", "warm"], default="warm",
+                    help="cold: page cache dropped before each timed step (root); warm: its sources read first")
+    ap.add_argument("--repeat", type=int, default=3, help="checkouts per mode (alternating between the two "
+                    "commits); medians of time, maxima of memory")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="materialize-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"page cache: {args.cache}")
     print("| model | cp s | checkout via git: s / tree MB | materialized: s / tree MB | s vs cp | tree MB / "
           "file MB | git status after, s |")
     print("|---|---|---|---|---|---|---|")
     for gb in (float(x) for x in args.sizes.split(",")):
-        rows = {}
+        runs: dict[str, list[tuple[float, float]]] = {}
         for mode, threshold in (("git", 1 << 50), ("materialized", 1 << 20)):
             repo = make_repo(work, gb, threshold)
             size = (repo / "model.safetensors").stat().st_size
-            time.sleep(1.1)  # out of git's racy window
-            rows[mode] = run_tree(["git", "checkout", "-q", "HEAD~1"], repo)
-            t0 = time.monotonic()
-            status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, check=True)
-            rows[mode + "-status"] = (time.monotonic() - t0, 0.0)
-            assert status.stdout == b"", status.stdout
-            copy = work / "copy.safetensors"
-            t0 = time.monotonic()
-            subprocess.run(["cp", str(repo / "model.safetensors"), str(copy)], check=True)
-            rows["cp"] = (time.monotonic() - t0, 0.0)
-            copy.unlink()
+            for i in range(args.repeat):
+                rev = "HEAD~1" if i % 2 == 0 else "main"
+                prepare(args.cache, [repo / ".git"])
+                time.sleep(1.1)  # out of git's racy window
+                runs.setdefault(mode, []).append(run_tree(["git", "checkout", "-q", rev], repo))
+                t0 = time.monotonic()
+                status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, check=True)
+                runs.setdefault(mode + "-status", []).append((time.monotonic() - t0, 0.0))
+                assert status.stdout == b"", status.stdout
+                copy = work / "copy.safetensors"
+                prepare(args.cache, [repo / "model.safetensors"])
+                t0 = time.monotonic()
+                subprocess.run(["cp", str(repo / "model.safetensors"), str(copy)], check=True)
+                runs.setdefault("cp", []).append((time.monotonic() - t0, 0.0))
+                copy.unlink()
             subprocess.run(["rm", "-rf", str(repo)], check=True)
+        rows = {key: (statistics.median(t for t, _ in v), max(m for _, m in v)) for key, v in runs.items()}
         (gs, gmb), (ms, mmb) = rows["git"], rows["materialized"]
         print(f"| {size / 1e9:.2f} GB | {rows['cp'][0]:.2f} | {gs:.2f} / {gmb:.0f} | {ms:.2f} / {mmb:.0f} | "
               f"{ms / rows['cp'][0]:.2f}x | {mmb / (size / 1e6):.3f} (git: {gmb / (size / 1e6):.3f}) | "

@@ -349,9 +349,9 @@ def grid(strategy: str, size: str) -> list[dict[str, Any]]:
         "della": [{"density": 0.5, "epsilon": 0.1, "lambda": v} for v in (1.0, 1.5)],
         "della_linear": [{"density": 0.5, "epsilon": 0.1, "lambda": v} for v in (0.7, 1.0)],
         "sce": [{"select_topk": k} for k in (0.1, 1.0)],
-        "tsv_merge": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
-        "iso_c": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
-        "iso_cts": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
+        "tsv_merge": [{"alpha": a} for a in (0.7, 1.0, 1.3, 1.6, 2.0)],
+        "iso_c": [{"alpha": a} for a in (1.0, 1.3, 1.6, 2.0, 2.5)],
+        "iso_cts": [{"alpha": a} for a in (1.0, 1.3, 1.6, 2.0, 2.5)],
         "wudi": [{"alpha": 1.0}],
     }
     smoke = {"average": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.2, "lambda": 1.0},
