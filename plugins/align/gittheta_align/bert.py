@@ -13,47 +13,33 @@ outputs are not permuted.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Any
 
+from gittheta_align.arch import Shape
 from gittheta_merge.errors import InputError
 
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes the sites need, read from a model's config."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @classmethod
-    def from_config(cls, config: dict) -> Shape:
-        model_type = config.get("model_type", "")
-        if model_type not in ("bert", "roberta", "xlm-roberta", "electra", ""):
-            raise InputError(f"alignment supports the BERT family (post-LayerNorm encoders); this config is "
-                             f"model_type {model_type!r}")
-        if config.get("position_embedding_type", "absolute") != "absolute":
-            raise InputError("alignment supports absolute position embeddings only "
-                             f"(this config: {config['position_embedding_type']!r})")
-        return cls(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-                   config["intermediate_size"])
-
-    def residual_sites(self) -> list[str]:
-        sites = ["res@emb"]
-        for layer in range(self.n_layers):
-            sites += [f"res@{layer}.attn", f"res@{layer}.out"]
-        return sites
-
-    def site_dim(self, site: str) -> int:
-        return self.d_ff if site.startswith("ff@") else self.d_model
-
-
 _LAYER = re.compile(r"^(?P<prefix>(?:[A-Za-z_]+\.)*?)encoder\.layer\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def residual_sites(shape: Shape) -> list[str]:
+    sites = ["res@emb"]
+    for layer in range(shape.n_layers):
+        sites += [f"res@{layer}.attn", f"res@{layer}.out"]
+    return sites
+
+
+def capture_points(model: Any, shape: Shape) -> dict[str, tuple[Any, str]]:
+    """site -> (module, "output" | "input"): where each site's features are read during a forward pass."""
+    base = getattr(model, "base_model", model)
+    if not hasattr(base, "encoder") or not hasattr(base, "embeddings"):
+        raise InputError(f"{type(model).__name__}: not a BERT-family encoder (no embeddings/encoder modules)")
+    points = {"res@emb": (base.embeddings.LayerNorm, "output")}
+    for layer, block in enumerate(base.encoder.layer):
+        points[f"res@{layer}.attn"] = (block.attention.output.LayerNorm, "output")
+        points[f"res@{layer}.out"] = (block.output.LayerNorm, "output")
+        points[f"attn@{layer}"] = (block.attention.output.dense, "input")
+        points[f"ff@{layer}"] = (block.output.dense, "input")
+    return points
 
 
 def roles(name: str, shape: Shape) -> tuple[str | None, str | None]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gittheta_align.bert import Shape
+from gittheta_align.arch import Shape
 
 
 @dataclass
@@ -75,24 +75,14 @@ def correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.nda
     return cov / np.maximum(sigma, 1e-7)
 
 
-def _encoder(model: Any) -> Any:
-    base = getattr(model, "base_model", model)
-    if not hasattr(base, "encoder") or not hasattr(base, "embeddings"):
-        from gittheta_merge.errors import InputError
-
-        raise InputError(f"{type(model).__name__}: not a BERT-family encoder (no embeddings/encoder modules)")
-    return base
-
-
 def _capture(model: Any, shape: Shape, sites: set[str]) -> tuple[dict[str, Any], list[Any]]:
     """Forward hooks that store each wanted site's features of the current batch in the returned dict."""
-    base = _encoder(model)
     got: dict[str, Any] = {}
     handles = []
 
     def output_of(site: str) -> Any:
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            got[site] = output.detach()
+            got[site] = (output[0] if isinstance(output, tuple) else output).detach()
         return hook
 
     def input_of(site: str) -> Any:
@@ -100,17 +90,10 @@ def _capture(model: Any, shape: Shape, sites: set[str]) -> tuple[dict[str, Any],
             got[site] = inputs[0].detach()
         return hook
 
-    if "res@emb" in sites:
-        handles.append(base.embeddings.LayerNorm.register_forward_hook(output_of("res@emb")))
-    for layer, block in enumerate(base.encoder.layer):
-        wanted = {f"res@{layer}.attn": (block.attention.output.LayerNorm, output_of),
-                  f"res@{layer}.out": (block.output.LayerNorm, output_of),
-                  f"attn@{layer}": (block.attention.output.dense, None),
-                  f"ff@{layer}": (block.output.dense, None)}
-        for site, (module, kind) in wanted.items():
-            if site in sites:
-                handles.append(module.register_forward_hook(kind(site)) if kind is not None
-                               else module.register_forward_pre_hook(input_of(site)))
+    for site, (module, where) in shape.capture_points(model).items():
+        if site in sites:
+            handles.append(module.register_forward_hook(output_of(site)) if where == "output"
+                           else module.register_forward_pre_hook(input_of(site)))
     return got, handles
 
 
@@ -145,6 +128,8 @@ def joint_statistics(model_a: Any, model_b: Any, batches: Iterable[dict[str, Any
 def batches_from_texts(tokenizer: Any, texts: list[str], batch_size: int = 8,
                        max_length: int = 128) -> Iterator[dict[str, Any]]:
     """The tokenized texts in batches, special tokens included, padding masked."""
+    if getattr(tokenizer, "pad_token", "") is None:  # causal LM tokenizers often have none; padding is masked out
+        tokenizer.pad_token = tokenizer.eos_token
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start: start + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gittheta_align.bert import Shape
+from gittheta_align.arch import Shape
 from gittheta_merge.errors import InputError, MissingError, UsageError
 from gittheta_merge.storage.gitutil import Repo
 from gittheta_merge.storage.metadata import Metadata
@@ -120,7 +120,6 @@ def aligned_metadata(repo: Repo, meta: Metadata, shape: Shape, perms: dict[str, 
                      progress: Callable[[int], None] | None = None) -> Metadata:
     """B's metadata with every permuted tensor rewritten as new objects, one tensor in memory at a time; tensors
     no permutation touches keep their objects."""
-    from gittheta_align.bert import roles
     from gittheta_align.permute import permute_tensor
     from gittheta_merge.merge.sinks import StoreSink
     from gittheta_merge.merge.sources import StoreSource
@@ -134,7 +133,7 @@ def aligned_metadata(repo: Repo, meta: Metadata, shape: Shape, perms: dict[str, 
     sink.start(infos)  # type: ignore[arg-type]
     with store.guard.session():
         for entry, info in zip(meta.tensors, infos):
-            row, col = roles(entry.name, shape)
+            row, col = shape.roles(entry.name)
             if (row is None or row not in perms) and (col is None or col not in perms):
                 sink.keep(entry.name, source, info)
             else:

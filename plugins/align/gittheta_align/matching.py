@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gittheta_align.bert import Shape
+from gittheta_align.arch import Shape
 from gittheta_align.features import SiteStats, correlation
 from gittheta_merge.errors import UsageError
 
@@ -86,13 +86,42 @@ def assign_heads(corr: np.ndarray, n_heads: int, mode: str) -> np.ndarray:
     return np.concatenate([heads[j] * d_head + inner[j, heads[j]] for j in range(n_heads)])
 
 
+def assign_groups(corr: np.ndarray, shape: Shape, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """A Llama attention site's permutations (over query heads' dimensions, and over key/value heads'): key/value
+    groups matched as wholes, query heads within matched groups, no permutation inside a head (rotary pairs).
+    permute: an assignment of query heads for every (A group, B group) pair on the summed correlations of the
+    heads' aligned dimensions, then an assignment of groups; monotonic: everything stays in place; ignore: one
+    flat assignment of the query dimensions (not function-preserving; key/value heads stay)."""
+    dh, g, n_kv = shape.d_head, shape.group, shape.n_kv_heads
+    kv_identity = np.arange(n_kv * dh)
+    if mode == "ignore":
+        return assign(corr)[0], kv_identity
+    if mode == "monotonic":
+        return np.arange(corr.shape[0]), kv_identity
+    # head-to-head score: the correlation of dimension d of one head with dimension d of the other, summed
+    heads = shape.n_heads
+    diag = np.einsum("idjd->ij", corr.reshape(heads, dh, heads, dh))
+    inner, score = {}, np.zeros((n_kv, n_kv))
+    for a in range(n_kv):
+        for b in range(n_kv):
+            inner[a, b], score[a, b] = assign(diag[a * g:(a + 1) * g, b * g:(b + 1) * g])
+    groups, _ = assign(score)
+    q_heads = np.concatenate([groups[a] * g + inner[a, groups[a]] for a in range(n_kv)])
+    attn = np.concatenate([h * dh + np.arange(dh) for h in q_heads])
+    kv = np.concatenate([b * dh + np.arange(dh) for b in groups])
+    return attn, kv
+
+
 def permutations(stats: dict[str, SiteStats], shape: Shape, options: Options) -> dict[str, np.ndarray]:
     """Every site's permutation of B into A's coordinates. Sites of components not aligned are absent (identity)."""
     perms: dict[str, np.ndarray] = {}
     for layer in range(shape.n_layers):
         if "attn" in options.components:
-            perms[f"attn@{layer}"] = assign_heads(correlation(*stats[f"attn@{layer}"].covariances()),
-                                                  shape.n_heads, options.heads)
+            corr = correlation(*stats[f"attn@{layer}"].covariances())
+            if shape.family == "llama":
+                perms[f"attn@{layer}"], perms[f"kv@{layer}"] = assign_groups(corr, shape, options.heads)
+            else:
+                perms[f"attn@{layer}"] = assign_heads(corr, shape.n_heads, options.heads)
         if "ff" in options.components:
             perms[f"ff@{layer}"] = assign(correlation(*stats[f"ff@{layer}"].covariances()))[0]
     if "res" in options.components:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gittheta_align.bert import Shape, roles
+from gittheta_align.arch import Shape
 from gittheta_merge.errors import InputError
 
 
@@ -17,7 +17,7 @@ def permute_tensor(name: str, tensor: Any, shape: Shape, perms: Mapping[str, np.
     from `perms` is left as it is (a component that is not aligned)."""
     import torch
 
-    row_site, col_site = roles(name, shape)
+    row_site, col_site = shape.roles(name)
     out = tensor
     for dim, site in ((0, row_site), (1, col_site)):
         if site is None or site not in perms:
@@ -39,15 +39,23 @@ def inverse(perm: np.ndarray) -> np.ndarray:
 
 
 def random_perms(shape: Shape, seed: int, heads: bool = True) -> dict[str, np.ndarray]:
-    """A random function-preserving permutation set: one residual permutation, per layer heads moved as whole
-    blocks with a within-head permutation (shared by Q, K and V), and an FF permutation. For tests and for the
-    exactness benchmark (a planted permutation the alignment must recover)."""
+    """A random function-preserving permutation set: one residual permutation, per layer an FF permutation and an
+    attention permutation that moves heads as whole blocks (BERT: with a within-head permutation shared by Q, K
+    and V; Llama: key/value groups and query heads within their group, no within-head permutation: rotary pairs).
+    For tests and for the exactness benchmark (a planted permutation the alignment must recover)."""
     rng = np.random.default_rng(seed)
     res = rng.permutation(shape.d_model)
     perms = {site: res for site in shape.residual_sites()}
+    dh = shape.d_head
     for layer in range(shape.n_layers):
-        order = rng.permutation(shape.n_heads) if heads else np.arange(shape.n_heads)
-        attn = np.concatenate([h * shape.d_head + rng.permutation(shape.d_head) for h in order])
-        perms[f"attn@{layer}"] = attn
+        if shape.family == "llama":
+            groups = rng.permutation(shape.n_kv_heads) if heads else np.arange(shape.n_kv_heads)
+            q_heads = [g * shape.group + (rng.permutation(shape.group) if heads else np.arange(shape.group))
+                       for g in groups]
+            perms[f"attn@{layer}"] = np.concatenate([h * dh + np.arange(dh) for h in np.concatenate(q_heads)])
+            perms[f"kv@{layer}"] = np.concatenate([g * dh + np.arange(dh) for g in groups])
+        else:
+            order = rng.permutation(shape.n_heads) if heads else np.arange(shape.n_heads)
+            perms[f"attn@{layer}"] = np.concatenate([h * dh + rng.permutation(dh) for h in order])
         perms[f"ff@{layer}"] = rng.permutation(shape.d_ff)
     return perms

@@ -128,3 +128,52 @@ def test_the_statistics_skip_padding() -> None:
     assert stats["ff@0"].n == int(batches[0]["attention_mask"].sum())
     cov, var_a, var_b = stats["ff@0"].covariances()
     assert np.allclose(np.diag(cov), var_a) and np.allclose(var_a, var_b)  # a model against itself
+
+
+# -- Llama family: pre-RMSNorm, rotary embeddings, grouped-query attention --------------------------------------------
+def _llama(seed: int, kv_heads: int = 2, tie: bool = False) -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=kv_heads, intermediate_size=48, max_position_embeddings=64,
+                                      tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _llama_batches(seed: int, n: int = 6) -> list[dict[str, torch.Tensor]]:
+    return [{k: v for k, v in b.items() if k != "token_type_ids"} for b in _batches(seed, n)]
+
+
+@pytest.mark.parametrize("kv_heads,tie", [(2, False), (4, False), (1, True)])
+def test_llama_planted_permutation_leaves_the_logits_unchanged(kv_heads: int, tie: bool) -> None:
+    model = _llama(0, kv_heads, tie)
+    perms = random_perms(_shape(model), seed=1)
+    permuted = _permuted_copy(model, perms)
+    batch = _llama_batches(5)[0]
+    ref, got = _outputs(model, batch), _outputs(permuted, batch)
+    assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[name], permuted.state_dict()[name])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_llama_alignment_recovers_a_planted_permutation_and_preserves_function(kv_heads: int) -> None:
+    a = _llama(3, kv_heads)
+    shape = _shape(a)
+    planted = random_perms(shape, seed=4)
+    b = _permuted_copy(a, planted)
+    options = Options.parse("ff+attn+res", "permute", "first")
+    found = permutations(joint_statistics(a, b, _llama_batches(7), shape, options.sites(shape)), shape, options)
+    for site, perm in found.items():
+        assert np.array_equal(perm, inverse(planted[site])), site
+    back = _permuted_copy(b, found)
+    for name, t in a.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    other = _llama(5, kv_heads)  # trained apart: whatever is found keeps the function
+    found = permutations(joint_statistics(a, other, _llama_batches(2), shape, options.sites(shape)), shape, options)
+    batch = _llama_batches(9)[0]
+    assert torch.allclose(_outputs(other, batch), _outputs(_permuted_copy(other, found), batch), atol=1e-5)
