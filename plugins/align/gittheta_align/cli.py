@@ -22,6 +22,15 @@ from gittheta_merge.errors import InputError, UsageError
 KIND = "alignment"
 
 
+def _size(text: str | None) -> int | None:
+    from gittheta_merge.merge.commands import parse_size
+
+    try:
+        return parse_size(text)
+    except UsageError:
+        raise UsageError(f"--max-memory {text!r}: a size such as 2GB or 500MB") from None
+
+
 def _texts(path: str, field: str, limit: int) -> list[str]:
     """Sentences from a .jsonl file (one JSON object per line, text under `field`) or a plain text file (a line
     each); empty lines skipped."""
@@ -68,11 +77,13 @@ def _texts(path: str, field: str, limit: int) -> list[str]:
 @click.option("--residual", default="first", show_default=True, type=click.Choice(["first", "last", "all", "sep"]),
               help="The residual permutation from the embeddings' site, the last layer's, all averaged, or one per "
                    "site (sep: not function-preserving).")
+@click.option("--max-memory", default=None, help="At most this much for the statistics at once (e.g. 2GB): sites are "
+              "split into passes over the data, each running both models again; the plan is printed first.")
 @click.option("--into", default=None, help="Branch for the aligned model (default: REV-aligned; one REV only).")
 @click.option("--force", is_flag=True, help="Replace the branch if it exists.")
 def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_field: str, max_sentences: int,
           batch_size: int, max_length: int, folder: str | None, components: str, heads: str, residual: str,
-          into: str | None, force: bool) -> None:
+          max_memory: str | None, into: str | None, force: bool) -> None:
     """Permute models trained from different initializations into one model's coordinates (Verma & Elbayad
     2024), so that merging them averages matching features. Commits each aligned model on a branch."""
     from gittheta_align.matching import Options
@@ -87,22 +98,25 @@ def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_fie
     if into is not None and len(others) > 1:
         raise UsageError("--into names one branch: align one model at a time with it")
     texts = _texts(data_path, text_field, max_sentences)
+    max_bytes = _size(max_memory)
     for rev in others:
         branch = into or f"{rev}-aligned"
         result = align_one(repo, ref, rev, texts, data_path, options, folder, branch, force, batch_size, max_length,
-                           echo=lambda line: click.echo(line, err=True))
+                           echo=lambda line: click.echo(line, err=True), max_bytes=max_bytes)
         click.echo(f"aligned {rev} to {ref}: {result['commit'][:12]} on {branch} ({result['summary']})")
 
 
 def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, options: Any, folder: str | None,
-              branch: str, force: bool, batch_size: int = 8, max_length: int = 128, echo: Any = print) -> dict:
+              branch: str, force: bool, batch_size: int = 8, max_length: int = 128, echo: Any = print,
+              max_bytes: int | None = None) -> dict:
     """Align `rev`'s model to `ref`'s and commit it on `branch`; returns the commit and a one-line summary."""
     import numpy as np
     import transformers
 
     from gittheta_align import gitflow
-    from gittheta_align.features import batches_from_texts, joint_statistics
+    from gittheta_align.features import batches_from_texts, joint_statistics, plan_passes, site_bytes
     from gittheta_align.matching import permutations
+    from gittheta_merge.errors import human_bytes
     from gittheta_merge.progress import Progress
     from gittheta_merge.stats.blobs import write_blob
     from gittheta_merge.storage.revisions import tracked_files
@@ -117,22 +131,22 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, o
                          f"({shape_a} vs {shape_b}); alignment matches models of one shape")
     gitflow.check_same_tokenizer(repo, a, b, folder)
     sites = options.sites(shape_b)
-    echo(f"git-theta: align {rev} to {ref}: {len(sites)} sites, {len(texts)} sentences; statistics "
-         f"{sum(shape_b.site_dim(s) ** 2 * 8 for s in sites) / 1e6:.0f} MB (float64)")
+    passes = plan_passes(shape_b, sites, max_bytes)
+    largest = max(sum(site_bytes(shape_b, s) for s in p) for p in passes)
+    echo(f"git-theta: align {rev} to {ref}: {len(sites)} sites, {len(texts)} sentences, {len(passes)} "
+         f"pass{'es' if len(passes) > 1 else ''} over the data; statistics "
+         f"{human_bytes(sum(site_bytes(shape_b, s) for s in sites))} in all, at most {human_bytes(largest)} at once "
+         "(float64)")
     with gitflow.checked_out(repo, a, folder) as dir_a, gitflow.checked_out(repo, b, folder) as dir_b:
         model_a, model_b = gitflow.load_model(dir_a), gitflow.load_model(dir_b)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(dir_a))
-        bar = Progress(f"align: running both models on {len(texts)} sentences", len(texts))
-        done = [0]
-
-        def batches() -> Any:
-            for batch in batches_from_texts(tokenizer, texts, batch_size, max_length):
-                yield batch
-                done[0] += len(batch["input_ids"])
-                bar.update(done[0], 0)
-
-        stats = joint_statistics(model_a, model_b, batches(), shape_b, sites)
-        bar.close()
+        stats = {}
+        for number, sites_now in enumerate(passes, 1):
+            label = f"pass {number}/{len(passes)}: " if len(passes) > 1 else ""
+            bar = Progress(f"align: {label}running both models on {len(texts)} sentences", len(texts))
+            stats.update(joint_statistics(model_a, model_b, _counted(batches_from_texts(
+                tokenizer, texts, batch_size, max_length), bar), shape_b, sites_now))
+            bar.close()
         tokens = next(iter(stats.values())).n
         del model_a, model_b
     perms = permutations(stats, shape_b, options)
@@ -171,6 +185,15 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, o
               f"residual {options.residual})\n\n{summary}\n"
     commit = gitflow.commit_on_branch(repo, b, files, branch, message, force)
     return {"commit": commit, "summary": summary, "perms": perms, "stats": stats}
+
+
+def _counted(batches: Any, bar: Any) -> Any:
+    """The batches, with the progress bar counting sentences."""
+    done = 0
+    for batch in batches:
+        yield batch
+        done += len(batch["input_ids"])
+        bar.update(done, 0)
 
 
 def _torch(array: Any) -> Any:

@@ -69,6 +69,34 @@ class SiteStats:
                    tensors[f"{site}.sum_b"], tensors[f"{site}.sq_a"], tensors[f"{site}.sq_b"], cross)
 
 
+def site_bytes(shape: Shape, site: str) -> int:
+    """Memory of one site's running sums (float64): the cross sums dominate (d x d)."""
+    d = shape.site_dim(site)
+    return 8 * (d * d + 4 * d)
+
+
+def plan_passes(shape: Shape, sites: list[str], max_bytes: int | None) -> list[list[str]]:
+    """Sites grouped into passes over the data whose statistics fit in `max_bytes` together (one pass when None).
+    Each pass runs both models over all the data again: memory traded for time, results unchanged."""
+    from gittheta_merge.errors import UsageError, human_bytes
+
+    if max_bytes is None:
+        return [list(sites)]
+    passes: list[list[str]] = [[]]
+    used = 0
+    for site in sites:
+        need = site_bytes(shape, site)
+        if need > max_bytes:
+            raise UsageError(f"site {site} alone needs {human_bytes(need)} of statistics; raise --max-memory to at "
+                             "least that")
+        if used + need > max_bytes and passes[-1]:
+            passes.append([])
+            used = 0
+        passes[-1].append(site)
+        used += need
+    return passes
+
+
 def correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
     """The cross-correlation block, with the paper's clamp of the product of deviations at 1e-7."""
     sigma = np.outer(np.sqrt(np.clip(var_a, 0, None)), np.sqrt(np.clip(var_b, 0, None)))

@@ -126,3 +126,16 @@ def test_bad_input_is_refused_and_writes_nothing(repo: Path) -> None:
     out = git(repo, "theta", "align", "seed-a", "deeper", "--data", str(empty), check=False)
     assert out.returncode == 1 and "no text" in out.stderr
     assert git(repo, "show-ref").stdout == refs
+
+
+def test_max_memory_splits_the_statistics_into_passes_with_the_same_result(repo: Path) -> None:
+    torch.manual_seed(1)
+    _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
+    data = str(repo.parent / "text.txt")
+    whole = git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--into", "one-pass")
+    # an FF site (48 wide) needs 8 * (48^2 + 4*48) = 19.9 kB: 20kB forces a pass per site or two
+    split = git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--into", "passes", "--max-memory", "20kB")
+    assert "1 pass over" in whole.stderr and "passes over the data" in split.stderr, split.stderr
+    assert git(repo, "rev-parse", "one-pass^{tree}").stdout == git(repo, "rev-parse", "passes^{tree}").stdout
+    out = git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--max-memory", "10kB", check=False)
+    assert out.returncode == 1 and "raise --max-memory" in out.stderr
