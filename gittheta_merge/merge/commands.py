@@ -228,15 +228,22 @@ def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...
 @click.option("--device", default=None, help=config.BY_NAME["device"].help)
 @click.option("--out-dtype", type=click.Choice(config.BY_NAME["out_dtype"].choices), default=None,
               help=config.BY_NAME["out_dtype"].help)
+@click.option("--align", "align_data", default=None, metavar="TEXT",
+              help="first align each branch's model to HEAD's (models trained from different initializations; needs "
+                   "plugins/align) using the sentences in TEXT, and merge the aligned branches (BRANCH-aligned)")
 @click.option("-m", "--message", default=None)
 def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str | None, sets: tuple[str, ...],
               rules: tuple[str, ...], stats: tuple[str, ...], allow_stale_stats: bool, missing_stats: str | None,
               dry_run: bool, max_block_bytes: int | None, shortcuts: str | None, device: str | None,
-              out_dtype: str | None, message: str | None) -> None:
+              out_dtype: str | None, align_data: str | None, message: str | None) -> None:
     """Merge one or more branches into HEAD with a model-merging strategy, in one merge commit."""
     from gittheta_merge.merge.octopus import config_models, octopus_merge
 
     repo = Repo.discover()
+    if align_data is not None:
+        if config_file or dry_run:
+            raise UsageError("--align commits aligned branches first: it does not combine with --config or --dry-run")
+        branches = tuple(_aligner()(repo, "HEAD", list(branches), align_data, lambda line: click.echo(line, err=True)))
     cli = cli_layer(strategy, sets, rules, max_block_bytes, shortcuts, device, allow_stale_stats, missing_stats)
     cli["out_dtype"] = out_dtype
     explicit = None
@@ -248,6 +255,17 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
     elif not branches:
         raise UsageError("name at least one branch to merge (or --config merge.yml)")
     octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, click.echo, explicit)
+
+
+def _aligner() -> Any:
+    """The alignment plugin's `align_branches(repo, reference, branches, data, echo) -> aligned branch names`
+    (entry-point group gittheta_merge.aligners)."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="gittheta_merge.aligners"))
+    if not found:
+        raise UsageError("--align needs the alignment plugin: pip install -e plugins/align")
+    return found[0].load()
 
 
 @click.command("merge-files")

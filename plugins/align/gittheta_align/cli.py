@@ -106,6 +106,21 @@ def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_fie
         click.echo(f"aligned {rev} to {ref}: {result['commit'][:12]} on {branch} ({result['summary']})")
 
 
+def align_branches(repo: Any, reference: str, branches: list[str], data_path: str, echo: Any = print) -> list[str]:
+    """For `git theta merge --align`: each branch aligned to `reference` with the default options, committed on
+    BRANCH-aligned (an existing branch of that name is refused, never replaced); returns those names."""
+    from gittheta_align.matching import Options
+
+    texts = _texts(data_path, "text", 1000)
+    out = []
+    for rev in branches:
+        branch = f"{rev}-aligned"
+        result = align_one(repo, reference, rev, texts, data_path, Options(), None, branch, False, echo=echo)
+        echo(f"git-theta: aligned {rev} to {reference}: {result['commit'][:12]} on {branch} ({result['summary']})")
+        out.append(branch)
+    return out
+
+
 def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, options: Any, folder: str | None,
               branch: str, force: bool, batch_size: int = 8, max_length: int = 128, echo: Any = print,
               max_bytes: int | None = None) -> dict:

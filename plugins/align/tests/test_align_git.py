@@ -139,3 +139,18 @@ def test_max_memory_splits_the_statistics_into_passes_with_the_same_result(repo:
     assert git(repo, "rev-parse", "one-pass^{tree}").stdout == git(repo, "rev-parse", "passes^{tree}").stdout
     out = git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--max-memory", "10kB", check=False)
     assert out.returncode == 1 and "raise --max-memory" in out.stderr
+
+
+def test_merge_with_align_aligns_first_then_merges(repo: Path) -> None:
+    torch.manual_seed(1)
+    _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
+    data = str(repo.parent / "text.txt")
+    git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--into", "by-hand")
+    git(repo, "checkout", "-q", "-b", "two-steps", "seed-a")
+    git(repo, "theta", "merge", "by-hand", "--strategy", "average")
+    git(repo, "checkout", "-q", "-b", "one-step", "seed-a")
+    out = git(repo, "theta", "merge", "seed-b", "--align", data, "--strategy", "average", check=False)
+    assert out.returncode == 0, out.stderr
+    assert "on seed-b-aligned" in out.stderr
+    assert git(repo, "rev-parse", "one-step^{tree}").stdout == git(repo, "rev-parse", "two-steps^{tree}").stdout
+    assert git(repo, "rev-parse", "one-step^2").stdout == git(repo, "rev-parse", "seed-b-aligned").stdout
