@@ -5,6 +5,7 @@ versioned with it, it merges with the reference, and bad input writes nothing.""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -154,3 +155,25 @@ def test_merge_with_align_aligns_first_then_merges(repo: Path) -> None:
     assert "on seed-b-aligned" in out.stderr
     assert git(repo, "rev-parse", "one-step^{tree}").stdout == git(repo, "rev-parse", "two-steps^{tree}").stdout
     assert git(repo, "rev-parse", "one-step^2").stdout == git(repo, "rev-parse", "seed-b-aligned").stdout
+
+
+@pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs not installed")
+def test_the_alignment_statistic_travels_with_push_and_clone(repo: Path, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
+    git(repo, "theta", "align", "seed-a", "seed-b", "--data", str(repo.parent / "text.txt"))
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(remote))
+    git(repo, "remote", "add", "origin", remote.as_uri())
+    git(repo, "push", "-q", "origin", "seed-b-aligned")
+    git(tmp_path, "clone", "-q", "--branch", "seed-b-aligned", remote.as_uri(), "copy")
+    copy = tmp_path / "copy"
+    git(copy, "theta", "install")
+    git(copy, "theta", "pull-objects")
+    meta = json.loads(git(copy, "show", "HEAD:model/model.safetensors").stdout)
+    oid = meta["stats"]["alignment"]["oid"]
+    blob = copy / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    original = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    assert blob.read_bytes() == original.read_bytes()
+    assert "alignment fresh" in " ".join(git(copy, "theta", "stats", "ls", "--rev", "HEAD").stdout.split())
+    assert git(copy, "theta", "fsck").returncode == 0
