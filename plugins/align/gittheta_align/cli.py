@@ -62,8 +62,11 @@ def _texts(path: str, field: str, limit: int) -> list[str]:
 @click.command("align")
 @click.argument("revs", nargs=-1, required=True)
 @click.option("--to", "reference", default=None, help="The model the others are aligned to (default: the first REV).")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--data", "data_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Text to run both models on: .jsonl (see --text-field) or plain text, one sentence a line.")
+@click.option("--stats-from", default=None, metavar="REV",
+              help="Instead of --data: reuse the joint statistics of an earlier alignment (the commit it made) and "
+                   "only match again, e.g. with other options; refused as stale if either model changed since.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--max-sentences", default=1000, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
@@ -83,7 +86,7 @@ def _texts(path: str, field: str, limit: int) -> list[str]:
 @click.option("--force", is_flag=True, help="Replace the branch if it exists.")
 def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_field: str, max_sentences: int,
           batch_size: int, max_length: int, folder: str | None, components: str, heads: str, residual: str,
-          max_memory: str | None, into: str | None, force: bool) -> None:
+          max_memory: str | None, stats_from: str | None, into: str | None, force: bool) -> None:
     """Permute models trained from different initializations into one model's coordinates (Verma & Elbayad
     2024), so that merging them averages matching features. Commits each aligned model on a branch."""
     from gittheta_align.matching import Options
@@ -97,12 +100,15 @@ def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_fie
         raise UsageError("name a model to align and the one to align it to (git theta align A B)")
     if into is not None and len(others) > 1:
         raise UsageError("--into names one branch: align one model at a time with it")
-    texts = _texts(data_path, text_field, max_sentences)
+    if (data_path is None) == (stats_from is None):
+        raise UsageError("give the text to run the models on (--data FILE), or reuse statistics (--stats-from REV)")
+    texts = _texts(data_path, text_field, max_sentences) if data_path else []
     max_bytes = _size(max_memory)
     for rev in others:
         branch = into or f"{rev}-aligned"
         result = align_one(repo, ref, rev, texts, data_path, options, folder, branch, force, batch_size, max_length,
-                           echo=lambda line: click.echo(line, err=True), max_bytes=max_bytes)
+                           echo=lambda line: click.echo(line, err=True), max_bytes=max_bytes,
+                           stats_from=stats_from)
         click.echo(f"aligned {rev} to {ref}: {result['commit'][:12]} on {branch} ({result['summary']})")
 
 
@@ -121,18 +127,14 @@ def align_branches(repo: Any, reference: str, branches: list[str], data_path: st
     return out
 
 
-def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, options: Any, folder: str | None,
-              branch: str, force: bool, batch_size: int = 8, max_length: int = 128, echo: Any = print,
-              max_bytes: int | None = None) -> dict:
+def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str | None, options: Any,
+              folder: str | None, branch: str, force: bool, batch_size: int = 8, max_length: int = 128,
+              echo: Any = print, max_bytes: int | None = None, stats_from: str | None = None) -> dict:
     """Align `rev`'s model to `ref`'s and commit it on `branch`; returns the commit and a one-line summary."""
     import numpy as np
-    import transformers
 
     from gittheta_align import gitflow
-    from gittheta_align.features import batches_from_texts, joint_statistics, plan_passes, site_bytes
     from gittheta_align.matching import permutations
-    from gittheta_merge.errors import human_bytes
-    from gittheta_merge.progress import Progress
     from gittheta_merge.stats.blobs import write_blob
     from gittheta_merge.storage.revisions import tracked_files
     from gittheta_merge.storage.store import ObjectStore
@@ -146,29 +148,22 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, o
                          f"({shape_a} vs {shape_b}); alignment matches models of one shape")
     gitflow.check_same_tokenizer(repo, a, b, folder)
     sites = options.sites(shape_b)
-    passes = plan_passes(shape_b, sites, max_bytes)
-    largest = max(sum(site_bytes(shape_b, s) for s in p) for p in passes)
-    echo(f"git-theta: align {rev} to {ref}: {len(sites)} sites, {len(texts)} sentences, {len(passes)} "
-         f"pass{'es' if len(passes) > 1 else ''} over the data; statistics "
-         f"{human_bytes(sum(site_bytes(shape_b, s) for s in sites))} in all, at most {human_bytes(largest)} at once "
-         "(float64)")
-    with gitflow.checked_out(repo, a, folder) as dir_a, gitflow.checked_out(repo, b, folder) as dir_b:
-        model_a, model_b = gitflow.load_model(dir_a), gitflow.load_model(dir_b)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(dir_a))
-        stats = {}
-        for number, sites_now in enumerate(passes, 1):
-            label = f"pass {number}/{len(passes)}: " if len(passes) > 1 else ""
-            bar = Progress(f"align: {label}running both models on {len(texts)} sentences", len(texts))
-            stats.update(joint_statistics(model_a, model_b, _counted(batches_from_texts(
-                tokenizer, texts, batch_size, max_length), bar), shape_b, sites_now))
-            bar.close()
-        tokens = next(iter(stats.values())).n
-        del model_a, model_b
+    weights = {"reference": gitflow.weights_digests(repo, a, folder),
+               "aligned": gitflow.weights_digests(repo, b, folder)}
+    if stats_from is not None:
+        stats, data_info = _reused_statistics(repo, stats_from, folder, sites, weights, ref, rev)
+        echo(f"git-theta: align {rev} to {ref}: {len(sites)} sites from the statistics of {stats_from} "
+             f"({data_info.get('sentences')} sentences); matching only")
+    else:
+        stats = _computed_statistics(repo, a, b, folder, shape_b, sites, texts, batch_size, max_length, max_bytes,
+                                     f"{rev} to {ref}", echo)
+        data_info = {"file": data_path, "sha256": gitflow.data_digest(str(data_path)), "sentences": len(texts),
+                     "tokens": next(iter(stats.values())).n, "max_length": max_length}
+    tokens = data_info.get("tokens")
     perms = permutations(stats, shape_b, options)
     provenance = {
-        "method": "Verma & Elbayad 2024 permutation alignment", "reference": a, "aligned": b,
-        "data": {"file": data_path, "sha256": gitflow.data_digest(data_path), "sentences": len(texts),
-                 "tokens": tokens, "max_length": max_length},
+        "method": "Verma & Elbayad 2024 permutation alignment", "reference": a, "aligned": b, "weights": weights,
+        "data": data_info,
         "options": {"components": "+".join(options.components), "heads": options.heads,
                     "residual": options.residual},
         "function_preserving": options.function_preserving(), "sites": sites,
@@ -200,6 +195,62 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str, o
               f"residual {options.residual})\n\n{summary}\n"
     commit = gitflow.commit_on_branch(repo, b, files, branch, message, force)
     return {"commit": commit, "summary": summary, "perms": perms, "stats": stats}
+
+
+def _computed_statistics(repo: Any, a: str, b: str, folder: str, shape: Any, sites: list[str], texts: list[str],
+                         batch_size: int, max_length: int, max_bytes: int | None, what: str, echo: Any) -> dict:
+    """Both models run on the texts, in as many passes as --max-memory asks."""
+    import transformers
+
+    from gittheta_align import gitflow
+    from gittheta_align.features import batches_from_texts, joint_statistics, plan_passes, site_bytes
+    from gittheta_merge.errors import human_bytes
+    from gittheta_merge.progress import Progress
+
+    passes = plan_passes(shape, sites, max_bytes)
+    largest = max(sum(site_bytes(shape, s) for s in p) for p in passes)
+    echo(f"git-theta: align {what}: {len(sites)} sites, {len(texts)} sentences, {len(passes)} "
+         f"pass{'es' if len(passes) > 1 else ''} over the data; statistics "
+         f"{human_bytes(sum(site_bytes(shape, s) for s in sites))} in all, at most {human_bytes(largest)} at once "
+         "(float64)")
+    with gitflow.checked_out(repo, a, folder) as dir_a, gitflow.checked_out(repo, b, folder) as dir_b:
+        model_a, model_b = gitflow.load_model(dir_a), gitflow.load_model(dir_b)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(dir_a))
+        stats: dict = {}
+        for number, sites_now in enumerate(passes, 1):
+            label = f"pass {number}/{len(passes)}: " if len(passes) > 1 else ""
+            bar = Progress(f"align: {label}running both models on {len(texts)} sentences", len(texts))
+            stats.update(joint_statistics(model_a, model_b, _counted(batches_from_texts(
+                tokenizer, texts, batch_size, max_length), bar), shape, sites_now))
+            bar.close()
+    return stats
+
+
+def _reused_statistics(repo: Any, rev: str, folder: str, sites: list[str], weights: dict, ref: str,
+                       aligned: str) -> tuple[dict, dict]:
+    """The joint statistics an earlier alignment stored at `rev`, if they describe exactly these two models."""
+    from safetensors.numpy import load
+
+    from gittheta_align import gitflow
+    from gittheta_align.features import SiteStats
+    from gittheta_merge.storage.store import ObjectStore
+
+    entry = gitflow.alignment_entry(repo, gitflow.resolve(repo, rev), folder)
+    if entry is None:
+        raise UsageError(f"{rev}: no alignment statistic there (the commit `git theta align` made has one)")
+    stored = entry["provenance"].get("weights") or {}
+    for role, name in (("reference", ref), ("aligned", aligned)):
+        if stored.get(role) != weights[role]:
+            raise UsageError(f"the statistics at {rev} are stale: {name}'s weights are not the ones they were computed "
+                             "on; run the alignment with --data again")
+    store = ObjectStore.for_repo(repo)
+    tensors = load(store.read(entry["oid"], entry["size"], f"{rev}: alignment statistic: "))
+    missing = [s for s in sites if f"{s}.cross" not in tensors]
+    if missing:
+        raise UsageError(f"the statistics at {rev} do not cover {', '.join(missing[:4])}"
+                         f"{' …' if len(missing) > 4 else ''} (computed for other components or residual choices); "
+                         "run the alignment with --data again")
+    return {s: SiteStats.from_tensors(s, tensors) for s in sites}, dict(entry["provenance"].get("data") or {})
 
 
 def _counted(batches: Any, bar: Any) -> Any:

@@ -175,6 +175,25 @@ def commit_on_branch(repo: Repo, parent: str, files: dict[str, bytes], branch: s
     return commit
 
 
+def weights_digests(repo: Repo, rev: str, folder: str) -> dict[str, str]:
+    """path -> digest of the weights (storage.metadata: over the tensors' objects) of every tracked file of the
+    model directory at `rev`: what an alignment's statistics describe."""
+    from gittheta_merge.storage.revisions import tracked_files
+
+    return {path: meta.weights_digest() for path, meta in sorted(tracked_files(repo, rev).items())
+            if not folder or path.startswith(folder + "/")}
+
+
+def alignment_entry(repo: Repo, commit: str, folder: str) -> dict[str, Any] | None:
+    """The `alignment` statistic entry of the model directory's weights at `commit` (None when there is none)."""
+    from gittheta_merge.storage.revisions import tracked_files
+
+    for path, meta in sorted(tracked_files(repo, commit).items()):
+        if (not folder or path.startswith(folder + "/")) and "alignment" in meta.stats:
+            return dict(meta.stats["alignment"])
+    return None
+
+
 def data_digest(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -177,3 +177,30 @@ def test_the_alignment_statistic_travels_with_push_and_clone(repo: Path, tmp_pat
     assert blob.read_bytes() == original.read_bytes()
     assert "alignment fresh" in " ".join(git(copy, "theta", "stats", "ls", "--rev", "HEAD").stdout.split())
     assert git(copy, "theta", "fsck").returncode == 0
+
+
+def test_statistics_are_reused_for_other_options_and_refused_when_stale(repo: Path) -> None:
+    torch.manual_seed(1)
+    _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
+    data = str(repo.parent / "text.txt")
+    git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--residual", "all", "--into", "all")
+    # matching again from the stored sums gives what a full run with those options gives
+    git(repo, "theta", "align", "seed-a", "seed-b", "--data", data, "--heads", "monotonic", "--into", "fresh")
+    out = git(repo, "theta", "align", "seed-a", "seed-b", "--stats-from", "all", "--heads", "monotonic",
+              "--into", "reused")
+    assert "matching only" in out.stderr
+    assert _tensors(repo, "reused") == _tensors(repo, "fresh")
+    # B changes after the statistics were computed: refused as stale, nothing written
+    git(repo, "checkout", "-q", "seed-b")
+    model = transformers.BertModel.from_pretrained(str(repo / "model"))
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight.mul_(1.5)
+    model.save_pretrained(repo / "model", safe_serialization=True)
+    git(repo, "commit", "-qam", "more training")
+    git(repo, "checkout", "-q", "main")
+    refs = git(repo, "show-ref").stdout
+    out = git(repo, "theta", "align", "seed-a", "seed-b", "--stats-from", "all", "--into", "stale", check=False)
+    assert out.returncode == 1 and "stale" in out.stderr and "seed-b" in out.stderr
+    out = git(repo, "theta", "align", "seed-a", "seed-b", "--into", "neither", check=False)
+    assert out.returncode == 1 and "--data" in out.stderr
+    assert git(repo, "show-ref").stdout == refs
