@@ -98,6 +98,9 @@ class MergePlan:
         used = [self.strategies[t.strategy] for t in self.tensors if t.action == "merge" and t.strategy]
         block = max([min(self.max_block_bytes, s.chunk_bytes or self.max_block_bytes) for s in used]
                     or [self.max_block_bytes])
+        # a chunk is rows of one tensor: never more than the largest merged tensor in float32
+        largest = max([t.info.numel * 4 for t in self.tensors if t.action == "merge" and t.info is not None] or [0])
+        block = min(block, largest) if largest else block
         whole = [t for t in self.tensors if t.action == "merge" and t.strategy and t.info is not None
                  and not self.strategies[t.strategy].row_separable]
         sets = worker_threads() + 1 if worker_threads() > 1 else 1  # helpers and the caller: a set each at most

@@ -128,3 +128,26 @@ def test_parse_rule_errors_and_forms() -> None:
         from gittheta_merge.merge.strategies import create
 
         create("ties", {"k": 3}, 2)
+
+
+@pytest.mark.parametrize("strategy", ["ties", "tsv_merge"])
+def test_the_planned_peak_never_counts_a_chunk_larger_than_the_largest_tensor(tmp_path: Path, strategy: str) -> None:
+    """A chunk is rows of one tensor: with tensors far below the 64 MiB block, the printed peak uses the largest
+    tensor's float32 size (it used the block size: a 2 x 8 MB merge was said to peak at 1.8 GB)."""
+    from safetensors.torch import save_file
+
+    from gittheta_merge.merge.api import plan_files
+    from gittheta_merge.merge.plan import worker_threads
+
+    for i, name in enumerate(["base", "a", "b"]):
+        torch.manual_seed(i)
+        save_file({"w": torch.randn(512, 256), "v": torch.randn(300)}, tmp_path / f"{name}.safetensors")
+    plan = plan_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "base.safetensors",
+                      strategy)
+    sets = worker_threads() + 1 if worker_threads() > 1 else 1
+    text = plan.peak_formula()
+    block = min(plan.max_block_bytes, 512 * 256 * 4) if strategy == "tsv_merge" else None
+    if block is not None:
+        assert f"× {block / 1e6:.1f} MB × 3 × {sets} ≈ {3 * block * 3 * sets / 1e6:.1f} MB" in text, text
+    chunk = float(text.split("= (2+1) × ")[1].split(" MB")[0])
+    assert chunk * 1e6 <= 512 * 256 * 4 + 1e5
