@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import re
 import sys
 import time
@@ -525,6 +526,16 @@ def compute_statistic(
     needs_gold = kind != "gram" and label_policy == "empirical"
     accepts = "token_type_ids" in inspect.signature(model.forward).parameters
     encoder = _Encoder(tokenizer, task, max_length, label_map, needs_gold, seed, mlm_probability, accepts)
+    ranks = _distributed()
+    if ranks is not None:  # torchrun: this rank's deterministic share of the first n_examples, sums reduced below
+        rank, world = ranks
+        if task == "masked-lm" or (kind != "gram" and label_policy == "sampled"):
+            raise StatsError("masked-lm statistics and the sampled label policy draw random numbers in data order: "
+                             "run them in one process (a distributed run would not equal it)")
+        if n_examples is not None and n_examples < world:
+            raise StatsError(f"{n_examples} examples for {world} processes: give each process at least one")
+        examples = (e for i, e in enumerate(itertools.islice(examples, n_examples)) if i % world == rank)
+        n_examples = None if n_examples is None else len(range(rank, n_examples, world))
     batches = _batches(examples, encoder, batch_size, n_examples)
     bar = _Progress(f"{kind} ({task})", n_examples, progress)
     runner = _Runner(task, label_policy, dev, bar)
@@ -602,6 +613,10 @@ def compute_statistic(
                                      "convention")
             if kind == "kfac" and label_policy == "exact":
                 prov["kfac_exact_counts"] = "token rows counted once per (class, position) term"
+        if ranks is not None:
+            tensors, counts, n, tokens = _all_reduce(tensors, counts, n, tokens)
+            prov["distributed"] = {"world_size": ranks[1], "sharding": "example i on rank i % world_size",
+                                   "reduction": "all_reduce SUM of every sum and count"}
         if n == 0:
             raise StatsError("no examples were read")
         # the dtype the products (X^T X, squared gradients) were formed in, as actually run
@@ -623,6 +638,30 @@ def compute_statistic(
         prov["weights"] = weights
     prov["model_weight_names"] = sorted(model.state_dict().keys())
     return Statistic(kind=kind, tensors={k: v.to("cpu") for k, v in tensors.items()}, provenance=prov)
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) when running under an initialised torch.distributed group of more than one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _all_reduce(tensors: dict[str, torch.Tensor], counts: dict[str, int], n: int,
+                tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, int], int, int]:
+    """Every rank's sums and counts added up, in a fixed key order (all ranks hold the same keys: the same model)."""
+    import torch.distributed as dist
+
+    keys = sorted(tensors)
+    for key in keys:
+        dist.all_reduce(tensors[key], op=dist.ReduceOp.SUM)
+    scalars = torch.tensor([n, tokens] + [counts[k] for k in keys], dtype=torch.int64,
+                           device=tensors[keys[0]].device if keys else "cpu")
+    dist.all_reduce(scalars, op=dist.ReduceOp.SUM)
+    values = scalars.tolist()
+    return tensors, {k: int(v) for k, v in zip(keys, values[2:])}, int(values[0]), int(values[1])
 
 
 def compute_fisher(model: nn.Module, tokenizer: Any, examples: Iterable[Example], *, task: str,
