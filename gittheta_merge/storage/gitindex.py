@@ -5,13 +5,16 @@ way git offers to update it (`git update-index --refresh`) streams the whole fil
 for 2 GB here, a third of a checkout. The index format is documented (git's Documentation/gitformat-index.txt) and
 stat data sits at fixed offsets in each entry, so for entries whose blob is exactly the metadata we wrote, we patch
 those ten 32-bit fields in place, under git's own lock file (`index.lock`, created exclusively, renamed over the
-index), and rewrite the trailing checksum. Nothing else changes: no path, no object id, no extension (their
-offsets stay the same), so the TREE cache, the untracked cache and the end-of-index entry stay valid.
+index), and rewrite the trailing checksum. Nothing else changes but what git itself changes when it writes an
+index: entries that are racily clean against the old index (modified in or after the second it was written) get
+their size smudged to 0 as git does, so git still compares their content (the new index's later mtime would
+otherwise hide a same-second edit). No path, object id or extension changes (their offsets stay the same), so the
+TREE cache, the untracked cache and the end-of-index entry stay valid.
 
-Anything unusual — a split index (`link` extension), an unknown version, the lock held, an entry that is not the
-blob we expect — returns False and the caller falls back to the refresh through git. Git's racy-clean rule keeps
-this safe: an entry whose mtime is not older than the index file is re-checked by content (our clean filter then
-recognises the file from the materialization record).
+Anything unusual — a split index (`link` extension), an unknown version, an index we cannot parse, the lock held,
+an entry that is not the blob we expect — patches nothing and the caller falls back to the refresh through git.
+The caller (materialize._refresh) passes only files whose stat, taken after the clock left the second they were
+written in, is exactly what it wrote: any later edit has a later ctime second, which git sees.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from gittheta_merge.storage.gitutil import Repo
 
 _STAT = struct.Struct(">10I")  # ctime s, ctime ns, mtime s, mtime ns, dev, ino, mode, uid, gid, size
 _FLAG_EXTENDED = 0x4000
+_SIZE_OFFSET = 36  # the tenth 32-bit stat field: the file size
 
 
 def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -57,7 +61,11 @@ def record_stat(repo: Repo, files: dict[str, tuple[str, os.stat_result]]) -> set
     except OSError:
         return set()  # git (or another tool) holds the index
     try:
-        patched, data = _patch(index_path.read_bytes(), files, _hash_name(repo))
+        try:
+            st_index = os.stat(index_path)
+            patched, data = _patch(index_path.read_bytes(), files, _hash_name(repo), st_index.st_mtime_ns // 10**9)
+        except (OSError, ValueError, IndexError, struct.error, UnicodeError):
+            patched, data = set(), b""  # an index we cannot read as documented: git refreshes it instead
         if not patched:
             os.close(fd)
             fd = -1
@@ -75,7 +83,12 @@ def record_stat(repo: Repo, files: dict[str, tuple[str, os.stat_result]]) -> set
         raise
 
 
-def _patch(raw: bytes, files: dict[str, tuple[str, os.stat_result]], hash_name: str) -> tuple[set[str], bytes]:
+def _patch(raw: bytes, files: dict[str, tuple[str, os.stat_result]], hash_name: str,
+           index_second: int | None = None) -> tuple[set[str], bytes]:
+    """The index with the stat data of `files` written in, and every other entry that git would treat as racily
+    clean against the old index (mtime in or after `index_second`, the old index file's mtime) smudged the way git
+    smudges them (size 0), so that git still compares their content: the new index has a later mtime, which would
+    otherwise make a same-second edit of such a file look clean."""
     hash_len = 32 if hash_name == "sha256" else 20
     if len(raw) < 12 + hash_len or raw[:4] != b"DIRC":
         return set(), raw
@@ -110,13 +123,19 @@ def _patch(raw: bytes, files: dict[str, tuple[str, os.stat_result]], hash_name: 
             return set(), raw
         stage = (flags >> 12) & 3
         hit = wanted.get(name)
-        if hit is not None and stage == 0 and oid == hit[0]:
-            st = hit[1]
-            mode = _STAT.unpack_from(raw, start)[6]
-            fields = (st.st_ctime_ns // 10**9, st.st_ctime_ns % 10**9, st.st_mtime_ns // 10**9, st.st_mtime_ns % 10**9,
-                      st.st_dev, st.st_ino, mode, st.st_uid, st.st_gid, st.st_size)
-            _STAT.pack_into(data, start, *(f & 0xFFFFFFFF for f in fields))
-            patched.add(name.decode())
+        old_stat = _STAT.unpack_from(raw, start)
+        mode = old_stat[6]
+        if hit is None or stage != 0 or oid != hit[0]:
+            # not ours: racily clean against the old index (git compares seconds)? smudge its size as git does;
+            # gitlinks and sparse directories git never compares by stat
+            if index_second is not None and old_stat[2] >= index_second and mode not in (0o160000, 0o040000):
+                struct.pack_into(">I", data, start + _SIZE_OFFSET, 0)
+            continue
+        st = hit[1]
+        fields = (st.st_ctime_ns // 10**9, st.st_ctime_ns % 10**9, st.st_mtime_ns // 10**9, st.st_mtime_ns % 10**9,
+                  st.st_dev, st.st_ino, mode, st.st_uid, st.st_gid, st.st_size)
+        _STAT.pack_into(data, start, *(f & 0xFFFFFFFF for f in fields))
+        patched.add(name.decode())
     if _has_extension(raw, pos, end, b"link"):
         return set(), raw  # a split index: entries live in a shared index we do not touch
     if not patched:

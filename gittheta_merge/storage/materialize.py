@@ -16,7 +16,8 @@ the first and last 64 KiB) in .git/theta/materialized.json, and the file's stat 
 refreshed through git instead: git then streams the file through the clean filter once, which recognises it from
 the record and answers with the recorded metadata while only draining the stream (no sha256 of the model). A file
 changed behind our back changes its ctime (which no user tool can set), so it no longer matches and is cleaned for
-real; the index is written only once the clock has left the second of that ctime, because git compares seconds.
+real; the index is written only once the clock has left the second of that ctime, because git compares seconds, and
+only for a file whose stat, taken after that wait, is still exactly the recorded one.
 
 The threshold's rule: git holds at most that many bytes of one file in memory. The default, 512 MiB, keeps every
 checkout far inside a 16 GB machine's memory whatever the model's size (the materialization itself holds one block,
@@ -158,9 +159,11 @@ def write_file(repo: Repo, path: str, meta: Metadata, fsync: bool = False) -> os
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Put `tmp` at `target` atomically. Over an existing file, swap the two (renameat2 RENAME_EXCHANGE) and delete
     the old one: ext4 forces a file renamed *over* another to disk first (auto_da_alloc: 0.5 s for 2 GB here,
-    which `cp` never waits for), and a swap is as atomic without that. `theta.fsync` asks for durability when
-    wanted. A kill between the swap and the delete leaves the old file under the temporary name, removed later
-    as stale; where the swap is not supported, a plain replace."""
+    which `cp` never waits for), and a swap is as atomic for readers and against a kill without that. Not against a
+    power loss: the new file's data may not be on disk yet when the placeholder is gone (an empty or short file
+    after the reboot, which `git status` shows modified and `git checkout -- PATH` restores); `theta.fsync` writes
+    it to disk first. A kill between the swap and the delete leaves the old file under the temporary name, removed
+    later as stale; where the swap is not supported, a plain replace."""
     if target.exists() and _exchange(tmp, target):
         tmp.unlink(missing_ok=True)
         return
@@ -228,16 +231,21 @@ def _refresh(repo: Repo, written: list[tuple[str, str, str]]) -> None:
     An entry whose blob differs (`git restore --source`: the work tree is not the index) is left modified."""
     from gittheta_merge.storage.gitindex import record_stat
 
+    records = load_records(repo)
+    same_blob = [(p, blob) for p, blob, ours in written if blob == ours and p in records]
+    if same_blob:
+        _next_second_after(max(records[p].ctime_ns for p, _ in same_blob))
     files = {}
-    for p, blob, ours in written:
-        if blob == ours:
-            try:
-                files[p] = (blob, os.stat(repo.root / p))
-            except OSError:
-                pass
-    if files:
-        _next_second_after(max(st.st_ctime_ns for _, st in files.values()))
-    if files and record_stat(repo, files) == set(files):
+    for p, blob in same_blob:
+        # stat again *after* the wait: only a file still exactly as written gets its stat recorded (an edit since,
+        # even in the same second, changed its ctime); any later edit lands in a later second, which git sees
+        try:
+            st = os.stat(repo.root / p)
+        except OSError:
+            continue
+        if records[p].matches(st):
+            files[p] = (blob, st)
+    if files and len(files) == len(same_blob) and record_stat(repo, files) == set(files):
         return  # the index now holds the files' stat: git sees them unmodified without reading them
     modes = {p: mode for (mode, _, _), p in _index_modes(repo, [p for p, _, _ in written])}
     same = [(p, blob) for p, blob, ours in written if blob == ours and p in modes]

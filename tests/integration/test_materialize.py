@@ -241,3 +241,53 @@ def test_statistics_staged_after_a_checkout_stay_attached(mrepo: Path, tmp_path:
     git(repo, "commit", "-qm", "stats")
     assert b"fisher" in git(repo, "theta", "stats", "ls", "model.safetensors").stdout
     assert ".theta-materialize-*" in (repo / ".git" / "info" / "exclude").read_text()
+
+
+def test_an_edit_in_the_second_the_file_was_written_is_still_seen(mrepo: Path) -> None:
+    """The edit lands after the file is written but before git's index gets its stat, in the same second and with
+    the same size and mtime: the index must not record the edited file as the one we wrote."""
+    from gittheta_merge.storage import materialize as mat
+    from gittheta_merge.storage.gitutil import Repo
+
+    repo = mrepo
+    _commit(repo, 1, "v2")
+    git(repo, "-c", "core.hooksPath=/dev/null", "checkout", "-q", "HEAD~1")  # leaves the placeholder
+    assert _is_placeholder(repo / "model.safetensors")
+    r = Repo.discover(repo)
+    blob = git(repo, "rev-parse", ":model.safetensors").stdout.decode().strip()
+    done = mat.materialize(r, refresh=False)
+    assert done == ["model.safetensors"]
+    model = repo / "model.safetensors"
+    st = model.stat()
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0xFF
+    with open(model, "r+b") as fh:
+        fh.write(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    mat._refresh(r, [("model.safetensors", blob, mat.load_records(r)["model.safetensors"].blob)])
+    assert git(repo, "status", "--porcelain").stdout.strip() == b"M model.safetensors"
+
+
+def test_rewriting_the_index_keeps_git_checking_racily_clean_files(tmp_path: Path) -> None:
+    """Another file added and edited (same size) in the second the index was last written looks clean to git only
+    by stat; git's next index write smudges such entries so their content is compared. Ours must do the same."""
+    from gittheta_merge.storage.gitindex import record_stat
+    from gittheta_merge.storage.gitutil import Repo
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "x.txt").write_text("aaaa")
+    (repo / "a.bin").write_bytes(b"A" * 100)
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "one")
+    time.sleep(1.1)
+    time.sleep(int(time.time()) + 1.05 - time.time())  # the start of a second
+    (repo / "x.txt").write_text("aaaa")
+    git(repo, "update-index", "-q", "--refresh")  # the index is written in this second, x.txt's entry with it
+    (repo / "x.txt").write_text("bbbb")  # same second, same size: git must still look at its content
+    st = os.stat(repo / "a.bin")
+    time.sleep(1.05)
+    blob = git(repo, "rev-parse", ":a.bin").stdout.decode().strip()
+    assert record_stat(Repo.discover(repo), {"a.bin": (blob, st)}) == {"a.bin"}
+    assert git(repo, "status", "--porcelain", "-uno").stdout.decode().strip() == "M x.txt"
