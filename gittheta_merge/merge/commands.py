@@ -243,6 +243,10 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
     if align_data is not None:
         if config_file or dry_run:
             raise UsageError("--align commits aligned branches first: it does not combine with --config or --dry-run")
+        if strategy:
+            from gittheta_merge.merge import strategies as strategy_plugins
+
+            strategy_plugins.get(strategy)  # a misspelt strategy fails before minutes of alignment
         branches = tuple(_aligner()(repo, "HEAD", list(branches), align_data, lambda line: click.echo(line, err=True)))
     cli = cli_layer(strategy, sets, rules, max_block_bytes, shortcuts, device, allow_stale_stats, missing_stats)
     cli["out_dtype"] = out_dtype

@@ -12,6 +12,8 @@ from gittheta_merge.errors import InputError
 
 BERT_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
+POOLED_HEADS = ("BertForSequenceClassification", "BertForMultipleChoice", "BertForNextSentencePrediction",
+                "BertForPreTraining")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,15 @@ class Shape:
     d_ff: int
     n_kv_heads: int
     head_dim: int
+    architecture: str = ""  # config.json's architectures[0]: what a task head reads
+
+    @property
+    def pooled_head(self) -> bool | None:
+        """Whether a `classifier` reads the pooler's output (BERT's sequence classification) rather than hidden
+        states (token classification, RoBERTa/ELECTRA heads); None when the config does not say."""
+        if not self.architecture:
+            return None
+        return self.architecture in POOLED_HEADS
 
     @property
     def d_head(self) -> int:
@@ -39,17 +50,21 @@ class Shape:
     def from_config(cls, config: dict) -> Shape:
         model_type = config.get("model_type", "")
         heads = config["num_attention_heads"]
+        architecture = (config.get("architectures") or [""])[0] or ""
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         if model_type in BERT_TYPES:
+            if config.get("embedding_size", config["hidden_size"]) != config["hidden_size"]:
+                raise InputError(f"embedding_size {config['embedding_size']} != hidden_size {config['hidden_size']}: "
+                                 "a projected embedding (ELECTRA's embeddings_project) is not supported by alignment")
             if config.get("position_embedding_type", "absolute") != "absolute":
                 raise InputError("alignment supports absolute position embeddings only "
                                  f"(this config: {config['position_embedding_type']!r})")
             return cls("bert", config["num_hidden_layers"], config["hidden_size"], heads,
-                       config["intermediate_size"], heads, head_dim)
+                       config["intermediate_size"], heads, head_dim, architecture)
         if model_type in LLAMA_TYPES:
             kv = config.get("num_key_value_heads") or heads
             return cls("llama", config["num_hidden_layers"], config["hidden_size"], heads,
-                       config["intermediate_size"], kv, head_dim)
+                       config["intermediate_size"], kv, head_dim, architecture)
         raise InputError(f"alignment supports the BERT family ({', '.join(BERT_TYPES)}) and Llama-family decoders "
                          f"({', '.join(LLAMA_TYPES)}); this config is model_type {model_type!r}")
 

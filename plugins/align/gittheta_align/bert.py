@@ -82,7 +82,19 @@ def roles(name: str, shape: Shape) -> tuple[str | None, str | None]:
     }
     if stripped in table:
         return table[stripped]
-    if stripped.startswith("classifier."):
-        return (None, None)  # reads the pooler's output, which is not permuted
+    heads = {  # task heads that read the last hidden states (in the permuted basis): their inputs follow it
+        "classifier.dense.weight": (None, last), "classifier.dense.bias": (None, None),  # RoBERTa / ELECTRA
+        "classifier.out_proj.weight": (None, None), "classifier.out_proj.bias": (None, None),
+        "qa_outputs.weight": (None, last), "qa_outputs.bias": (None, None),
+        "cls.seq_relationship.weight": (None, None), "cls.seq_relationship.bias": (None, None),  # reads the pooler
+        "classifier.bias": (None, None),
+    }
+    if stripped in heads:
+        return heads[stripped]
+    if stripped == "classifier.weight":
+        if shape.pooled_head is None:
+            raise InputError(f"tensor {name!r}: config.json names no architecture, so whether this classifier "
+                             "reads the pooler or the hidden states is unknown; add \"architectures\" to it")
+        return (None, None) if shape.pooled_head else (None, last)
     raise InputError(f"tensor {name!r}: alignment does not know where it sits in a BERT model (supported: the "
-                     "encoder, embeddings, pooler, MLM head and a classifier on the pooler)")
+                     "encoder, embeddings, pooler, MLM and NSP heads, sequence/token classification and QA heads)")

@@ -115,14 +115,25 @@ def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_fie
 def align_branches(repo: Any, reference: str, branches: list[str], data_path: str, echo: Any = print) -> list[str]:
     """For `git theta merge --align`: each branch aligned to `reference` with the default options, committed on
     BRANCH-aligned (an existing branch of that name is refused, never replaced); returns those names."""
+    from gittheta_align import gitflow
     from gittheta_align.matching import Options
 
     texts = _texts(data_path, "text", 1000)
     out = []
     for rev in branches:
         branch = f"{rev}-aligned"
-        result = align_one(repo, reference, rev, texts, data_path, Options(), None, branch, False, echo=echo)
-        echo(f"git-theta: aligned {rev} to {reference}: {result['commit'][:12]} on {branch} ({result['summary']})")
+        if repo.git("check-ref-format", "--branch", branch, check=False).strip() == b"":
+            raise UsageError(f"--align commits {rev}'s aligned model on a branch named after it, and {branch!r} is not "
+                             "a valid branch name: name branches, or align by hand (git theta align --into NAME)")
+        if gitflow.resolve_branch(repo, branch) is not None:
+            if not gitflow.is_alignment_of(repo, branch, reference, rev):
+                raise UsageError(f"branch {branch} exists and is not an alignment of {rev} to {reference}'s current "
+                                 f"model: delete it (git branch -D {branch}) or align by hand with --into NAME")
+            echo(f"git-theta: {branch} already aligns {rev} to {reference}: reusing it")
+        else:
+            result = align_one(repo, reference, rev, texts, data_path, Options(), None, branch, False, echo=echo)
+            echo(f"git-theta: aligned {rev} to {reference}: {result['commit'][:12]} on {branch} "
+                 f"({result['summary']})")
         out.append(branch)
     return out
 

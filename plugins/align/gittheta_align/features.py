@@ -158,6 +158,7 @@ def batches_from_texts(tokenizer: Any, texts: list[str], batch_size: int = 8,
     """The tokenized texts in batches, special tokens included, padding masked."""
     if getattr(tokenizer, "pad_token", "") is None:  # causal LM tokenizers often have none; padding is masked out
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # positions (rotary or learned) then start at 0 for every sentence
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start: start + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")

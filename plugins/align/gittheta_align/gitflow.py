@@ -159,9 +159,9 @@ def commit_on_branch(repo: Repo, parent: str, files: dict[str, bytes], branch: s
     with tempfile.TemporaryDirectory(prefix="theta-align-index-") as tmp:
         env = dict(os.environ, GIT_INDEX_FILE=str(Path(tmp) / "index"))
 
-        def git(*args: str, data: bytes | None = None) -> str:
-            return subprocess.run(["git", *args], cwd=repo.root, env=env, input=data, check=True,
-                                  capture_output=True).stdout.decode().strip()
+        def git(*args: str, data: bytes | None = None) -> str:  # paths are literal, never pathspec patterns
+            return subprocess.run(["git", "--literal-pathspecs", *args], cwd=repo.root, env=env, input=data,
+                                  check=True, capture_output=True).stdout.decode().strip()
 
         git("read-tree", parent)
         for path, data in files.items():
@@ -192,6 +192,27 @@ def alignment_entry(repo: Repo, commit: str, folder: str) -> dict[str, Any] | No
         if (not folder or path.startswith(folder + "/")) and "alignment" in meta.stats:
             return dict(meta.stats["alignment"])
     return None
+
+
+def resolve_branch(repo: Repo, branch: str) -> str | None:
+    out = repo.git("rev-parse", "--verify", "-q", f"refs/heads/{branch}", check=False).decode().strip()
+    return out or None
+
+
+def is_alignment_of(repo: Repo, branch: str, reference: str, rev: str) -> bool:
+    """Whether `branch` is an alignment commit of `rev`'s model (its parent) to `reference`'s current weights."""
+    head = resolve_branch(repo, branch)
+    commit = resolve(repo, rev)
+    parent = repo.git("rev-parse", "--verify", "-q", f"{head}^", check=False).decode().strip()
+    if head is None or parent != commit:
+        return False
+    folder = model_dir(repo, commit, None)
+    entry = alignment_entry(repo, head, folder)
+    if entry is None:
+        return False
+    weights = entry["provenance"].get("weights") or {}
+    return (weights.get("reference") == weights_digests(repo, resolve(repo, reference), folder)
+            and weights.get("aligned") == weights_digests(repo, commit, folder))
 
 
 def data_digest(path: str) -> str:

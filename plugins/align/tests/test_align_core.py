@@ -177,3 +177,49 @@ def test_llama_alignment_recovers_a_planted_permutation_and_preserves_function(k
     found = permutations(joint_statistics(a, other, _llama_batches(2), shape, options.sites(shape)), shape, options)
     batch = _llama_batches(9)[0]
     assert torch.allclose(_outputs(other, batch), _outputs(_permuted_copy(other, found), batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("cls_name,config_cls", [
+    ("BertForSequenceClassification", "BertConfig"), ("BertForTokenClassification", "BertConfig"),
+    ("BertForQuestionAnswering", "BertConfig"), ("RobertaForSequenceClassification", "RobertaConfig"),
+    ("ElectraForSequenceClassification", "ElectraConfig"),
+])
+def test_task_heads_keep_their_outputs_under_a_planted_permutation(cls_name: str, config_cls: str) -> None:
+    """Heads on the pooler (BERT sequence classification) are left alone; heads on hidden states (token
+    classification, QA, RoBERTa/ELECTRA classification) take the residual permutation on their inputs."""
+    config = getattr(transformers, config_cls)(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=48,
+                                               max_position_embeddings=40,
+                                               num_labels=2 if "Question" in cls_name else 3)
+    if config_cls == "ElectraConfig":
+        config.embedding_size = 32  # a projected embedding (embedding_size != hidden_size) is refused
+    config.architectures = [cls_name]  # what save_pretrained writes into config.json
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    permuted = _permuted_copy(model, random_perms(_shape(model), seed=2))
+    batch = {k: v for k, v in _batches(5)[0].items() if k != "token_type_ids" or config_cls == "BertConfig"}
+    batch["input_ids"] = batch["input_ids"].clamp(min=3)  # RoBERTa's padding id is 1: keep positions regular
+    with torch.no_grad():
+        ref, got = model(**batch), permuted(**batch)
+    for key in ("logits", "start_logits", "end_logits"):
+        if getattr(ref, key, None) is not None:
+            assert torch.allclose(getattr(ref, key), getattr(got, key), atol=1e-5), key
+
+
+def test_a_classifier_whose_input_is_unknown_is_refused() -> None:
+    from gittheta_merge.errors import InputError
+
+    model = _bert(0)
+    shape = _shape(model)  # no architectures in a config built in memory
+    with pytest.raises(InputError, match="architectures"):
+        shape.roles("classifier.weight")
+
+
+def test_a_projected_electra_embedding_is_refused() -> None:
+    from gittheta_align.arch import Shape
+
+    from gittheta_merge.errors import InputError
+
+    config = transformers.ElectraConfig(hidden_size=32, embedding_size=16, num_attention_heads=4).to_dict()
+    with pytest.raises(InputError, match="embedding_size"):
+        Shape.from_config(config)

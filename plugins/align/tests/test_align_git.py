@@ -129,6 +129,7 @@ def test_bad_input_is_refused_and_writes_nothing(repo: Path) -> None:
     assert git(repo, "show-ref").stdout == refs
 
 
+@pytest.mark.slow  # over 20 s: several alignments
 def test_max_memory_splits_the_statistics_into_passes_with_the_same_result(repo: Path) -> None:
     torch.manual_seed(1)
     _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
@@ -142,6 +143,7 @@ def test_max_memory_splits_the_statistics_into_passes_with_the_same_result(repo:
     assert out.returncode == 1 and "raise --max-memory" in out.stderr
 
 
+@pytest.mark.slow  # over 20 s: several alignments
 def test_merge_with_align_aligns_first_then_merges(repo: Path) -> None:
     torch.manual_seed(1)
     _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
@@ -179,6 +181,7 @@ def test_the_alignment_statistic_travels_with_push_and_clone(repo: Path, tmp_pat
     assert git(copy, "theta", "fsck").returncode == 0
 
 
+@pytest.mark.slow  # over 20 s: several alignments
 def test_statistics_are_reused_for_other_options_and_refused_when_stale(repo: Path) -> None:
     torch.manual_seed(1)
     _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
@@ -204,3 +207,21 @@ def test_statistics_are_reused_for_other_options_and_refused_when_stale(repo: Pa
     out = git(repo, "theta", "align", "seed-a", "seed-b", "--into", "neither", check=False)
     assert out.returncode == 1 and "--data" in out.stderr
     assert git(repo, "show-ref").stdout == refs
+
+
+@pytest.mark.slow  # over 20 s: several alignments
+def test_merge_with_align_reuses_its_aligned_branch_and_refuses_a_foreign_one(repo: Path) -> None:
+    torch.manual_seed(1)
+    _commit_model(repo, "seed-b", transformers.BertModel(_config()).eval())
+    data = str(repo.parent / "text.txt")
+    git(repo, "checkout", "-q", "-b", "target", "seed-a")
+    bad = git(repo, "theta", "merge", "seed-b", "--align", data, "--strategy", "no-such-method", check=False)
+    assert bad.returncode == 1 and "no-such-method" in bad.stderr
+    assert "seed-b-aligned" not in git(repo, "branch").stdout  # refused before any alignment
+    git(repo, "theta", "align", "seed-a", "seed-b", "--data", data)  # an earlier run's branch
+    out = git(repo, "theta", "merge", "seed-b", "--align", data, "--strategy", "average")
+    assert "reusing it" in out.stderr
+    git(repo, "branch", "-f", "seed-b-aligned", "seed-a")  # a branch of that name that is something else
+    git(repo, "checkout", "-q", "-b", "target2", "seed-a")
+    out = git(repo, "theta", "merge", "seed-b", "--align", data, check=False)
+    assert out.returncode == 1 and "git branch -D seed-b-aligned" in out.stderr
