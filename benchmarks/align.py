@@ -64,6 +64,19 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
+def new_repo(repo: Path) -> Path:
+    """A repository with the theta filter installed and model/*.safetensors tracked (one commit on main)."""
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "b@example.com")
+    git(repo, "config", "user.name", "bench")
+    git(repo, "theta", "install")
+    git(repo, "theta", "track", "model/*.safetensors")
+    git(repo, "add", ".gitattributes")
+    git(repo, "commit", "-qm", "attributes")
+    return repo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", default="100,1000")
@@ -117,15 +130,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="align-bench-"))
     try:
-        repo = work / "repo"
-        repo.mkdir()
-        git(repo, "init", "-q", "-b", "main")
-        git(repo, "config", "user.email", "b@example.com")
-        git(repo, "config", "user.name", "bench")
-        git(repo, "theta", "install")
-        git(repo, "theta", "track", "model/*.safetensors")
-        git(repo, "add", ".gitattributes")
-        git(repo, "commit", "-qm", "attributes")
+        repo = new_repo(work / "repo")
         shutil.copytree(src, repo / "model", ignore=shutil.ignore_patterns(".gitattributes"))  # its LFS rule
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "MiniLM")
@@ -150,7 +155,7 @@ def main() -> None:
             by_name = {t["name"]: t for t in meta_a["tensors"]}
             same = sum(by_name.get(t["name"]) == t for t in blob["tensors"])
             differ = sorted(set(by_name) - {t["name"] for t in blob["tensors"] if by_name.get(t["name"]) == t})
-            found = _found_perms(repo, f"aligned-{n}")
+            found = found_perms(repo, f"aligned-{n}")
             exact = sum(np.array_equal(found[s], inverse(planted[s])) for s in found)
             row = {"sentences": n, "seconds": round(seconds, 1), "sites_exact": exact, "sites": len(found),
                    "tensors_identical_to_original": same, "tensors": len(meta_a["tensors"]), "not_identical": differ}
@@ -165,7 +170,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
-def _found_perms(repo: Path, rev: str) -> dict[str, np.ndarray]:
+def found_perms(repo: Path, rev: str) -> dict[str, np.ndarray]:
     """The permutations recorded in the aligned commit's `alignment` statistic blob."""
     from safetensors.numpy import load
 

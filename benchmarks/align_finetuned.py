@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,14 +26,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from align import found_perms, git, new_repo  # noqa: E402
 from offline_assets import minilm_dir  # noqa: E402
 from quality import Settings, accuracy, fine_tune, load_task, new_classifier, tokenize  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
 def commit_model(repo: Path, branch: str, start: str, model: torch.nn.Module, tokenizer: object) -> None:
@@ -77,15 +73,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="align-ft-"))
     try:
-        repo = work / "repo"
-        repo.mkdir()
-        git(repo, "init", "-q", "-b", "main")
-        git(repo, "config", "user.email", "b@example.com")
-        git(repo, "config", "user.name", "bench")
-        git(repo, "theta", "install")
-        git(repo, "theta", "track", "model/*.safetensors")
-        git(repo, "add", ".gitattributes")
-        git(repo, "commit", "-qm", "attributes")
+        repo = new_repo(work / "repo")
         commit_model(repo, "ft-a", "main", model_a, tokenizer)
         commit_model(repo, "ft-b", "main", model_b, tokenizer)
         data = work / "text.txt"
@@ -93,7 +81,7 @@ def main() -> None:
         t0 = time.monotonic()
         git(repo, "theta", "align", "ft-a", "ft-b", "--data", str(data), "--max-sentences", str(args.sentences))
         align_seconds = time.monotonic() - t0
-        found = _found_perms(repo, "ft-b-aligned")
+        found = found_perms(repo, "ft-b-aligned")
         exact = {s: bool(np.array_equal(p, inverse(planted[s]))) for s, p in found.items()}
         positions = {s: float(np.mean(p == inverse(planted[s]))) for s, p in found.items()}
         for label, branch in (("average, aligned", "ft-b-aligned"), ("average, not aligned", "ft-b")):
@@ -116,15 +104,6 @@ def main() -> None:
         print(f"  {k}: {v:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-
-
-def _found_perms(repo: Path, rev: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
-
-    meta = json.loads(git(repo, "show", f"{rev}:model/model.safetensors"))
-    oid = meta["stats"]["alignment"]["oid"]
-    path = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-    return {k[len("perm."):]: v for k, v in load(path.read_bytes()).items() if k.startswith("perm.")}
 
 
 if __name__ == "__main__":
