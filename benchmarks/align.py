@@ -190,9 +190,9 @@ def found_perms(repo: Path, rev: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
     meta = json.loads(git(repo, "show", f"{rev}:model/model.safetensors"))
-    oid = meta["stats"]["alignment"]["oid"]
-    path = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-    tensors = load(path.read_bytes())
+    from gittheta_merge.storage.store import ObjectStore
+
+    tensors = load(ObjectStore(repo / ".git" / "lfs").path(meta["stats"]["alignment"]["oid"]).read_bytes())
     return {k[len("perm."):]: v for k, v in tensors.items() if k.startswith("perm.")}
 
 

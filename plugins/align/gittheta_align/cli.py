@@ -147,6 +147,7 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str | 
     from gittheta_align import gitflow
     from gittheta_align.matching import permutations
     from gittheta_merge.stats.blobs import write_blob
+    from gittheta_merge.stats.data import file_digest
     from gittheta_merge.storage.revisions import tracked_files
     from gittheta_merge.storage.store import ObjectStore
 
@@ -168,7 +169,7 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str | 
     else:
         stats = _computed_statistics(repo, a, b, folder, shape_b, sites, texts, batch_size, max_length, max_bytes,
                                      f"{rev} to {ref}", echo)
-        data_info = {"file": data_path, "sha256": gitflow.data_digest(str(data_path)), "sentences": len(texts),
+        data_info = {"file": data_path, "digest": file_digest(str(data_path)), "sentences": len(texts),
                      "tokens": next(iter(stats.values())).n, "max_length": max_length}
     tokens = data_info.get("tokens")
     perms = permutations(stats, shape_b, options)

@@ -10,7 +10,7 @@ of the memory).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,21 +22,16 @@ from gittheta_align.arch import Shape
 class SiteStats:
     """Running sums for one site, float64."""
 
-    dim: int
-    n: int = 0
-    sum_a: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sum_b: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sq_a: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sq_b: np.ndarray = field(default=None)  # type: ignore[assignment]
-    cross: np.ndarray = field(default=None)  # type: ignore[assignment]
+    n: int
+    sum_a: np.ndarray
+    sum_b: np.ndarray
+    sq_a: np.ndarray
+    sq_b: np.ndarray
+    cross: np.ndarray
 
-    def __post_init__(self) -> None:
-        d = self.dim
-        for name in ("sum_a", "sum_b", "sq_a", "sq_b"):
-            if getattr(self, name) is None:
-                setattr(self, name, np.zeros(d))
-        if self.cross is None:
-            self.cross = np.zeros((d, d))
+    @classmethod
+    def zeros(cls, dim: int) -> SiteStats:
+        return cls(0, np.zeros(dim), np.zeros(dim), np.zeros(dim), np.zeros(dim), np.zeros((dim, dim)))
 
     def add(self, a: Any, b: Any) -> None:
         """Features of the same tokens, (tokens, dim) each."""
@@ -64,9 +59,8 @@ class SiteStats:
 
     @classmethod
     def from_tensors(cls, site: str, tensors: dict[str, np.ndarray]) -> SiteStats:
-        cross = tensors[f"{site}.cross"]
-        return cls(cross.shape[0], int(tensors[f"{site}.n"][0]), tensors[f"{site}.sum_a"],
-                   tensors[f"{site}.sum_b"], tensors[f"{site}.sq_a"], tensors[f"{site}.sq_b"], cross)
+        return cls(int(tensors[f"{site}.n"][0]), tensors[f"{site}.sum_a"], tensors[f"{site}.sum_b"],
+                   tensors[f"{site}.sq_a"], tensors[f"{site}.sq_b"], tensors[f"{site}.cross"])
 
 
 def site_bytes(shape: Shape, site: str) -> int:
@@ -130,7 +124,7 @@ def joint_statistics(model_a: Any, model_b: Any, batches: Iterable[dict[str, Any
     """Run both models on every batch (identical inputs) and accumulate each site's joint statistics."""
     import torch
 
-    stats = {site: SiteStats(shape.site_dim(site)) for site in sites}
+    stats = {site: SiteStats.zeros(shape.site_dim(site)) for site in sites}
     got_a, handles_a = _capture(model_a, shape, set(sites))
     got_b, handles_b = _capture(model_b, shape, set(sites))
     try:

@@ -3,7 +3,6 @@ committed on a branch, without a checkout and without touching the user's work t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -88,19 +87,19 @@ def checked_out(repo: Repo, rev: str, folder: str) -> Iterator[Path]:
 
     tmp = Path(tempfile.mkdtemp(prefix="theta-align-"))
     try:
-        attrs = None
-        for path, blob in _tree_files(repo, rev, folder).items():
+        files = _tree_files(repo, rev, folder)
+        attrs = repo.check_attr("filter", list(files))
+        filt = Filter(repo)
+        for path, blob in files.items():
             rel = Path(path).relative_to(folder) if folder else Path(path)
             if ".." in rel.parts:
                 raise InputError(f"{path}: unsafe path")
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             data = repo.git("cat-file", "blob", blob)
-            if attrs is None:
-                attrs = repo.check_attr("filter", list(_tree_files(repo, rev, folder)))
             with open(target, "wb") as out:
                 if attrs.get(path) == "theta":
-                    Filter(repo).smudge_full(path, data, out)
+                    filt.smudge_full(path, data, out)
                 else:
                     out.write(data)
         yield tmp
@@ -213,11 +212,3 @@ def is_alignment_of(repo: Repo, branch: str, reference: str, rev: str) -> bool:
     weights = entry["provenance"].get("weights") or {}
     return (weights.get("reference") == weights_digests(repo, resolve(repo, reference), folder)
             and weights.get("aligned") == weights_digests(repo, commit, folder))
-
-
-def data_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
