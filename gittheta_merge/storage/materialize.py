@@ -34,12 +34,15 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from gittheta_merge.constants import MAX_METADATA_BYTES
 from gittheta_merge.errors import human_bytes, loads_untrusted
 from gittheta_merge.storage.gitutil import Repo, iter_index_blobs
 from gittheta_merge.storage.metadata import Metadata, is_metadata
+
+if TYPE_CHECKING:
+    from gittheta_merge.filter.process import Filter  # imported lazily: the filter imports this module
 
 DEFAULT_THRESHOLD = 512 << 20  # theta.materializeBytes
 SAMPLE = 64 << 10  # bytes at each end of a materialized file whose digests the record keeps
@@ -126,15 +129,13 @@ def _digest_ends(file: Path, size: int) -> tuple[str, str]:
     return head, tail
 
 
-def write_file(repo: Repo, path: str, meta: Metadata, fsync: bool = False) -> os.stat_result:
-    """The real file for `meta` at `path`, via a temporary file in the same directory renamed over it."""
+def write_file(filt: Filter, path: str, meta: Metadata, fsync: bool = False) -> os.stat_result:
+    """The real file for `meta` at `path`, via a temporary file in the same directory swapped with the old one."""
     from gittheta_merge import formats
-    from gittheta_merge.filter.process import Filter
-
-    target = repo.root / path
-    filt = Filter(repo)
-    filt.require_checkout_space(path, meta.total_bytes)
     from gittheta_merge.storage.storelock import start_time
+
+    target = filt.repo.root / path
+    filt.require_checkout_space(path, meta.total_bytes)
 
     fd_tmp = target.parent / f"{TMP_PREFIX}{target.name}.{os.getpid()}-{start_time(os.getpid())}"
     mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
@@ -202,6 +203,7 @@ def materialize(repo: Repo, paths: list[str] | None = None, echo: Callable[[str]
     if not todo:
         return []
     filt = Filter(repo)
+    fsync = repo.config_bool("theta.fsync", False)
     records = load_records(repo)
     store = ObjectStore.for_repo(repo)
     done = []
@@ -210,7 +212,7 @@ def materialize(repo: Repo, paths: list[str] | None = None, echo: Callable[[str]
             meta = filt.parse_for_smudge(path, meta.to_bytes())  # fetches missing objects, or names them
             data = (repo.root / path).read_bytes()
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=data).decode().strip()
-            st = write_file(repo, path, meta, repo.config_bool("theta.fsync", False))
+            st = write_file(filt, path, meta, fsync)
             head, tail = _digest_ends(repo.root / path, st.st_size)
             records[path] = Written(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, blob, head, tail)
             save_records(repo, records)
