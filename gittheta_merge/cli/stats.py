@@ -72,13 +72,18 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
     tracked = expand_tracked(repo, (model_path,))
     for path in tracked:
         attach.check_staged(repo, path)  # before minutes of computation, not after
-    rank, device = _join_torchrun(device)
+    from gittheta_merge.distributed import join
+
+    group, device = join("stats compute", device)  # under torchrun: shard the examples, all-reduce the sums
+    rank = group.rank if group else 0
     model, tokenizer = workdir.load_model_and_tokenizer(model_path, task, config_dir)
     stat = workdir.adapter_keys(model, workdir.compute_statistic_from_file(
         model, tokenizer, data_path, kind=kind, task=task, label_policy=label_policy, n_examples=n_examples,
         batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
         diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
         label_field=label_field, progress=None if rank == 0 else False))
+    if group is not None:
+        group.close()
     if rank != 0:
         return  # rank 0 holds the same reduced sums and stages the one blob
     summary = {k: v for k, v in stat.provenance.items() if isinstance(v, (str, int, float, bool))}
@@ -93,30 +98,6 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
                                   blob_where=f"{kind} statistics of {model_path}"):
             click.echo(f"staged {kind} statistics for {info.path} ({info.size / 1e6:,.1f} MB, {info.oid[:12]})")
     click.echo("commit to version them with the weights")
-
-
-def _join_torchrun(device: str) -> tuple[int, str]:
-    """Under `torchrun` (WORLD_SIZE > 1 in the environment): join the process group (gloo on CPU, nccl on CUDA,
-    each rank on its LOCAL_RANK's GPU) so that compute_statistic shards the examples and reduces the sums.
-    Returns (rank, device); (0, device) in a plain run."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, device
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    cuda = device.startswith("cuda")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if not dist.is_initialized():
-        # a rank that fails makes the others' collectives time out with an error instead of hanging forever
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
-    rank = dist.get_rank()
-    click.echo(f"git-theta: stats compute: rank {rank} of {world} ({device})", err=True)
-    return rank, device
 
 
 @stats.command("ls")

@@ -107,12 +107,15 @@ def merge_into_file(sources: Sequence[Any], base: Any, output: PathLike, options
 
 def merge_metadata(models: Sequence[Metadata], base: Metadata | None, store: ObjectStore,
                    options: MergeOptions | None = None, stats: StatsAccess | None = None,
-                   block_bytes: int = BLOCK_BYTES) -> tuple[Metadata, MergeResult]:
-    """Merge tracked checkpoints (metadata + objects in `store`); new objects go to the same store."""
+                   block_bytes: int = BLOCK_BYTES, part: Any = None) -> tuple[Metadata, MergeResult]:
+    """Merge tracked checkpoints (metadata + objects in `store`); new objects go to the same store. With `part`
+    (merge/distributed.py) this rank merges its share and every rank gets the whole merged metadata."""
     options = options or MergeOptions()
     labels = options.labels or []
     sources = [StoreSource(m, store, f"{labels[i]}: " if i < len(labels) else "") for i, m in enumerate(models)]
     base_src = StoreSource(base, store, "base: ") if base is not None else None
     sink = StoreSink(store, block_bytes)
-    result = merge_models(sources, base_src, sink, options, stats)
+    result = merge_models(sources, base_src, sink, options, stats, part=part)
+    if part is not None:
+        part.finish(sink, result)
     return sink.metadata(models[0]), result

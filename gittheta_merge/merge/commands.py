@@ -132,20 +132,23 @@ def resolve_merge(metas: list[Any], bmeta: Any, store: Any, settings: Any, path:
 
 def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path: str, labels: list[str],
                   names: list[str], explicit: Any = None, block_bytes: int = BLOCK_BYTES,
-                  progress: bool | None = None, resolved: tuple[Any, Any] | None = None
+                  progress: bool | None = None, resolved: tuple[Any, Any] | None = None, part: Any = None
                   ) -> tuple[Any, dict[str, Any]]:
     """Merge tracked checkpoints of one path with statistics found in their metadata; the merged metadata
     carries the statistics derived for it where that is exact (merge/statsflow.py). Returns (metadata, report).
     `labels` are the sides' short names (ours/theirs, HEAD/branch), `names` how messages call them;
-    `resolved` is resolve_merge's result when the caller already has it."""
+    `resolved` is resolve_merge's result when the caller already has it; `part` a torchrun rank's share
+    (merge/distributed.py: every rank returns the whole metadata, only rank 0 derives statistics)."""
     from gittheta_merge.merge.api import merge_metadata
     from gittheta_merge.merge.statsflow import derive_statistics
 
     options, res = resolved or resolve_merge(metas, bmeta, store, settings, path, labels, names, explicit,
                                              progress)
-    merged, result = merge_metadata(metas, bmeta, store, options, res.access, block_bytes=block_bytes)
+    merged, result = merge_metadata(metas, bmeta, store, options, res.access, block_bytes=block_bytes, part=part)
     report = result.report
     report["statistics"] = res.report()
+    if part is not None and part.rank != 0:
+        return merged, report
     if any(t.action == "merge" for t in result.plan.tensors):
         strat = next((s for s in result.plan.strategies.values() if s.name == options.strategy), None)
         derived = strat and derive_statistics(merged, metas, names, result.plan, res.access, strat, store)
@@ -153,7 +156,8 @@ def merge_tracked(metas: list[Any], bmeta: Any, store: Any, settings: Any, path:
             report["statistics"]["derived"] = derived
     if res.fallback:
         print(f"git-theta: {path}: {res.fallback}", file=sys.stderr)
-    store.require_present(merged.iter_objects(), path)
+    if part is None or part.shared:  # (sharing nothing, the other ranks' objects are on the remote they uploaded to)
+        store.require_present(merged.iter_objects(), path)
     return merged, report
 
 
@@ -237,9 +241,18 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
               dry_run: bool, max_block_bytes: int | None, shortcuts: str | None, device: str | None,
               out_dtype: str | None, align_data: str | None, message: str | None) -> None:
     """Merge one or more branches into HEAD with a model-merging strategy, in one merge commit."""
+    from gittheta_merge.distributed import join, quiet_unless_rank0, world_size
     from gittheta_merge.merge.octopus import config_models, octopus_merge
 
     repo = Repo.discover()
+    group = None
+    if world_size() > 1:  # under torchrun: this process is one rank of the merge (merge/distributed.py)
+        if align_data is not None:
+            raise UsageError("--align does not run under torchrun: align first (git theta align), then merge the "
+                             "aligned branches with torchrun")
+        group, rank_device = join("merge", device or "cpu")
+        device = rank_device if device else None
+    echo = quiet_unless_rank0(group, click.echo)
     if align_data is not None:
         if config_file or dry_run:
             raise UsageError("--align commits aligned branches first: it does not combine with --config or --dry-run")
@@ -258,7 +271,9 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
         branches, explicit = config_models(repo, config_file)
     elif not branches:
         raise UsageError("name at least one branch to merge (or --config merge.yml)")
-    octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, click.echo, explicit)
+    octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, echo, explicit, group)
+    if group is not None:
+        group.close()
 
 
 def _aligner() -> Any:

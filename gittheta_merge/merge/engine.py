@@ -35,13 +35,19 @@ from gittheta_merge.merge.strategies.base import StatsAccess
 
 
 def merge_models(models: list[Source], base: Source | None, sink: Sink, options: MergeOptions | None = None,
-                 stats: StatsAccess | None = None, plan: MergePlan | None = None) -> MergeResult:
-    """Merge `models` (model 0 = ours/target) against `base` into `sink`; returns the plan and report."""
+                 stats: StatsAccess | None = None, plan: MergePlan | None = None, part: Any = None) -> MergeResult:
+    """Merge `models` (model 0 = ours/target) against `base` into `sink`; returns the plan and report.
+
+    `part` (merge/distributed.py, a merge over several torchrun ranks): this rank produces only the outputs
+    `part.owns(name)`, observes only those in whole-model passes, and `part.reduce_pass` adds the ranks' pass state
+    before each pass ends; the sink then holds this rank's tensors, in output order."""
     from gittheta_merge.progress import Progress
 
     options = options or MergeOptions()
     stats = stats or StatsAccess()
     plan = plan or plan_merge(models, base, options, stats)
+    if part is not None:
+        part.start(plan, models, base)
     if hasattr(sink, "require_space"):  # before minutes of merging, not after
         sink.require_space(plan.merged_bytes())
     runner = _Runner(models, base, plan, options, stats)
@@ -53,15 +59,19 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
             if owned:
                 strat.prepare([(t.name, list(t.info.shape)) for t in owned], stats)  # type: ignore[union-attr]
             if strat.n_passes and strat.pass_scope == "model" and any(t.action == "merge" for t in owned):
-                runner.run_passes(strat, owned)
+                if part is None:
+                    runner.run_passes(strat, owned)
+                else:  # every rank runs the passes (collectives), over its own tensors
+                    runner.run_passes(strat, [t for t in owned if part.owns(t.name)], part.reduce_pass)
     except BaseException:
         runner.close()
         raise
     passes_s = time.monotonic() - started
 
-    outputs = plan.outputs
+    outputs = plan.outputs if part is None else [t for t in plan.outputs if part.owns(t.name)]
     sink.start([t.info for t in outputs])  # type: ignore[misc]
-    bar = Progress("git-theta merge", len(outputs), plan.merged_bytes(), enabled=options.progress)
+    total_bytes = sum(t.info.nbytes for t in outputs if t.action == "merge")  # type: ignore[union-attr]
+    bar = Progress("git-theta merge", len(outputs), total_bytes, enabled=options.progress)
     labels = options.labels or []
     reports: list[dict[str, Any]] = []
     done_bytes = 0

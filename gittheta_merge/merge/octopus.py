@@ -6,6 +6,7 @@ fast-forwarded to the merge commit in one step, so a failure at any point leaves
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,14 @@ def config_models(repo: Repo, config_path: str) -> tuple[list[str], ExplicitMode
 def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = None,
                   stats: dict[str, list[str | None]] | None = None, dry_run: bool = False,
                   message: str | None = None, echo: Any = print,
-                  explicit: ExplicitModels | None = None) -> dict[str, Any]:
+                  explicit: ExplicitModels | None = None, group: Any = None) -> dict[str, Any]:
     """N-way merge of branches into HEAD: one merge commit whose parents are HEAD and every branch.
 
     Settings are resolved per model path (merge/config.py: .gittheta.toml < attributes < git config < `cli`);
     statistics come from `stats` files if given, else from each branch's metadata. With `explicit`, the models
-    are exactly those it names, in its order, over its base (every model counts, changed or not).
+    are exactly those it names, in its order, over its base (every model counts, changed or not). With `group`
+    (torchrun, gittheta_merge/distributed.py) every rank runs this function: each merges its share of the tensors
+    (merge/distributed.py) and rank 0 alone writes to git.
     """
     from gittheta_merge.merge.api import load_stats
     from gittheta_merge.merge.engine import summary_text
@@ -95,10 +98,20 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         base = _rev(repo, explicit.base) if explicit.base else None
         labels = names = list(explicit.refs)
         revs = [_rev(repo, r) for r in explicit.refs]
+    store = ObjectStore.for_repo(repo)
+    shared = True  # one object store for every process (always, without torchrun)
+    if group is not None:
+        from gittheta_merge.merge.distributed import fetch_statistics, store_is_shared
+
+        group.same_everywhere([head, revs, base], "commits (HEAD, the models, their merge base)",
+                              "fetch the same branches and check out the same commit in every rank's clone")
+        shared = store_is_shared(group, store.lfs_dir)
     per_rev = [tracked_files(repo, r) for r in revs]
     base_files = tracked_files(repo, base) if base else {}
     paths = sorted(set().union(*[set(f) for f in per_rev]))
-    store = ObjectStore.for_repo(repo)
+    if not shared:  # each rank its own clone: the statistics every rank's planning reads come from the remote
+        with group.step("fetching statistics"):
+            fetch_statistics(repo, [*per_rev, base_files])
     access = load_stats(stats, len(revs)) if stats else None
     todo = []
     for path in paths:
@@ -126,22 +139,98 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
         todo.append((path, sides, bmeta, config.resolve(repo, path, cli)))
     strategies_used: set[str] = set()
     resolved = {}
-    for path, sides, bmeta, settings in todo:  # validate everything (statistics included) before touching anything
-        metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
-        options, res = resolved[path] = resolve_merge(metas, bmeta, store, settings, path, side_labels, side_names,
-                                                      _pick_stats(access, sides))
-        base_src = StoreSource(bmeta, store) if bmeta is not None else None
-        plan = plan_merge([StoreSource(m, store) for m in metas], base_src, options, res.access)
-        strategies_used.add(options.strategy)
-        echo(f"{path}: strategy {options.strategy}" + (f" ({res.fallback})" if res.fallback else ""))
-        for line in plan.summary_lines():
-            echo(f"  {line}")
+    with group.step("planning") if group is not None else nullcontext():
+        for path, sides, bmeta, settings in todo:  # validate everything (statistics included) before writing
+            metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
+            options, res = resolved[path] = resolve_merge(metas, bmeta, store, settings, path, side_labels,
+                                                          side_names, _pick_stats(access, sides))
+            base_src = StoreSource(bmeta, store) if bmeta is not None else None
+            plan = plan_merge([StoreSource(m, store) for m in metas], base_src, options, res.access)
+            strategies_used.add(options.strategy)
+            echo(f"{path}: strategy {options.strategy}" + (f" ({res.fallback})" if res.fallback else ""))
+            for line in plan.summary_lines():
+                echo(f"  {line}")
     if dry_run:
         return {"paths": [p for p, _, _, _ in todo], "base": base}
+    writer = group is None or group.rank == 0  # the one process that writes to git
+    tree = ""
+    with group.step("merging plain files") if group is not None else nullcontext():
+        if writer:
+            tree = _merge_plain_files(repo, head, branches, commits)
+    remote = None
+    if not shared:
+        from gittheta_merge.storage.transfer import default_remote
+
+        remote = default_remote(repo)
+    # the merged objects stay locked against gc until the merge commit refers to them
+    with store.guard.session():
+        # 2. models: the N-way merge, staged into a temporary index on top of that tree
+        block = configured_block_bytes(repo)
+        reports: dict[str, Any] = {}
+        index = repo.git_dir / "theta" / "merge-index"
+        index.parent.mkdir(parents=True, exist_ok=True)
+        env_index = {"GIT_INDEX_FILE": str(index)}
+        try:
+            if writer:
+                repo.git("read-tree", tree, env=env_index)
+            for path, sides, bmeta, settings in todo:
+                metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
+                part = None
+                if group is not None:
+                    from gittheta_merge.merge.distributed import Part
+
+                    part = Part(group, shared, repo, remote)
+                    if group.rank:
+                        resolved[path][0].progress = False  # one progress bar: rank 0's
+                with part.peer_failures() if part is not None else nullcontext():
+                    merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
+                                                   block_bytes=block, resolved=resolved[path], part=part)
+                reports[path] = report
+                if not writer:
+                    continue
+                blob = repo.git("hash-object", "-w", "--no-filters", "--stdin",
+                                input=merged.to_bytes()).decode().strip()
+                repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env_index)
+                _write_report(repo, path, report)
+                echo(f"{path}: {summary_text(report)}")
+                if part is not None:
+                    from gittheta_merge.merge.distributed import rank_summary
+
+                    echo(f"  {rank_summary(report)}")
+            final_tree = repo.git("write-tree", env=env_index).decode().strip() if writer else ""
+        finally:
+            if writer:
+                index.unlink(missing_ok=True)
+        if not writer:  # wait for rank 0's merge commit, and fail with it
+            group.agree(None, "the merge commit")
+            return {"paths": list(reports), "base": base, "commit": None}
+        with group.step("the merge commit") if group is not None else nullcontext():
+            commit = _commit(repo, final_tree, head, commits, revs, branches, explicit, strategies_used, message)
+    return {"paths": list(reports), "base": base, "commit": commit}
+
+
+def _commit(repo: Repo, tree: str, head: str, commits: list[str], revs: list[str], branches: list[str],
+            explicit: ExplicitModels | None, strategies_used: set[str], message: str | None) -> str:
+    """The merge commit of `tree`, and HEAD fast-forwarded to it (one atomic step for the user)."""
+    what = ", ".join(sorted(strategies_used)) or "none"
+    msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
+    parent_revs = [head, *commits] if explicit is not None else revs
+    parents = [arg for c in parent_revs for arg in ("-p", c)]
+    commit = repo.git("commit-tree", tree, *parents, input=msg.encode()).decode().strip()
+    # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
+    if repo.git("rev-parse", "HEAD").decode().strip() != head:
+        raise UsageError("HEAD moved while this merge ran (another command committed on this branch), so its "
+                         f"merge commit {commit[:12]} was not applied; the branch, index and work tree are as the "
+                         "other command left them. Rerun git theta merge")
+    repo.git("merge", "--ff-only", "-q", commit)
+    return commit
+
+
+def _merge_plain_files(repo: Repo, head: str, branches: list[str], commits: list[str]) -> str:
+    """1. Plain files: git's own merges, one branch after another, on objects only (nothing checked out); the theta
+    driver is replaced by `true` (keep ours) because the models are merged N-way afterwards. Returns the tree."""
     if repo.git("status", "--porcelain", "--untracked-files=no").strip():
         raise UsageError("you have uncommitted changes; commit or stash them before git theta merge")
-    # 1. plain files: git's own merges, one branch after another, on objects only (nothing checked out);
-    #    the theta driver is replaced by `true` (keep ours) because the models are merged N-way below
     current = head
     for label, commit in zip(branches, commits):
         out = repo.git("-c", "merge.theta.driver=true", "merge-tree", "--write-tree", "--no-messages",
@@ -152,42 +241,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
                              "git merge first. Nothing was changed")
         current = repo.git("commit-tree", out[0], "-p", current, "-p", commit,
                            input=b"git theta merge (intermediate)").decode().strip()
-    tree = repo.git("rev-parse", f"{current}^{{tree}}").decode().strip()
-    # the merged objects stay locked against gc until the merge commit refers to them
-    with store.guard.session():
-        # 2. models: the N-way merge, staged into a temporary index on top of that tree
-        block = configured_block_bytes(repo)
-        reports: dict[str, Any] = {}
-        index = repo.git_dir / "theta" / "merge-index"
-        index.parent.mkdir(parents=True, exist_ok=True)
-        env_index = {"GIT_INDEX_FILE": str(index)}
-        try:
-            repo.git("read-tree", tree, env=env_index)
-            for path, sides, bmeta, settings in todo:
-                metas, side_labels, side_names = _pick(per_rev, path, labels, names, sides)
-                merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
-                                               block_bytes=block, resolved=resolved[path])
-                blob = repo.git("hash-object", "-w", "--no-filters", "--stdin",
-                                input=merged.to_bytes()).decode().strip()
-                repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env_index)
-                _write_report(repo, path, report)
-                reports[path] = report
-                echo(f"{path}: {summary_text(report)}")
-            final_tree = repo.git("write-tree", env=env_index).decode().strip()
-        finally:
-            index.unlink(missing_ok=True)
-        what = ", ".join(sorted(strategies_used)) or "none"
-        msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
-        parent_revs = [head, *commits] if explicit is not None else revs
-        parents = [arg for c in parent_revs for arg in ("-p", c)]
-        commit = repo.git("commit-tree", final_tree, *parents, input=msg.encode()).decode().strip()
-        # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
-        if repo.git("rev-parse", "HEAD").decode().strip() != head:
-            raise UsageError("HEAD moved while this merge ran (another command committed on this branch), so its "
-                             f"merge commit {commit[:12]} was not applied; the branch, index and work tree are as the "
-                             "other command left them. Rerun git theta merge")
-        repo.git("merge", "--ff-only", "-q", commit)
-    return {"paths": list(reports), "base": base, "commit": commit}
+    return repo.git("rev-parse", f"{current}^{{tree}}").decode().strip()
 
 
 def changed_sides(metas: list[Any], bmeta: Any) -> list[int]:

@@ -345,11 +345,13 @@ class _Runner:
                     sink.write(result.to("cpu", torch.float32).to(out_dtype))
         sink.end()
 
-    def run_passes(self, strat: Strategy, owned: list[TensorPlan]) -> None:
+    def run_passes(self, strat: Strategy, owned: list[TensorPlan], reduce: Any = None) -> None:
+        """Statistics passes over `owned`; `reduce(strat, index)` (a distributed merge) adds the ranks' pass state
+        before each pass ends."""
         with intra_op_threads(strat):
-            self._run_passes(strat, owned)
+            self._run_passes(strat, owned, reduce)
 
-    def _run_passes(self, strat: Strategy, owned: list[TensorPlan]) -> None:
+    def _run_passes(self, strat: Strategy, owned: list[TensorPlan], reduce: Any) -> None:
         for index in range(strat.n_passes):
             strat.begin_pass(index)
             for tp in owned:
@@ -358,6 +360,8 @@ class _Runner:
                 elif tp.action == "merge":
                     for chunk in self.chunks(tp, strat, [], {}):
                         strat.observe(index, chunk)
+            if reduce is not None:
+                reduce(strat, index)
             strat.end_pass(index)
 
 

@@ -233,6 +233,15 @@ class Strategy:
     def observe_zero(self, index: int, name: str, numel: int) -> None:
         """A tensor this strategy owns whose task vectors are all zero (unchanged everywhere): no data read."""
 
+    def reduce_pass(self, index: int, all_reduce: Callable[[Any], Any]) -> None:
+        """In a merge over several ranks (torchrun) each rank observes only its own tensors in whole-model pass
+        `index`; this adds the ranks' pass state with `all_reduce` (a sum in place, on every rank) before end_pass.
+        Exact sums (integer counters) keep the result byte-identical to one process's. A strategy with whole-model
+        passes must implement it to run on several ranks."""
+        if self.n_passes and self.pass_scope == "model":
+            raise UsageError(f"strategy {self.name} has whole-model passes without a distributed reduction; "
+                             "merge with it in one process (without torchrun)")
+
     def end_pass(self, index: int) -> None:
         """Finish statistics pass `index`."""
 

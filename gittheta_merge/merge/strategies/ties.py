@@ -238,6 +238,23 @@ class Ties(Strategy):
         elif index == 1:
             self._selector.zeros_low(numel)
 
+    def reduce_pass(self, index: int, all_reduce: Any) -> None:
+        """Histograms, element count and sign total are integers: their sums over ranks are exact, so every rank
+        finds the same thresholds and majority sign as one process over the whole model."""
+        import torch
+
+        if index < 2:  # the histograms; pass 0 also counts the elements (pass 1 leaves that count as it is)
+            sel = self._selector
+            total = [sel.total] if index == 0 else []
+            state = torch.cat([torch.stack(sel.hist).view(-1), torch.tensor(total, dtype=torch.int64)])
+            all_reduce(state)
+            sel.hist = [h.clone() for h in state[: self.n_models * BINS].view(self.n_models, BINS)]
+            if index == 0:
+                sel.total = int(state[-1])
+        else:
+            total = torch.tensor([self._sign_total], dtype=torch.int64)
+            self._sign_total = int(all_reduce(total)[0])
+
     def end_pass(self, index: int) -> None:
         if index == 0:
             self._selector.end_high([self.for_model("density", i) for i in range(self.n_models)])
