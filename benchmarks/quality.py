@@ -708,10 +708,18 @@ def main() -> None:
                     "OUT/seed-N/) and a summary over seeds (mean ± sd) in OUT/quality.md")
     ap.add_argument("--smoke", action="store_true", help="CI size: 2 tasks, few examples, 2 strategies, 1 point")
     ap.add_argument("--no-git-check", action="store_true", help="skip the plain `git merge` comparison")
+    ap.add_argument("--combine", default=None, metavar="DIR,DIR…",
+                    help="no run: one summary over --seeds from earlier multi-seed outputs (their seed-N/quality.json) "
+                    "that ran different strategies on the same fine-tuned models (checked by digest)")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
     out = Path(a.out)
+    if a.combine:
+        write_summary([combine_runs([raw_dir(Path(d)) / f"seed-{s}" / "quality.json" for d in a.combine.split(",")])
+                       for s in seeds], out, command)
+        print(Path(out, "quality.md").read_text())
+        return
     runs = []
     for seed in seeds:
         s = Settings(tasks=a.tasks.split(","), strategies=a.strategies.split(","), n_train=a.n_train,
@@ -726,6 +734,33 @@ def main() -> None:
     if len(seeds) > 1:
         write_summary(runs, out, command)
     print(Path(out, "quality.md").read_text())
+
+
+def combine_runs(paths: list[Path]) -> dict[str, Any]:
+    """One seed's runs with different strategies as one run. They must have merged the same fine-tuned models (the
+    same data, seed and training: equal model digests per task); a strategy in several runs must have scored the same
+    (training and merges are deterministic), so its repeat is a check, not a second sample."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    for path, other in zip(paths[1:], runs[1:]):
+        for task, facts in first["tasks"].items():
+            if other["tasks"].get(task, {}).get("model_sha256") != facts["model_sha256"]:
+                raise SystemExit(f"{path}: task {task} was fine-tuned into another model than in {paths[0]} "
+                                 "(different settings or seed): these runs cannot share one table")
+    combined = {**first, "strategies": {}, "git_merge_check": {}, "wall_seconds": 0.0,
+                "settings": {**first["settings"], "strategies": []}, "combined_from": [str(p) for p in paths]}
+    for path, r in zip(paths, runs):
+        for name, result in r["strategies"].items():
+            seen = combined["strategies"].get(name)
+            if seen is not None and seen["test"] != result["test"]:
+                raise SystemExit(f"{path}: {name} scored {result['test']} here and {seen['test']} in an earlier run "
+                                 "on the same models: the runs are not deterministic, do not combine them")
+            combined["strategies"].setdefault(name, result)
+            if name not in combined["settings"]["strategies"]:
+                combined["settings"]["strategies"].append(name)
+        combined["git_merge_check"].update(r.get("git_merge_check", {}))
+        combined["wall_seconds"] += r["wall_seconds"]
+    return combined
 
 
 def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:

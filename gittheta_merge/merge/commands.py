@@ -235,11 +235,25 @@ def cli_layer(strategy: str | None, sets: tuple[str, ...], rules: tuple[str, ...
 @click.option("--align", "align_data", default=None, metavar="TEXT",
               help="first align each branch's model to HEAD's (models trained from different initializations; needs "
                    "plugins/align) using the sentences in TEXT, and merge the aligned branches (BRANCH-aligned)")
+@click.option("--search", "search_space", default=None, metavar="SPACE",
+              help="search the strategy's parameters, e.g. 'density=0.1:0.9,lambda=0.5:2.0' (ranges LOW:HIGH[:POINTS], "
+                   "choices A|B), scoring each candidate merge with --eval; the best becomes the merge commit")
+@click.option("--eval", "eval_command", default=None, metavar="COMMAND",
+              help="with --search: a shell command run in each candidate's work tree that prints a score (one number, "
+                   "or JSON with --metric)")
+@click.option("--trials", type=int, default=None, help="with --search: candidates to score (default 20; grid: all)")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default="tpe", show_default=True,
+              help="with --search: optuna's sampler")
+@click.option("--metric", default=None, help="with --search: the JSON field --eval's score is in")
+@click.option("--direction", type=click.Choice(["maximize", "minimize"]), default="maximize", show_default=True)
+@click.option("--search-seed", type=int, default=0, show_default=True, help="with --search: the sampler's seed")
 @click.option("-m", "--message", default=None)
 def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str | None, sets: tuple[str, ...],
               rules: tuple[str, ...], stats: tuple[str, ...], allow_stale_stats: bool, missing_stats: str | None,
               dry_run: bool, max_block_bytes: int | None, shortcuts: str | None, device: str | None,
-              out_dtype: str | None, align_data: str | None, message: str | None) -> None:
+              out_dtype: str | None, align_data: str | None, search_space: str | None, eval_command: str | None,
+              trials: int | None, sampler: str, metric: str | None, direction: str, search_seed: int,
+              message: str | None) -> None:
     """Merge one or more branches into HEAD with a model-merging strategy, in one merge commit."""
     from gittheta_merge.distributed import join, quiet_unless_rank0, world_size
     from gittheta_merge.merge.octopus import config_models, octopus_merge
@@ -271,6 +285,16 @@ def merge_cmd(branches: tuple[str, ...], config_file: str | None, strategy: str 
         branches, explicit = config_models(repo, config_file)
     elif not branches:
         raise UsageError("name at least one branch to merge (or --config merge.yml)")
+    if search_space is not None or eval_command is not None:
+        if not (search_space and eval_command):
+            raise UsageError("--search and --eval go together: the space to search and the command that scores it")
+        if config_file or dry_run or group is not None:
+            raise UsageError("--search does not combine with --config, --dry-run or torchrun")
+        from gittheta_merge.merge.search import run_search
+
+        run_search(repo, list(branches), cli, parse_stats(stats) or None, message, echo, explicit, search_space,
+                   eval_command, trials, sampler, search_seed, metric, direction)
+        return
     octopus_merge(repo, list(branches), cli, parse_stats(stats) or None, dry_run, message, echo, explicit, group)
     if group is not None:
         group.close()

@@ -60,14 +60,15 @@ def config_models(repo: Repo, config_path: str) -> tuple[list[str], ExplicitMode
 def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = None,
                   stats: dict[str, list[str | None]] | None = None, dry_run: bool = False,
                   message: str | None = None, echo: Any = print,
-                  explicit: ExplicitModels | None = None, group: Any = None) -> dict[str, Any]:
+                  explicit: ExplicitModels | None = None, group: Any = None, advance: bool = True) -> dict[str, Any]:
     """N-way merge of branches into HEAD: one merge commit whose parents are HEAD and every branch.
 
     Settings are resolved per model path (merge/config.py: .gittheta.toml < attributes < git config < `cli`);
     statistics come from `stats` files if given, else from each branch's metadata. With `explicit`, the models
     are exactly those it names, in its order, over its base (every model counts, changed or not). With `group`
     (torchrun, gittheta_merge/distributed.py) every rank runs this function: each merges its share of the tensors
-    (merge/distributed.py) and rank 0 alone writes to git.
+    (merge/distributed.py) and rank 0 alone writes to git. With advance=False the merge commit is made but HEAD stays
+    where it is (a candidate of `--search`, merge/search.py). Returns the paths, base, commit and reports.
     """
     from gittheta_merge.merge.api import load_stats
     from gittheta_merge.merge.engine import summary_text
@@ -205,18 +206,22 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
             group.agree(None, "the merge commit")
             return {"paths": list(reports), "base": base, "commit": None}
         with group.step("the merge commit") if group is not None else nullcontext():
-            commit = _commit(repo, final_tree, head, commits, revs, branches, explicit, strategies_used, message)
-    return {"paths": list(reports), "base": base, "commit": commit}
+            commit = _commit(repo, final_tree, head, commits, revs, branches, explicit, strategies_used, message,
+                             advance)
+    return {"paths": list(reports), "base": base, "commit": commit, "reports": reports}
 
 
 def _commit(repo: Repo, tree: str, head: str, commits: list[str], revs: list[str], branches: list[str],
-            explicit: ExplicitModels | None, strategies_used: set[str], message: str | None) -> str:
-    """The merge commit of `tree`, and HEAD fast-forwarded to it (one atomic step for the user)."""
+            explicit: ExplicitModels | None, strategies_used: set[str], message: str | None,
+            advance: bool = True) -> str:
+    """The merge commit of `tree`, and HEAD fast-forwarded to it (one atomic step for the user) if `advance`."""
     what = ", ".join(sorted(strategies_used)) or "none"
     msg = message or f"Merge {', '.join(branches)} (git theta merge, strategy {what})"
     parent_revs = [head, *commits] if explicit is not None else revs
     parents = [arg for c in parent_revs for arg in ("-p", c)]
     commit = repo.git("commit-tree", tree, *parents, input=msg.encode()).decode().strip()
+    if not advance:
+        return commit
     # 3. one atomic step for the user: fast-forward HEAD to the merge commit (updates the working tree)
     if repo.git("rev-parse", "HEAD").decode().strip() != head:
         raise UsageError("HEAD moved while this merge ran (another command committed on this branch), so its "

@@ -75,6 +75,26 @@ def _result(repo: Path) -> tuple[bytes, bytes]:
             git(repo, "rev-parse", "HEAD^{tree}").stdout.strip())
 
 
+OTHERS = {"dare_ties": ["--set", "density=0.5", "--set", "seed=3"], "task_arithmetic": ["--set", "lambda=0.4"],
+          "tsv_merge": []}
+
+
+@pytest.mark.parametrize("strategy", ["dare_ties", "task_arithmetic", "tsv_merge"])
+def test_other_strategies_are_byte_identical_too(repo: Path, tmp_path: Path, strategy: str) -> None:
+    """Seeded strategies draw per tensor name (not from one stream), whole-tensor ones get whole tensors. An SVD
+    (tsv_merge) depends on the number of threads LAPACK runs on, so the single process gets torchrun's one."""
+    _three_branches(repo)
+    merge = ["merge", "t0", "t1", "t2", "--strategy", strategy, *OTHERS[strategy]]
+    single = tmp_path / "single"
+    shutil.copytree(repo, single, symlinks=True)
+    git(single, "theta", *merge, env={"OMP_NUM_THREADS": "1"})
+    env = _env(5)
+    proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", _port(env), "-m", "gittheta_merge",
+                           *merge], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _result(repo) == _result(single)
+
+
 def test_two_ranks_in_one_repository_commit_what_one_process_commits(repo: Path, tmp_path: Path) -> None:
     _three_branches(repo)
     single = tmp_path / "single"
