@@ -3,6 +3,7 @@ the lazily loaded merge commands; each command group lives in its own module her
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -39,8 +40,13 @@ def _hint_if_not_installed() -> None:
 def _write_placeholders() -> None:
     """Every git theta command first writes models a hook-less git command left as placeholders (git reset --hard),
     so what it reads from the work tree is the model; a failure here is a warning, never the command's end."""
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 alone writes to the work tree
     try:
         repo = Repo.discover()
+    except ThetaError:
+        return  # outside a repository (e.g. `git theta merge --help`): nothing to write
+    try:
         from gittheta_merge.storage.materialize import materialize, placeholders
         from gittheta_merge.storage.tracking import is_installed
 

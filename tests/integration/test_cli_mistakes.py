@@ -84,3 +84,11 @@ def test_outside_a_repository(tmp_path: Path) -> None:
         proc = subprocess.run(GIT_THETA + args, cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "not inside a git work tree" in proc.stderr, proc.stderr
+
+
+def test_help_outside_a_repository_prints_only_the_help(tmp_path: Path) -> None:
+    """Every command first writes placeholder models into the work tree; outside one there is nothing to write and
+    nothing to warn about (it printed 'could not write the placeholders … not inside a git work tree')."""
+    for command in (["merge", "--help"], ["stats", "compute", "--help"], ["ls", "--help"]):
+        proc = subprocess.run([*GIT_THETA, *command], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith("Usage:") and proc.stderr == "", (command, proc.stderr)
