@@ -68,6 +68,7 @@ def raw_dir(out: Path) -> Path:
         return RAW_RESULTS / out.resolve().relative_to(DOCS_RESULTS.resolve())
     except ValueError:
         return out
+DATA_AWARE = {"fisher", "regmean", "mats"}  # the strategies that read the Fisher / Gram statistics
 HEAD = ("bert.pooler.", "classifier.")  # BERT's classification head: the [CLS] pooler (dense + tanh) + linear
 HEAD_RULE = r"^(bert\.pooler|classifier)\.=exclude"
 
@@ -429,12 +430,13 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
     data_file = data_dir / f"{task.name}-train.jsonl"
     data_file.write_text("".join(json.dumps({"text": t, "label": task.labels[y]}) + "\n" for t, y in task.train))
     t0 = time.time()
-    common = ["theta", "stats", "compute", "model/model.safetensors", "--config", f"heads/{task.name}",
-              "--data", str(data_file), "--max-length", str(s.max_length), "--seed", str(s.seed)]
-    g(*common, "--kind", "fisher", "--n-examples", str(s.n_fisher))
-    g(*common, "--kind", "gram", "--n-examples", str(s.n_gram), "--batch-size", "32")
+    if any(name in DATA_AWARE for name in s.strategies):  # only they read statistics (they cost minutes per task)
+        common = ["theta", "stats", "compute", "model/model.safetensors", "--config", f"heads/{task.name}",
+                  "--data", str(data_file), "--max-length", str(s.max_length), "--seed", str(s.seed)]
+        g(*common, "--kind", "fisher", "--n-examples", str(s.n_fisher))
+        g(*common, "--kind", "gram", "--n-examples", str(s.n_gram), "--batch-size", "32")
+        g("commit", "-q", "-m", f"{task.name}: Fisher and Gram statistics")
     stats_s = time.time() - t0
-    g("commit", "-q", "-m", f"{task.name}: Fisher and Gram statistics")
     out["tasks"][task.name] = {
         "labels": task.labels, "n_train": len(task.train), "n_val": len(task.val), "n_test": len(task.test),
         "majority_test": task.majority, "probe_test": probe_acc,
@@ -740,6 +742,9 @@ def combine_runs(paths: list[Path]) -> dict[str, Any]:
     """One seed's runs with different strategies as one run. They must have merged the same fine-tuned models (the
     same data, seed and training: equal model digests per task); a strategy in several runs must have scored the same
     (training and merges are deterministic), so its repeat is a check, not a second sample."""
+    paths = [p for p in paths if p.exists()]  # a seed may come from only some of the runs
+    if not paths:
+        raise SystemExit("--combine: no run has this seed")
     runs = [json.loads(p.read_text()) for p in paths]
     first = runs[0]
     for path, other in zip(paths[1:], runs[1:]):

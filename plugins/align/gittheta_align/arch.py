@@ -86,8 +86,8 @@ class Shape:
     def site_dim(self, site: str) -> int:
         if site.startswith("ff@"):
             return self.d_ff
-        if site.startswith("attn@"):
+        if site.startswith(("attn@", "q@")):
             return self.n_heads * self.head_dim
-        if site.startswith("kv@"):
+        if site.startswith(("kv@", "v@")):
             return self.n_kv_heads * self.head_dim
         return self.d_model

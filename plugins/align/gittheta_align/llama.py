@@ -5,10 +5,13 @@ The residual stream is one permutation (RMSNorm is permutation-equivariant, so i
 the embeddings' output (``res@emb``) and each layer's output (``res@L``). The attention site is the input of
 o_proj (every query head's context). Rotary embeddings rotate pairs of dimensions inside a head (i with
 i + head_dim/2) at fixed frequencies, so Q and K take no permutation inside a head; heads move whole, and with
-grouped-query attention a key/value head moves with its group of query heads: the attention permutation (``attn@L``,
-over query heads' dimensions) permutes groups, and query heads within a group, and K and V rows follow their
-groups (``kv@L``). V and O could also share a within-head permutation; that is not done yet (identity). The FF site
-is the input of down_proj (gate and up rows follow it).
+grouped-query attention a key/value head moves with its group of query heads. V and O carry no rotation: a value
+head's dimensions may be permuted inside the head, and every query head of its group reads its context in that
+order. So four permutations per layer: ``q@L`` (query heads moved, rows of q_proj), ``kv@L`` (key/value groups
+moved, rows of k_proj), ``v@L`` (groups moved and each value head's dimensions permuted, rows of v_proj) and
+``attn@L`` (the query heads' context dimensions: the moves of q@L with the within-head permutation of each head's
+group, columns of o_proj); only attn@L is read from the models. The FF site is the input of down_proj (gate and up
+rows follow it).
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ def roles(name: str, shape: Shape) -> tuple[str | None, str | None]:
         layer, rest = int(m["layer"]), m["rest"]
         into = "res@emb" if layer == 0 else f"res@{layer - 1}"
         out, attn, kv, ff = f"res@{layer}", f"attn@{layer}", f"kv@{layer}", f"ff@{layer}"
+        q, v = f"q@{layer}", f"v@{layer}"
         table = {
             "input_layernorm.weight": (into, None),
-            "self_attn.q_proj.weight": (attn, into), "self_attn.q_proj.bias": (attn, None),
+            "self_attn.q_proj.weight": (q, into), "self_attn.q_proj.bias": (q, None),
             "self_attn.k_proj.weight": (kv, into), "self_attn.k_proj.bias": (kv, None),
-            "self_attn.v_proj.weight": (kv, into), "self_attn.v_proj.bias": (kv, None),
+            "self_attn.v_proj.weight": (v, into), "self_attn.v_proj.bias": (v, None),
             "self_attn.o_proj.weight": (out, attn), "self_attn.o_proj.bias": (out, None),
             "post_attention_layernorm.weight": (out, None),
             "mlp.gate_proj.weight": (ff, out), "mlp.up_proj.weight": (ff, out), "mlp.down_proj.weight": (out, ff),

@@ -86,30 +86,39 @@ def assign_heads(corr: np.ndarray, n_heads: int, mode: str) -> np.ndarray:
     return np.concatenate([heads[j] * d_head + inner[j, heads[j]] for j in range(n_heads)])
 
 
-def assign_groups(corr: np.ndarray, shape: Shape, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """A Llama attention site's permutations (over query heads' dimensions, and over key/value heads'): key/value
-    groups matched as wholes, query heads within matched groups, no permutation inside a head (rotary pairs).
-    permute: an assignment of query heads for every (A group, B group) pair on the summed correlations of the
-    heads' aligned dimensions, then an assignment of groups; monotonic: everything stays in place; ignore: one
-    flat assignment of the query dimensions (not function-preserving; key/value heads stay)."""
-    dh, g, n_kv = shape.d_head, shape.group, shape.n_kv_heads
-    kv_identity = np.arange(n_kv * dh)
+def assign_groups(corr: np.ndarray, shape: Shape, mode: str) -> dict[str, np.ndarray]:
+    """A Llama attention layer's permutations from its o_proj-input correlation: ``attn`` (context dimensions of the
+    query heads), ``q`` (query heads, whole), ``kv`` (key/value groups, whole) and ``v`` (groups, and each value
+    head's dimensions). Rotary pairs forbid moving dimensions inside a query or key head; a value head's dimensions
+    may move, and the query heads of its group then read their context in that order, so one within-head permutation
+    per group is shared by v and the group's query heads in attn.
+    permute: for every (A head, B head) pair the best within-head assignment; query heads assigned inside every
+    (A group, B group) pair on those scores, then the groups; each group's within-head permutation from the summed
+    correlation blocks of its matched heads. monotonic: heads and groups stay, within-head permutations only.
+    ignore: one flat assignment of the context dimensions (not function-preserving; q, k, v stay)."""
+    dh, g, n_kv, heads = shape.d_head, shape.group, shape.n_kv_heads, shape.n_heads
+    identity = {"q": np.arange(heads * dh), "kv": np.arange(n_kv * dh), "v": np.arange(n_kv * dh)}
     if mode == "ignore":
-        return assign(corr)[0], kv_identity
+        return {"attn": assign(corr)[0], **identity}
+    blocks = corr.reshape(heads, dh, heads, dh)
     if mode == "monotonic":
-        return np.arange(corr.shape[0]), kv_identity
-    # head-to-head score: the correlation of dimension d of one head with dimension d of the other, summed
-    heads = shape.n_heads
-    diag = np.einsum("idjd->ij", corr.reshape(heads, dh, heads, dh))
-    inner, score = {}, np.zeros((n_kv, n_kv))
-    for a in range(n_kv):
-        for b in range(n_kv):
-            inner[a, b], score[a, b] = assign(diag[a * g:(a + 1) * g, b * g:(b + 1) * g])
-    groups, _ = assign(score)
-    q_heads = np.concatenate([groups[a] * g + inner[a, groups[a]] for a in range(n_kv)])
-    attn = np.concatenate([h * dh + np.arange(dh) for h in q_heads])
-    kv = np.concatenate([b * dh + np.arange(dh) for b in groups])
-    return attn, kv
+        q_heads, groups = np.arange(heads), np.arange(n_kv)
+    else:
+        score = np.zeros((heads, heads))
+        for j in range(heads):
+            for k in range(heads):
+                score[j, k] = assign(blocks[j, :, k, :])[1]
+        inner, group_score = {}, np.zeros((n_kv, n_kv))
+        for a in range(n_kv):
+            for b in range(n_kv):
+                inner[a, b], group_score[a, b] = assign(score[a * g:(a + 1) * g, b * g:(b + 1) * g])
+        groups, _ = assign(group_score)
+        q_heads = np.concatenate([groups[a] * g + inner[a, groups[a]] for a in range(n_kv)])
+    within = [assign(sum(blocks[j, :, q_heads[j], :] for j in range(a * g, (a + 1) * g)))[0] for a in range(n_kv)]
+    return {"attn": np.concatenate([q_heads[j] * dh + within[j // g] for j in range(heads)]),
+            "q": np.concatenate([h * dh + np.arange(dh) for h in q_heads]),
+            "kv": np.concatenate([b * dh + np.arange(dh) for b in groups]),
+            "v": np.concatenate([groups[a] * dh + within[a] for a in range(n_kv)])}
 
 
 def permutations(stats: dict[str, SiteStats], shape: Shape, options: Options) -> dict[str, np.ndarray]:
@@ -119,7 +128,8 @@ def permutations(stats: dict[str, SiteStats], shape: Shape, options: Options) ->
         if "attn" in options.components:
             corr = correlation(*stats[f"attn@{layer}"].covariances())
             if shape.family == "llama":
-                perms[f"attn@{layer}"], perms[f"kv@{layer}"] = assign_groups(corr, shape, options.heads)
+                for part, perm in assign_groups(corr, shape, options.heads).items():
+                    perms[f"{part}@{layer}"] = perm
             else:
                 perms[f"attn@{layer}"] = assign_heads(corr, shape.n_heads, options.heads)
         if "ff" in options.components:

@@ -41,7 +41,8 @@ def inverse(perm: np.ndarray) -> np.ndarray:
 def random_perms(shape: Shape, seed: int, heads: bool = True) -> dict[str, np.ndarray]:
     """A random function-preserving permutation set: one residual permutation, per layer an FF permutation and an
     attention permutation that moves heads as whole blocks (BERT: with a within-head permutation shared by Q, K
-    and V; Llama: key/value groups and query heads within their group, no within-head permutation: rotary pairs).
+    and V; Llama: key/value groups and query heads within their group, a within-head permutation only for V and O,
+    one per group: rotary pairs keep Q and K's dimensions in place).
     For tests and for the exactness benchmark (a planted permutation the alignment must recover)."""
     rng = np.random.default_rng(seed)
     res = rng.permutation(shape.d_model)
@@ -50,10 +51,13 @@ def random_perms(shape: Shape, seed: int, heads: bool = True) -> dict[str, np.nd
     for layer in range(shape.n_layers):
         if shape.family == "llama":
             groups = rng.permutation(shape.n_kv_heads) if heads else np.arange(shape.n_kv_heads)
-            q_heads = [g * shape.group + (rng.permutation(shape.group) if heads else np.arange(shape.group))
-                       for g in groups]
-            perms[f"attn@{layer}"] = np.concatenate([h * dh + np.arange(dh) for h in np.concatenate(q_heads)])
+            q_heads = np.concatenate([g * shape.group + (rng.permutation(shape.group) if heads
+                                                         else np.arange(shape.group)) for g in groups])
+            within = [rng.permutation(dh) for _ in range(shape.n_kv_heads)]  # per group, for V and O only
+            perms[f"attn@{layer}"] = np.concatenate([h * dh + within[h // shape.group] for h in q_heads])
+            perms[f"q@{layer}"] = np.concatenate([h * dh + np.arange(dh) for h in q_heads])
             perms[f"kv@{layer}"] = np.concatenate([g * dh + np.arange(dh) for g in groups])
+            perms[f"v@{layer}"] = np.concatenate([g * dh + within[g] for g in groups])
         else:
             order = rng.permutation(shape.n_heads) if heads else np.arange(shape.n_heads)
             perms[f"attn@{layer}"] = np.concatenate([h * dh + rng.permutation(dh) for h in order])
