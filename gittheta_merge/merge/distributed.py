@@ -29,7 +29,7 @@ from gittheta_merge.merge.plan import MergePlan, MergeResult
 from gittheta_merge.storage.metadata import Metadata, TensorEntry
 
 
-def balance(plan: MergePlan, world: int, models: list[Any]) -> dict[str, int]:
+def balance(plan: MergePlan, world: int, models: list[Any], base: Any = None) -> dict[str, int]:
     """Owner rank of every output that reads data: merged tensors, and kept ones converted to another dtype (whose
     bytes are copied). Largest first to the least-loaded rank (ties: the lower rank), so the ranks' bytes differ by
     at most one tensor. Outputs that read nothing (a kept tensor reuses its oids) belong to rank 0."""
@@ -38,8 +38,10 @@ def balance(plan: MergePlan, world: int, models: list[Any]) -> dict[str, int]:
         assert tp.info is not None
         if tp.action == "merge":
             work.append((tp.info.nbytes * (plan.n_models + 1), i, tp.name))
-        elif tp.source is not None and tp.source >= 0 and models[tp.source].info(tp.name).dtype != tp.info.dtype:
-            work.append((tp.info.nbytes, i, tp.name))
+        elif tp.source is not None:
+            src = base if tp.source == -1 else models[tp.source]
+            if src is not None and src.info(tp.name).dtype != tp.info.dtype:
+                work.append((tp.info.nbytes, i, tp.name))
     load = [0] * world
     owner: dict[str, int] = {}
     for size, _, name in sorted(work, key=lambda w: (-w[0], w[1])):
@@ -64,7 +66,7 @@ class Part:
 
     def start(self, plan: MergePlan, models: list[Any], base: Any) -> None:
         """Deal out the tensors; sharing nothing, fetch exactly the objects this rank's tensors read."""
-        self.owner = balance(plan, self.group.world, models)
+        self.owner = balance(plan, self.group.world, models, base)
         if self.shared:
             return
         from gittheta_merge.storage.transfer import Needed, fetch_objects
