@@ -174,8 +174,8 @@ def search_key(repo: Repo, branches: list[str], cli: dict[str, Any], space: str,
     """What makes two runs the same search (so the second resumes the first): the commits, the settings, the space,
     the evaluation and the sampler."""
     commits = [repo.git("rev-parse", f"{b}^{{commit}}").decode().strip() for b in ["HEAD", *branches]]
-    fixed = {k: v for k, v in (cli.get("params") or {}).items()}
-    text = json.dumps([commits, cli.get("strategy"), fixed, [str(r) for r in cli.get("rules") or []], space, command,
+    rules = [str(r) for r in cli.get("rules") or []]
+    text = json.dumps([commits, cli.get("strategy"), cli.get("params") or {}, rules, space, command,
                        sampler, seed, metric, direction], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -237,11 +237,10 @@ def run_search(repo: Repo, branches: list[str], cli: dict[str, Any], stats: Any,
     echo(f"search {key}: {strategy} over {', '.join(d.name for d in dims)}, {sampler_name} sampler, {trials} trials; "
          f"scored by `{command}` ({direction})")
     head = repo.git("rev-parse", "HEAD").decode().strip()
-    while len(study.get_trials(deepcopy=False, states=(State.COMPLETE,))) < trials:
+    while len(scored := study.get_trials(deepcopy=False, states=(State.COMPLETE,))) < trials:
         trial = study.ask(distributions)
         params = dict(trial.params)
-        same = next((t for t in study.get_trials(deepcopy=False, states=(State.COMPLETE,))
-                     if t.params == params and "commit" in t.user_attrs), None)
+        same = next((t for t in scored if t.params == params and "commit" in t.user_attrs), None)
         if same is not None:  # e.g. TPE proposing a point again: the candidate exists and was scored
             for k, v in same.user_attrs.items():
                 trial.set_user_attr(k, v)
