@@ -427,7 +427,7 @@ def run_tool(tool: str, runner: Runner, work: Path, v1: Path, v2: Path, fmt: str
     env = tool_env(tool, work / f"home-{tool}", venv, fmt)
     name = "model." + ("safetensors" if fmt == "safetensors" else "pt")
     target = repo / name
-    ours = tool == "ours"
+    ours = tool in ("ours", "ours-add")
 
     def git(*args: str, check: bool = True) -> Step:
         return runner.run(["git", *args], repo, env, rss_log=ours, check=check)
@@ -448,11 +448,14 @@ def run_tool(tool: str, runner: Runner, work: Path, v1: Path, v2: Path, fmt: str
     git("commit", "-q", "-m", "track")
 
     steps: dict[str, Step] = {}
-    steps["add"] = git("add", name)
+    def add() -> Step:  # ours-add: `git theta add`, which reads the model itself instead of git piping it to the filter
+        return git("theta", "add", name) if tool == "ours-add" else git("add", name)
+
+    steps["add"] = add()
     steps["commit"] = git("commit", "-q", "-m", "v1")
     c1 = rev("HEAD")
     shutil.copyfile(v2, target)
-    steps["add2"] = git("add", name)
+    steps["add2"] = add()
     steps["commit2"] = git("commit", "-q", "-m", "v2")
     c2 = rev("HEAD")
     blobs_differ = rev(f"{c1}:{name}") != rev(f"{c2}:{name}")
@@ -603,6 +606,13 @@ def report(result: dict[str, Any]) -> str:
     out.append("")
     out.append("MB = peak RSS of the largest single process (/usr/bin/time %M); s = wall seconds")
     out.append(table(rows, header))
+    if ours_add := tools.get("ours-add"):
+        first, again = ours_add["steps"]["add"], ours_add["steps"]["add2"]
+        out.append(f"`git theta add` instead of `git add`: first {first['seconds']:.2f} s "
+                   f"({fmt_num(mb(first['tree_kb']), 0)} MB), after 2 changed {again['seconds']:.2f} s "
+                   f"({fmt_num(mb(again['tree_kb']), 0)} MB) = {100 * again['seconds'] / first['seconds']:.0f}% of its "
+                   "first" + (f", {100 * again['seconds'] / ours['steps']['add']['seconds']:.0f}% of a first `git add`"
+                             if ours else ""))
 
     # who holds the memory
     split_rows = []
@@ -674,6 +684,14 @@ def evaluate(result: dict[str, Any]) -> None:
         target(set(got) <= wanted, f"checkout restores the first version: {'/'.join(got)} "
                                    f"(required: {' or '.join(sorted(wanted))})")
         target(ours["checks"]["status_clean"], "git status clean after checkout")
+    if ours_add := tools.get("ours-add"):
+        full, inc = ours_add["steps"]["add"]["seconds"], ours_add["steps"]["add2"]["seconds"]
+        target(inc <= 0.15 * full, f"incremental `git theta add` <= 15% of the first: {inc:.2f}s / {full:.2f}s "
+                                   f"= {100 * inc / full:.0f}%")
+        if ours:
+            plain = ours["steps"]["add"]["seconds"]
+            target(inc <= 0.15 * plain, f"incremental `git theta add` <= 15% of a first `git add`: {inc:.2f}s / "
+                                        f"{plain:.2f}s = {100 * inc / plain:.0f}%")
     result["targets"] = targets
 
     anchors: list[str] = []
@@ -713,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["safetensors", "pt"], default="safetensors", dest="fmt")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool; tables show the median")
     parser.add_argument("--tools", default="ours,git-lfs",
-                        help="comma-separated subset of ours,git-lfs (git-theta is added by --git-theta-venv)")
+                        help="comma-separated subset of ours,ours-add,git-lfs (ours-add: ours with `git theta add` "
+                             "instead of `git add`; git-theta is added by --git-theta-venv)")
     parser.add_argument("--git-theta-venv", type=Path, default=None,
                         help="a venv with git-theta 0.2.0 installed: also benchmark it")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
@@ -723,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    if unknown := set(tools) - {"ours", "git-lfs"}:
+    if unknown := set(tools) - {"ours", "ours-add", "git-lfs"}:
         parser.error(f"unknown tools: {sorted(unknown)}")
     if args.git_theta_venv is not None:
         if not (args.git_theta_venv / "bin" / "git-theta").exists():

@@ -126,10 +126,10 @@ def main() -> None:
 def _register() -> None:
     from gittheta_merge.cli import filters, inspect, maintenance, materialize, remote, stats, strategies, tracking
 
-    for command in (tracking.install, tracking.track, inspect.ls_cmd, inspect.diff_cmd, maintenance.fsck,
-                    maintenance.gc, stats.stats, remote.pull_objects, remote.pre_push_cmd, filters.filter_process,
-                    filters.clean, filters.smudge, strategies.strategies_cmd, materialize.checkout_cmd,
-                    materialize.status_cmd, materialize.hook_cmd):
+    for command in (tracking.install, tracking.track, tracking.add_cmd, inspect.ls_cmd, inspect.diff_cmd,
+                    maintenance.fsck, maintenance.gc, stats.stats, remote.pull_objects, remote.pre_push_cmd,
+                    filters.filter_process, filters.clean, filters.smudge, strategies.strategies_cmd,
+                    materialize.checkout_cmd, materialize.status_cmd, materialize.hook_cmd):
         main.add_command(command)
 
 

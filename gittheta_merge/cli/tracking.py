@@ -49,3 +49,15 @@ def track(targets: tuple[str, ...]) -> None:
         click.echo("these files are committed as raw bytes; store them per tensor with:\n"
                    f"  git add --renormalize {' '.join(raw)}")
     click.echo("remember to commit .gitattributes")
+
+
+@click.command("add")
+@click.argument("pathspecs", nargs=-1, required=True)
+def add_cmd(pathspecs: tuple[str, ...]) -> None:
+    """`git add PATHSPEC…`, with tracked models read by git-theta itself instead of piped through git.
+
+    The result is what `git add` stages, byte for byte; a re-add after a fine-tune that changed a few tensors costs
+    reading the file once (BLAKE3 recognises the stored blocks) instead of git streaming it through the filter."""
+    from gittheta_merge.storage.stage import stage
+
+    stage(Repo.discover(), list(pathspecs), Path.cwd(), echo=lambda line: click.echo(line, err=True))

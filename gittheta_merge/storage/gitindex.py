@@ -13,7 +13,7 @@ TREE cache, the untracked cache and the end-of-index entry stay valid.
 
 Anything unusual — a split index (`link` extension), an unknown version, an index we cannot parse, the lock held,
 an entry that is not the blob we expect — patches nothing and the caller falls back to the refresh through git.
-The caller (materialize._refresh) passes only files whose stat, taken after the clock left the second they were
+The caller (materialize.settle_index) passes only files whose stat, taken after the clock left the second they were
 written in, is exactly what it wrote: any later edit has a later ctime second, which git sees.
 """
 

@@ -121,7 +121,7 @@ def placeholders(repo: Repo, paths: list[str] | None = None) -> list[str]:
     return [p for _, p in tracked_paths(repo, paths) if placeholder_of(repo.root / p) is not None]
 
 
-def _digest_ends(file: Path, size: int) -> tuple[str, str]:
+def digest_ends(file: Path, size: int) -> tuple[str, str]:
     with open(file, "rb") as fh:
         head = hashlib.sha256(fh.read(SAMPLE)).hexdigest()
         fh.seek(max(0, size - SAMPLE))
@@ -213,18 +213,18 @@ def materialize(repo: Repo, paths: list[str] | None = None, echo: Callable[[str]
             data = (repo.root / path).read_bytes()
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=data).decode().strip()
             st = write_file(filt, path, meta, fsync)
-            head, tail = _digest_ends(repo.root / path, st.st_size)
+            head, tail = digest_ends(repo.root / path, st.st_size)
             records[path] = Written(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, blob, head, tail)
             save_records(repo, records)
             done.append(path)
             if echo:
                 echo(f"git-theta: wrote {path} ({human_bytes(meta.total_bytes)}) from the object store")
     if refresh:
-        _refresh(repo, [(p, index_blob[p], records[p].blob) for p in done])
+        settle_index(repo, [(p, index_blob[p], records[p].blob) for p in done])
     return done
 
 
-def _refresh(repo: Repo, written: list[tuple[str, str, str]]) -> None:
+def settle_index(repo: Repo, written: list[tuple[str, str, str]]) -> None:
     """Let git see the written files as unmodified: each index entry whose blob is the one we wrote gets the file's
     stat data (gitindex.record_stat). Failing that: the index remembers the placeholder's size, and git calls a
     file of another size modified without asking the filter; so each such entry is re-entered without stat data

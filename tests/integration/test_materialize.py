@@ -264,7 +264,7 @@ def test_an_edit_in_the_second_the_file_was_written_is_still_seen(mrepo: Path) -
     with open(model, "r+b") as fh:
         fh.write(bytes(data))
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
-    mat._refresh(r, [("model.safetensors", blob, mat.load_records(r)["model.safetensors"].blob)])
+    mat.settle_index(r, [("model.safetensors", blob, mat.load_records(r)["model.safetensors"].blob)])
     assert git(repo, "status", "--porcelain").stdout.strip() == b"M model.safetensors"
 
 
