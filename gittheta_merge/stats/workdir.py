@@ -117,6 +117,8 @@ def compute_statistic_from_file(model: Any, tokenizer: Any, data_path: str, *, t
     """Stream examples from a jsonl/csv file and compute one statistic, recording the data's digest."""
     from gittheta_merge.stats import DataSpec, compute_statistic, file_digest, iter_examples
 
+    if kwargs.get("task") in ("causal-lm", "masked-lm"):
+        label_field = None  # language modelling takes its targets from the text: a label column is not needed
     spec = DataSpec(data_path, text_field=text_field, text_pair_field=text_pair_field, label_field=label_field)
     return compute_statistic(model, tokenizer, iter_examples(spec), n_examples=n_examples,
                              data_digest=file_digest(data_path),

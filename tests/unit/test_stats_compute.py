@@ -526,3 +526,27 @@ def test_gram_float32_model_float32_products_within_bound(tok, monkeypatch: pyte
         assert 0 < rel_err(got, v) <= 1e-6, k  # float32 rounding is there, and small
     with pytest.raises(ValueError, match="accumulate_dtype"):
         compute_statistic(model, tok, exs, accumulate_dtype="fp16", **kw)
+
+
+def test_language_modelling_data_needs_no_label_column(gtok, tmp_path) -> None:
+    """A causal LM's targets come from the text: a jsonl of texts alone is enough (a label column is not asked for),
+    and it gives what the same examples give in memory."""
+    import json
+
+    from gittheta_merge.stats.workdir import compute_statistic_from_file
+
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[:4]))
+    model = gpt2()
+    from_file = compute_statistic_from_file(model, gtok, str(data), text_field="text", text_pair_field=None,
+                                            label_field="label", n_examples=4, kind="gram", task="causal-lm",
+                                            batch_size=2, progress=False)
+    direct = compute_statistic(model, gtok, [Example(text=s) for s in SENTENCES[:4]], kind="gram", task="causal-lm",
+                               batch_size=2, progress=False)
+    assert from_file.tensors.keys() == direct.tensors.keys() and direct.tensors
+    for name in direct.tensors:
+        torch.testing.assert_close(from_file.tensors[name], direct.tensors[name], rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no field 'label'"):  # a classification task still needs its labels
+        compute_statistic_from_file(model, gtok, str(data), text_field="text", text_pair_field=None,
+                                    label_field="label", n_examples=4, kind="gram", task="sequence-classification",
+                                    batch_size=2, progress=False)
