@@ -117,7 +117,7 @@ def fine_tune(model: Any, data: list[dict[str, torch.Tensor]], steps: int, lr: f
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
