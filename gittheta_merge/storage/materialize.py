@@ -70,9 +70,19 @@ class Written:
     head: str  # sha256 of the first SAMPLE bytes
     tail: str  # sha256 of the last SAMPLE bytes
 
+    @classmethod
+    def of(cls, file: Path, st: os.stat_result, blob: str) -> Written:
+        """The record of `file` as it is now (`st`), holding the metadata blob `blob`."""
+        head, tail = _digest_ends(file, st.st_size)
+        return cls(*stat_key(st), blob, head, tail)
+
     def matches(self, st: os.stat_result) -> bool:
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) == (
-            self.size, self.mtime_ns, self.ctime_ns, self.ino, self.dev)
+        return stat_key(st) == (self.size, self.mtime_ns, self.ctime_ns, self.ino, self.dev)
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What identifies one version of a file without reading it: size, mtime, ctime (no tool can set it), inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 def load_records(repo: Repo) -> dict[str, Written]:
@@ -121,7 +131,7 @@ def placeholders(repo: Repo, paths: list[str] | None = None) -> list[str]:
     return [p for _, p in tracked_paths(repo, paths) if placeholder_of(repo.root / p) is not None]
 
 
-def digest_ends(file: Path, size: int) -> tuple[str, str]:
+def _digest_ends(file: Path, size: int) -> tuple[str, str]:
     with open(file, "rb") as fh:
         head = hashlib.sha256(fh.read(SAMPLE)).hexdigest()
         fh.seek(max(0, size - SAMPLE))
@@ -213,8 +223,7 @@ def materialize(repo: Repo, paths: list[str] | None = None, echo: Callable[[str]
             data = (repo.root / path).read_bytes()
             blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=data).decode().strip()
             st = write_file(filt, path, meta, fsync)
-            head, tail = digest_ends(repo.root / path, st.st_size)
-            records[path] = Written(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, blob, head, tail)
+            records[path] = Written.of(repo.root / path, st, blob)
             save_records(repo, records)
             done.append(path)
             if echo:
@@ -249,7 +258,7 @@ def settle_index(repo: Repo, written: list[tuple[str, str, str]]) -> None:
             files[p] = (blob, st)
     if files and len(files) == len(same_blob) and record_stat(repo, files) == set(files):
         return  # the index now holds the files' stat: git sees them unmodified without reading them
-    modes = {p: mode for (mode, _, _), p in _index_modes(repo, [p for p, _, _ in written])}
+    modes = {p: mode for (mode, _, _), p in index_modes(repo, [p for p, _, _ in written])}
     same = [(p, blob) for p, blob, ours in written if blob == ours and p in modes]
     if same:
         lines = "".join(f"{modes[p]} {blob}\t{p}\n" for p, blob in same)
@@ -269,7 +278,7 @@ def _next_second_after(ctime_ns: int) -> None:
         time.sleep(delay)
 
 
-def _index_modes(repo: Repo, paths: list[str]) -> list[tuple[tuple[str, str, str], str]]:
+def index_modes(repo: Repo, paths: list[str]) -> list[tuple[tuple[str, str, str], str]]:
     from gittheta_merge.storage.gitutil import _z_entries
 
     return [(entry, p) for entry, p in _z_entries(repo, ["ls-files", "-s", "-z"], paths) if entry[2] == "0"]

@@ -35,21 +35,6 @@ def _changed_paths(repo: Repo, pathspecs: list[str], cwd: Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _index_modes(repo: Repo, paths: list[str]) -> dict[str, str]:
-    out = repo.git("ls-files", "-s", "-z", "--", *paths) if paths else b""
-    modes = {}
-    for entry in out.split(b"\0"):
-        if entry:
-            fields, path = entry.split(b"\t", 1)
-            modes[path.decode()] = fields.split()[0].decode()
-    return modes
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino, a.st_dev) == (
-        b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino, b.st_dev)
-
-
 def stage(repo: Repo, pathspecs: list[str], cwd: Path | None = None,
           echo: Callable[[str], Any] | None = None) -> list[str]:
     """Stage the models the theta filter tracks under `pathspecs` (read by us, not piped through git), then run
@@ -57,7 +42,7 @@ def stage(repo: Repo, pathspecs: list[str], cwd: Path | None = None,
     from gittheta_merge.filter.process import Filter
     from gittheta_merge.storage.materialize import (
         Written,
-        digest_ends,
+        index_modes,
         load_records,
         placeholder_of,
         save_records,
@@ -79,15 +64,13 @@ def stage(repo: Repo, pathspecs: list[str], cwd: Path | None = None,
     staged: dict[str, tuple[str, os.stat_result]] = {}
     if models:
         filt = Filter(repo)
-        modes = _index_modes(repo, models)
+        modes = {p: mode for (mode, _, _), p in index_modes(repo, models)}
         records = load_records(repo)
         with filt.store.guard.session():  # objects stay safe from gc until the index refers to them
             for path in models:
                 blob, st = _clean_file(filt, repo, path)
                 staged[path] = (blob, st)
-                head, tail = digest_ends(repo.root / path, st.st_size)
-                records[path] = Written(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, blob,
-                                        head, tail)
+                records[path] = Written.of(repo.root / path, st, blob)
                 if echo:
                     echo(f"git-theta: staged {path} ({human_bytes(st.st_size)}) without piping it through git")
             save_records(repo, records)
@@ -104,13 +87,15 @@ def _mode_of(st: os.stat_result) -> str:
 
 def _clean_file(filt: Any, repo: Repo, path: str) -> tuple[str, os.stat_result]:
     """The metadata blob for the file at `path`, cleaned from the file itself; refused if it changed meanwhile."""
+    from gittheta_merge.storage.materialize import stat_key
+
     file = repo.root / path
     before = os.stat(file)
     out = io.BytesIO()
     with open(file, "rb") as stream:
         filt.clean(path, stream, out)
     after = os.stat(file)
-    if not _same_file(before, after):
+    if stat_key(before) != stat_key(after):
         raise InputError(f"{path}: the file changed while it was being read (is a training run still writing it?); "
                          "nothing was staged for it: run `git theta add` again once it is complete")
     blob = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=out.getvalue()).decode().strip()
