@@ -86,7 +86,7 @@ class Shape:
     def site_dim(self, site: str) -> int:
         if site.startswith("ff@"):
             return self.d_ff
-        if site.startswith(("attn@", "q@")):
+        if site.startswith(("attn@", "q@", "qk@")):
             return self.n_heads * self.head_dim
         if site.startswith(("kv@", "v@")):
             return self.n_kv_heads * self.head_dim

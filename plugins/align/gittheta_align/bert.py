@@ -38,6 +38,9 @@ def capture_points(model: Any, shape: Shape) -> dict[str, tuple[Any, str]]:
         points[f"res@{layer}.attn"] = (block.attention.output.LayerNorm, "output")
         points[f"res@{layer}.out"] = (block.output.LayerNorm, "output")
         points[f"attn@{layer}"] = (block.attention.output.dense, "input")
+        # `--qk`: query and key outputs, pooled into one statistic (each token adds a q row and a k row)
+        points[f"qk@{layer}.q"] = (block.attention.self.query, "output")
+        points[f"qk@{layer}.k"] = (block.attention.self.key, "output")
         points[f"ff@{layer}"] = (block.output.dense, "input")
     return points
 
@@ -50,11 +53,11 @@ def roles(name: str, shape: Shape) -> tuple[str | None, str | None]:
     if m:
         layer, rest = int(m["layer"]), m["rest"]
         into = "res@emb" if layer == 0 else f"res@{layer - 1}.out"  # the stream this layer reads
-        attn, ff = f"attn@{layer}", f"ff@{layer}"
+        attn, ff, qk = f"attn@{layer}", f"ff@{layer}", f"qk@{layer}"
         mid, out = f"res@{layer}.attn", f"res@{layer}.out"
         table = {
-            "attention.self.query.weight": (attn, into), "attention.self.query.bias": (attn, None),
-            "attention.self.key.weight": (attn, into), "attention.self.key.bias": (attn, None),
+            "attention.self.query.weight": (qk, into), "attention.self.query.bias": (qk, None),
+            "attention.self.key.weight": (qk, into), "attention.self.key.bias": (qk, None),
             "attention.self.value.weight": (attn, into), "attention.self.value.bias": (attn, None),
             "attention.output.dense.weight": (mid, attn), "attention.output.dense.bias": (mid, None),
             "attention.output.LayerNorm.weight": (mid, None), "attention.output.LayerNorm.bias": (mid, None),

@@ -80,19 +80,21 @@ def _texts(path: str, field: str, limit: int) -> list[str]:
 @click.option("--residual", default="first", show_default=True, type=click.Choice(["first", "last", "all", "sep"]),
               help="The residual permutation from the embeddings' site, the last layer's, all averaged, or one per "
                    "site (sep: not function-preserving).")
+@click.option("--qk", is_flag=True, help="BERT: Q and K permuted within each matched head from their own statistics "
+              "(the query and key outputs), instead of following V; still function-preserving.")
 @click.option("--max-memory", default=None, help="At most this much for the statistics at once (e.g. 2GB): sites are "
               "split into passes over the data, each running both models again; the plan is printed first.")
 @click.option("--into", default=None, help="Branch for the aligned model (default: REV-aligned; one REV only).")
 @click.option("--force", is_flag=True, help="Replace the branch if it exists.")
 def align(revs: tuple[str, ...], reference: str | None, data_path: str, text_field: str, max_sentences: int,
           batch_size: int, max_length: int, folder: str | None, components: str, heads: str, residual: str,
-          max_memory: str | None, stats_from: str | None, into: str | None, force: bool) -> None:
+          qk: bool, max_memory: str | None, stats_from: str | None, into: str | None, force: bool) -> None:
     """Permute models trained from different initializations into one model's coordinates (Verma & Elbayad
     2024), so that merging them averages matching features. Commits each aligned model on a branch."""
     from gittheta_align.matching import Options
     from gittheta_merge.storage.gitutil import Repo
 
-    options = Options.parse(components, heads, residual)
+    options = Options.parse(components, heads, residual, qk)
     repo = Repo.discover()
     ref = reference if reference is not None else revs[0]
     others = [r for r in revs if r != ref] if reference is None else list(revs)
@@ -177,7 +179,7 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str | 
         "method": "Verma & Elbayad 2024 permutation alignment", "reference": a, "aligned": b, "weights": weights,
         "data": data_info,
         "options": {"components": "+".join(options.components), "heads": options.heads,
-                    "residual": options.residual},
+                    "residual": options.residual, "qk": options.qk},
         "function_preserving": options.function_preserving(), "sites": sites,
     }
     tensors = {}
@@ -204,7 +206,7 @@ def align_one(repo: Any, ref: str, rev: str, texts: list[str], data_path: str | 
     summary = (f"{moved} of {len(perms)} sites permuted, {tokens} tokens; "
                f"{'function-preserving' if options.function_preserving() else 'NOT function-preserving'}")
     message = f"Align {rev} to {ref} ({'+'.join(options.components)}, heads {options.heads}, " \
-              f"residual {options.residual})\n\n{summary}\n"
+              f"residual {options.residual}{', q/k from their own statistics' if options.qk else ''})\n\n{summary}\n"
     commit = gitflow.commit_on_branch(repo, b, files, branch, message, force)
     return {"commit": commit, "summary": summary, "perms": perms, "stats": stats}
 

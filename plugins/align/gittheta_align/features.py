@@ -97,6 +97,11 @@ def correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.nda
     return cov / np.maximum(sigma, 1e-7)
 
 
+def _parts(site: str) -> list[str]:
+    """The capture points that feed a site: a ``qk`` site pools the query and the key outputs."""
+    return [f"{site}.q", f"{site}.k"] if site.startswith("qk@") else [site]
+
+
 def _capture(model: Any, shape: Shape, sites: set[str]) -> tuple[dict[str, Any], list[Any]]:
     """Forward hooks that store each wanted site's features of the current batch in the returned dict."""
     got: dict[str, Any] = {}
@@ -125,8 +130,9 @@ def joint_statistics(model_a: Any, model_b: Any, batches: Iterable[dict[str, Any
     import torch
 
     stats = {site: SiteStats.zeros(shape.site_dim(site)) for site in sites}
-    got_a, handles_a = _capture(model_a, shape, set(sites))
-    got_b, handles_b = _capture(model_b, shape, set(sites))
+    points = {part for site in sites for part in _parts(site)}
+    got_a, handles_a = _capture(model_a, shape, points)
+    got_b, handles_b = _capture(model_b, shape, points)
     try:
         model_a.eval()
         model_b.eval()
@@ -136,9 +142,10 @@ def joint_statistics(model_a: Any, model_b: Any, batches: Iterable[dict[str, Any
                 model_b(**batch)
                 keep = batch["attention_mask"].reshape(-1).bool()
                 for site in sites:
-                    a = got_a[site].reshape(-1, got_a[site].shape[-1])[keep]
-                    b = got_b[site].reshape(-1, got_b[site].shape[-1])[keep]
-                    stats[site].add(a, b)
+                    for part in _parts(site):
+                        a = got_a[part].reshape(-1, got_a[part].shape[-1])[keep]
+                        b = got_b[part].reshape(-1, got_b[part].shape[-1])[keep]
+                        stats[site].add(a, b)
                 if progress is not None:
                     progress(int(keep.sum()))
     finally:

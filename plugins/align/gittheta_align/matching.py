@@ -24,6 +24,7 @@ class Options:
     components: tuple[str, ...] = ("ff", "attn", "res")
     heads: str = "permute"
     residual: str = "first"
+    qk: bool = False  # Q and K from their own (query, key) statistics instead of following V (the paper's --qk)
 
     def __post_init__(self) -> None:
         bad = [c for c in self.components if c not in COMPONENTS]
@@ -33,10 +34,13 @@ class Options:
             raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)} (got {self.heads!r})")
         if self.residual not in RESIDUAL_MODES:
             raise UsageError(f"residual must be one of {', '.join(RESIDUAL_MODES)} (got {self.residual!r})")
+        if self.qk and ("attn" not in self.components or self.heads == "ignore"):
+            raise UsageError("--qk permutes query and key dimensions inside the heads that the attention alignment "
+                             "matched: it needs the attn component with heads permute or monotonic")
 
     @classmethod
-    def parse(cls, components: str, heads: str, residual: str) -> Options:
-        return cls(tuple(c.strip() for c in components.split("+") if c.strip()), heads, residual)
+    def parse(cls, components: str, heads: str, residual: str, qk: bool = False) -> Options:
+        return cls(tuple(c.strip() for c in components.split("+") if c.strip()), heads, residual, qk)
 
     def function_preserving(self) -> bool:
         """Whether applying the permutations to one model leaves its outputs unchanged."""
@@ -49,6 +53,8 @@ class Options:
         for layer in range(shape.n_layers):
             if "attn" in self.components:
                 sites.append(f"attn@{layer}")
+                if self.qk:
+                    sites.append(f"qk@{layer}")
             if "ff" in self.components:
                 sites.append(f"ff@{layer}")
         if "res" in self.components:
@@ -121,8 +127,24 @@ def assign_groups(corr: np.ndarray, shape: Shape, mode: str) -> dict[str, np.nda
             "v": np.concatenate([groups[a] * dh + within[a] for a in range(n_kv)])}
 
 
+def assign_within_heads(corr: np.ndarray, attn: np.ndarray, n_heads: int) -> np.ndarray:
+    """Q and K's permutation from their own correlation (`--qk`): A head j keeps the B head the attention site gave
+    it (`attn` moved whole heads), and the dimensions inside each matched pair get their own assignment. Q and K
+    share it, so every head's q.k is unchanged."""
+    d_head = corr.shape[0] // n_heads
+    out = []
+    for j in range(n_heads):
+        k = int(attn[j * d_head]) // d_head
+        out.append(k * d_head + assign(corr[j * d_head:(j + 1) * d_head, k * d_head:(k + 1) * d_head])[0])
+    return np.concatenate(out)
+
+
 def permutations(stats: dict[str, SiteStats], shape: Shape, options: Options) -> dict[str, np.ndarray]:
-    """Every site's permutation of B into A's coordinates. Sites of components not aligned are absent (identity)."""
+    """Every site's permutation of B into A's coordinates. Sites of components not aligned are absent (identity);
+    a BERT layer's ``qk`` site (the rows of Q and K) is the attention site's unless `options.qk`."""
+    if options.qk and shape.family != "bert":
+        raise UsageError("--qk is for BERT-family models: a Llama's rotary embeddings pair query and key dimensions, "
+                         "so Q and K move only as whole heads (they already follow their heads)")
     perms: dict[str, np.ndarray] = {}
     for layer in range(shape.n_layers):
         if "attn" in options.components:
@@ -131,7 +153,9 @@ def permutations(stats: dict[str, SiteStats], shape: Shape, options: Options) ->
                 for part, perm in assign_groups(corr, shape, options.heads).items():
                     perms[f"{part}@{layer}"] = perm
             else:
-                perms[f"attn@{layer}"] = assign_heads(corr, shape.n_heads, options.heads)
+                attn = perms[f"attn@{layer}"] = assign_heads(corr, shape.n_heads, options.heads)
+                perms[f"qk@{layer}"] = (assign_within_heads(correlation(*stats[f"qk@{layer}"].covariances()), attn,
+                                                            shape.n_heads) if options.qk else attn)
         if "ff" in options.components:
             perms[f"ff@{layer}"] = assign(correlation(*stats[f"ff@{layer}"].covariances()))[0]
     if "res" in options.components:

@@ -20,6 +20,8 @@ def permute_tensor(name: str, tensor: Any, shape: Shape, perms: Mapping[str, np.
     row_site, col_site = shape.roles(name)
     out = tensor
     for dim, site in ((0, row_site), (1, col_site)):
+        if site is not None and site.startswith("qk@") and site not in perms:
+            site = "attn@" + site[3:]  # Q and K follow V (permutation sets written before `--qk` existed)
         if site is None or site not in perms:
             continue
         perm = perms[site]
@@ -38,11 +40,12 @@ def inverse(perm: np.ndarray) -> np.ndarray:
     return np.argsort(perm)
 
 
-def random_perms(shape: Shape, seed: int, heads: bool = True) -> dict[str, np.ndarray]:
+def random_perms(shape: Shape, seed: int, heads: bool = True, qk: bool = False) -> dict[str, np.ndarray]:
     """A random function-preserving permutation set: one residual permutation, per layer an FF permutation and an
     attention permutation that moves heads as whole blocks (BERT: with a within-head permutation shared by Q, K
     and V; Llama: key/value groups and query heads within their group, a within-head permutation only for V and O,
     one per group: rotary pairs keep Q and K's dimensions in place).
+    `qk` (BERT): Q and K get a within-head permutation of their own (heads moved as V's), still function-preserving.
     For tests and for the exactness benchmark (a planted permutation the alignment must recover)."""
     rng = np.random.default_rng(seed)
     res = rng.permutation(shape.d_model)
@@ -61,5 +64,7 @@ def random_perms(shape: Shape, seed: int, heads: bool = True) -> dict[str, np.nd
         else:
             order = rng.permutation(shape.n_heads) if heads else np.arange(shape.n_heads)
             perms[f"attn@{layer}"] = np.concatenate([h * dh + rng.permutation(dh) for h in order])
+            perms[f"qk@{layer}"] = (np.concatenate([h * dh + rng.permutation(dh) for h in order]) if qk
+                                    else perms[f"attn@{layer}"])
         perms[f"ff@{layer}"] = rng.permutation(shape.d_ff)
     return perms

@@ -223,3 +223,53 @@ def test_a_projected_electra_embedding_is_refused() -> None:
     config = transformers.ElectraConfig(hidden_size=32, embedding_size=16, num_attention_heads=4).to_dict()
     with pytest.raises(InputError, match="embedding_size"):
         Shape.from_config(config)
+
+
+def test_qk_permutation_of_its_own_preserves_the_function() -> None:
+    """Q and K may take a within-head permutation other than V's (heads moved alike): q.k per head is a sum over
+    the head's dimensions, unchanged when both sides are reordered the same way."""
+    model = _bert(0)
+    with torch.no_grad():  # peaked attention (at init q.k is ~0 and every head attends uniformly: nothing to see)
+        for name, p in model.named_parameters():
+            if ".query." in name or ".key." in name:
+                p.mul_(20)
+    shape = _shape(model)
+    perms = random_perms(shape, seed=5, qk=True)
+    assert not np.array_equal(perms["qk@0"], perms["attn@0"])  # the test plants a real difference
+    batch = _batches(5)[0]
+    permuted = _permuted_copy(model, perms)
+    assert torch.allclose(_outputs(model, batch), _outputs(permuted, batch, perms["res@emb"]), atol=1e-5)
+    wrong = {**perms, "qk@0": perms["attn@0"][::-1].copy()}  # Q/K heads out of step with V's: must show
+    assert not torch.allclose(_outputs(model, batch), _outputs(_permuted_copy(model, wrong), batch,
+                                                                 perms["res@emb"]), atol=1e-3)
+
+
+@pytest.mark.parametrize("heads", ["permute", "monotonic"])
+def test_qk_statistics_recover_a_planted_qk_permutation(heads: str) -> None:
+    a = _bert(3)
+    shape = _shape(a)
+    planted = random_perms(shape, seed=6, heads=heads == "permute", qk=True)
+    b = _permuted_copy(a, planted)
+    options = Options.parse("ff+attn+res", heads, "first", qk=True)
+    assert f"qk@{shape.n_layers - 1}" in options.sites(shape)
+    found = permutations(joint_statistics(a, b, _batches(7), shape, options.sites(shape)), shape, options)
+    for site in planted:
+        assert np.array_equal(found[site], inverse(planted[site])), site
+    without = permutations(joint_statistics(a, b, _batches(7), shape, Options().sites(shape)), shape, Options())
+    assert not np.array_equal(without["qk@0"], inverse(planted["qk@0"]))  # following V misses it
+    back = _permuted_copy(b, found)
+    for name, t in a.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
+def test_qk_is_refused_where_it_cannot_apply() -> None:
+    from gittheta_merge.errors import UsageError
+
+    with pytest.raises(UsageError, match="--qk"):
+        Options.parse("ff+attn+res", "ignore", "first", qk=True)
+    with pytest.raises(UsageError, match="--qk"):
+        Options.parse("ff+res", "permute", "first", qk=True)
+    llama = _llama(0)
+    shape = _shape(llama)
+    with pytest.raises(UsageError, match="rotary"):
+        permutations({}, shape, Options(qk=True))

@@ -80,20 +80,23 @@ def _tensors(repo: Path, rev: str) -> list[str]:
     return [json.dumps(t, sort_keys=True) for t in meta["tensors"]]
 
 
-def test_a_planted_permutation_is_undone_exactly(repo: Path) -> None:
+@pytest.mark.parametrize("qk", [False, True])
+def test_a_planted_permutation_is_undone_exactly(repo: Path, qk: bool) -> None:
     a = _model_at(repo, "seed-a")
     shape = Shape.from_config(a.config.to_dict())
     b = transformers.BertModel(a.config)
-    b.load_state_dict(permute_state(a.state_dict(), shape, random_perms(shape, seed=3)))
+    b.load_state_dict(permute_state(a.state_dict(), shape, random_perms(shape, seed=3, qk=qk)))
     _commit_model(repo, "seed-b", b)
     assert _tensors(repo, "seed-b") != _tensors(repo, "seed-a")
-    out = git(repo, "theta", "align", "seed-a", "seed-b", "--data", str(repo.parent / "text.txt"))
+    out = git(repo, "theta", "align", "seed-a", "seed-b", "--data", str(repo.parent / "text.txt"),
+              *(["--qk"] if qk else []))
     assert "on seed-b-aligned" in out.stdout, out.stderr
     # the aligned model is the reference, object for object (the objects are content-addressed)
     assert _tensors(repo, "seed-b-aligned") == _tensors(repo, "seed-a")
     assert git(repo, "rev-parse", "seed-b-aligned~1").stdout == git(repo, "rev-parse", "seed-b").stdout
     stats = git(repo, "theta", "stats", "ls", "--rev", "seed-b-aligned").stdout
     assert "alignment" in stats
+    assert ("q/k from their own statistics" in git(repo, "log", "-1", "--format=%B", "seed-b-aligned").stdout) == qk
     assert git(repo, "status", "--porcelain").stdout == ""  # the user's work tree and index are untouched
 
 
