@@ -81,7 +81,7 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
         model, tokenizer, data_path, kind=kind, task=task, label_policy=label_policy, n_examples=n_examples,
         batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
         diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
-        label_field=label_field, progress=None if rank == 0 else False))
+        label_field=label_field))  # under torchrun: a progress line per rank
     if group is not None:
         group.close()
     if rank != 0:

@@ -71,7 +71,8 @@ def merge_models(models: list[Source], base: Source | None, sink: Sink, options:
     outputs = plan.outputs if part is None else [t for t in plan.outputs if part.owns(t.name)]
     sink.start([t.info for t in outputs])  # type: ignore[misc]
     total_bytes = sum(t.info.nbytes for t in outputs if t.action == "merge")  # type: ignore[union-attr]
-    bar = Progress("git-theta merge", len(outputs), total_bytes, enabled=options.progress)
+    bar = Progress("git-theta merge", len(outputs), total_bytes, enabled=options.progress,
+                   rank=(part.rank, part.group.world) if part is not None else None)
     labels = options.labels or []
     reports: list[dict[str, Any]] = []
     done_bytes = 0

@@ -180,9 +180,7 @@ def octopus_merge(repo: Repo, branches: list[str], cli: dict[str, Any] | None = 
                 if group is not None:
                     from gittheta_merge.merge.distributed import Part
 
-                    part = Part(group, shared, repo, remote)
-                    if group.rank:
-                        resolved[path][0].progress = False  # one progress bar: rank 0's
+                    part = Part(group, shared, repo, remote)  # each rank: its own progress lines
                 with part.peer_failures() if part is not None else nullcontext():
                     merged, report = merge_tracked(metas, bmeta, store, settings, path, side_labels, side_names,
                                                    block_bytes=block, resolved=resolved[path], part=part)

@@ -114,33 +114,40 @@ def _log_p(logits: torch.Tensor, b_targets: torch.Tensor, b_mask: torch.Tensor |
 
 
 class _Progress:
-    """Examples and tokens on stderr (only on a terminal unless forced): statistics runs take minutes."""
+    """Examples and tokens on stderr (only on a terminal unless forced): statistics runs take minutes. Under
+    torchrun (`ranks`) every rank writes its own progress line every LINE_SECONDS and a last one when done."""
 
-    def __init__(self, label: str, total: int | None, enabled: bool | None) -> None:
-        self.label, self.total = label, total
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    def __init__(self, label: str, total: int | None, enabled: bool | None,
+                 ranks: tuple[int, int] | None = None) -> None:
+        from gittheta_merge.progress import rank_label
+
+        self.lines = ranks is not None
+        self.label, self.total = (rank_label(*ranks) if ranks else "") + label, total
+        self.enabled = True if self.lines else sys.stderr.isatty() if enabled is None else enabled
         self.start = time.monotonic()
         self.examples = self.tokens = 0
-        self._last = 0.0
+        self._last = self.start
 
     def update(self, n: int, tokens: int) -> None:
+        from gittheta_merge.progress import LINE_SECONDS
+
         self.examples += n
         self.tokens += tokens
         now = time.monotonic()
-        if self.enabled and now - self._last >= 0.2:
+        if self.enabled and now - self._last >= (LINE_SECONDS if self.lines else 0.2):
             self._last = now
-            self._draw("")
+            self._draw("\n" if self.lines else "")
 
     def _draw(self, end: str) -> None:
         el = max(time.monotonic() - self.start, 1e-9)
         tot = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"\r{self.label}: {self.examples}{tot} examples, {self.tokens:,} tokens "
-                         f"({self.examples / el:.1f} ex/s, {el:.0f} s){end}")
+        sys.stderr.write(f"{'' if self.lines else chr(13)}{self.label}: {self.examples}{tot} examples, "
+                         f"{self.tokens:,} tokens ({self.examples / el:.1f} ex/s, {el:.0f} s){end}")
         sys.stderr.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._draw("\n")
+            self._draw(" done\n" if self.lines else "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -537,7 +544,7 @@ def compute_statistic(
         examples = (e for i, e in enumerate(itertools.islice(examples, n_examples)) if i % world == rank)
         n_examples = None if n_examples is None else len(range(rank, n_examples, world))
     batches = _batches(examples, encoder, batch_size, n_examples)
-    bar = _Progress(f"{kind} ({task})", n_examples, progress)
+    bar = _Progress(f"{kind} ({task})", n_examples, progress, ranks)
     runner = _Runner(task, label_policy, dev, bar)
     t0 = time.monotonic()
     prov: dict[str, Any] = {

@@ -108,6 +108,9 @@ def test_two_ranks_in_one_repository_commit_what_one_process_commits(repo: Path,
     assert (repo / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
     assert proc.stdout.count("model.safetensors: strategy ties") == 1  # printed once (rank 0)
     assert "2 ranks (shared)" in proc.stdout
+    for rank in (0, 1):  # each rank's own progress line (one stderr for all ranks: lines, not redrawn bars)
+        line = next(ln for ln in proc.stderr.splitlines() if f"[rank {rank}/2] git-theta merge:" in ln)
+        assert line.endswith(" done") and " tensors, " in line, line
     report = json.loads((repo / ".git" / "theta" / "merge-reports" / "model.safetensors.json").read_text())
     ranks = report["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["merged_bytes"] > 0 for r in ranks)

@@ -44,6 +44,9 @@ def test_two_ranks_stage_what_one_process_stages(hf_repo: Path, tmp_path: Path, 
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("staged") == 1 and "rank 1 of 2" in proc.stderr
+    for rank in (0, 1):  # every rank reports its own share: examples and tokens
+        assert any(ln.startswith(f"[rank {rank}/2] {kind}") and ln.endswith(" done") and " examples, " in ln
+                   for ln in proc.stderr.splitlines()), proc.stderr[-2000:]
     one, two = _staged(single, kind), _staged(hf_repo, kind)
     assert set(one.tensors) == set(two.tensors)
     # per-example products are formed in float32 in batches padded differently, so the sums agree to float32
