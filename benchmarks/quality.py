@@ -228,7 +228,7 @@ def load_task(name: str, seed: int, n_train: int, n_val: int, n_test: int) -> Ta
         ids = {label: i for i, label in enumerate(labels)}
         data = [(text, ids[label]) for text, label in items]
     train, val, test = split_sizes(len(data), n_train, n_val, n_test)
-    if min(train, val, test) < 50:
+    if min(train, val, test) < 1:
         raise SystemExit(f"{name}: {len(data)} unique examples, too few for {n_train}/{n_val}/{n_test}")
     return Task(name, labels, train=data[test + val:test + val + train], val=data[test:test + val],
                 test=data[:test], kind=kind)
@@ -258,6 +258,7 @@ class Settings:
     multitask: bool = False  # also train one encoder on all tasks at once (the upper reference merging aims at)
     curve: list[int] = field(default_factory=list)  # task counts below all tasks to merge too (2, 4, 6)
     curve_strategies: list[str] = field(default_factory=list)  # the strategies run at those counts
+    resume: bool = False  # keep the workdir and go on where an interrupted run with the same settings stopped
 
 
 def tokenize(tok: Any, data: list[tuple[Any, Any]], max_length: int) -> list[tuple[list[int], Any]]:
@@ -641,7 +642,20 @@ def setup_repo(g: Git, s: Settings) -> None:
 def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_dir: Path,
                  out: dict[str, Any]) -> None:
     """One task's branch: fine-tune, commit weights + head config, compute and commit statistics.
-    `rows`: the task's tokenized splits."""
+    `rows`: the task's tokenized splits. A task finished by an earlier, interrupted run (--resume) is read back:
+    its facts from done/, its head from its branch; one it did not finish is started again."""
+    done = data_dir.parent / "done" / f"task-{task.name}.json"
+    if done.exists():
+        from safetensors.torch import load
+
+        out["tasks"][task.name] = json.loads(done.read_text())
+        state = load(g.raw("cat-file", "--filters", f"{task.name}:model/model.safetensors"))
+        task.head = {k: v for k, v in state.items() if k.startswith(HEAD)}
+        log(f"{task.name}: done in an earlier run (fine-tuned {out['tasks'][task.name]['finetuned_test']:.3f})")
+        return
+    g("checkout", "-q", "-f", "main")
+    if g("branch", "--list", task.name).strip():
+        g("branch", "-D", task.name)  # an unfinished earlier attempt
     g("checkout", "-q", "-b", task.name, "main")
     t0 = time.time()
     model = new_classifier(task, s.seed)
@@ -682,6 +696,7 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
         "model_sha256": file_digest(g.root / "model" / "model.safetensors"),
         "stats_listing": g("theta", "stats", "ls", "model/model.safetensors"),
     }
+    done.write_text(json.dumps(out["tasks"][task.name], indent=1))
     log(f"{task.name}: probe {probe_acc:.3f}, fine-tuned {out['tasks'][task.name]['finetuned_test']:.3f} "
         f"(train {train_s:.0f} s, statistics {stats_s:.0f} s)")
 
@@ -720,7 +735,13 @@ def choose_and_test(g: Git, tasks: list[Task], strategy: str, s: Settings, rows:
                     heads: dict[str, Path], workdir: Path, facts: dict[str, Any]
                     ) -> tuple[dict[str, Any], tuple[float, float]]:
     """Merge `tasks` with every grid point of `strategy`, choose the point with the best mean validation score,
-    score it on the test split. Returns the result entry and (merge seconds, evaluation seconds)."""
+    score it on the test split. Returns the result entry and (merge seconds, evaluation seconds); a result an
+    earlier, interrupted run finished (--resume) is read back from done/."""
+    done = workdir / "done" / f"{len(tasks)}-{strategy}.json"
+    if done.exists():
+        entry = json.loads(done.read_text())
+        log(f"{strategy} ({len(tasks)} tasks): done in an earlier run (test mean {entry['test_mean']:.3f})")
+        return entry, tuple(entry.pop("seconds"))  # type: ignore[return-value]
     merge_s = eval_s = 0.0
     points = []
     for params in grid(strategy, s.grid):
@@ -745,9 +766,11 @@ def choose_and_test(g: Git, tasks: list[Task], strategy: str, s: Settings, rows:
     norm = {t.name: test[t.name] / facts[t.name]["finetuned_test"] if facts[t.name]["finetuned_test"] else
             float("nan") for t in tasks}  # a fine-tuned model that learned nothing (tiny smoke runs) has no ratio
     log(f"{strategy}: chose {best['params']}: test " + " ".join(f"{k} {v:.3f}" for k, v in test.items()))
-    return {"grid": points, "chosen": best["params"], "test": test, "test_mean": sum(test.values()) / len(test),
+    entry = {"grid": points, "chosen": best["params"], "test": test, "test_mean": sum(test.values()) / len(test),
             "normalized_mean": sum(norm.values()) / len(norm), "grid_best_report": best["report"],
-            "model_sha256": file_digest(g.root / "model" / "model.safetensors")}, (merge_s, eval_s)
+            "model_sha256": file_digest(g.root / "model" / "model.safetensors")}
+    done.write_text(json.dumps({**entry, "seconds": [merge_s, eval_s]}, indent=1))
+    return entry, (merge_s, eval_s)
 
 
 def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> dict[str, Any]:
@@ -757,18 +780,31 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.use_deterministic_algorithms(True)
-    if workdir.exists():
-        shutil.rmtree(workdir)
     g = Git(workdir / "repo")
+    resumed = s.resume and (workdir / "settings.json").exists()
+    if resumed:
+        earlier = json.loads((workdir / "settings.json").read_text())
+        if {k: v for k, v in earlier.items() if k != "resume"} != {k: v for k, v in vars(s).items() if k != "resume"}:
+            raise SystemExit(f"--resume: {workdir} was started with other settings ({workdir / 'settings.json'}); "
+                             "run with the same arguments, or without --resume to start over")
+        log(f"resuming in {workdir}: finished steps are read from {workdir / 'done'}")
+        for lock in (g.root / ".git").glob("*.lock"):  # a git command killed with the run
+            lock.unlink()
+        g("checkout", "-q", "-f", "main")
+    elif workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "done").mkdir(parents=True, exist_ok=True)
+    (workdir / "settings.json").write_text(json.dumps(vars(s), indent=1))
     data_dir = workdir / "data"
     result: dict[str, Any] = {"command": command, "settings": vars(s), "tasks": {}, "strategies": {},
-                              "git_merge_check": {}}
+                              "git_merge_check": {}, "resumed": resumed}
     tasks = [load_task(name, s.seed, s.n_train, s.n_val, s.n_test) for name in s.tasks]
     tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     rows = {t.name: {split: tokenize(tok, getattr(t, split), s.max_length) for split in ("train", "val", "test")}
             for t in tasks}
-    setup_repo(g, s)
-    data_dir.mkdir(parents=True)
+    if not resumed:
+        setup_repo(g, s)
+    data_dir.mkdir(parents=True, exist_ok=True)
     phases = result["phase_seconds"] = {"setup": round(time.time() - started, 1)}
     for task in tasks:
         train_branch(g, task, rows[task.name], s, data_dir, result)
@@ -782,7 +818,7 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     # the head configs live on the task branches; keep copies for evaluation outside any checkout
     heads = {t.name: workdir / "heads" / t.name for t in tasks}
     for t in tasks:
-        heads[t.name].mkdir(parents=True)
+        heads[t.name].mkdir(parents=True, exist_ok=True)
         (heads[t.name] / "config.json").write_text(g("show", f"{t.name}:heads/{t.name}/config.json"))
 
     for strategy in s.strategies:
@@ -794,7 +830,10 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
             shutil.copy(entry["grid_best_report"], raw_dir(out_dir) / "reports" / f"{strategy}.json")
     if s.multitask:
         log("multi-task reference: one encoder trained on all tasks")
-        result["multitask"] = train_multitask(tasks, rows, s)
+        done = workdir / "done" / "multitask.json"
+        if not done.exists():
+            done.write_text(json.dumps(train_multitask(tasks, rows, s), indent=1))
+        result["multitask"] = json.loads(done.read_text())
         phases["multi-task reference"] = result["multitask"]["train_seconds"]
         log("multi-task: test " + " ".join(f"{k} {v:.3f}" for k, v in result["multitask"]["test"].items()))
     order = list(tasks)
@@ -868,6 +907,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, list[float], float, float]]
     return [(m, accs, sum(accs) / len(accs), sum(a / f for a, f in zip(accs, ft)) / len(accs)) for m, accs in rows]
 
 
+RESUMED_NOTE = "; the last of several runs (--resume): the time by phase counts every step, whichever run did it"
+
+
 def write_outputs(r: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     raw_dir(out).mkdir(parents=True, exist_ok=True)
@@ -877,7 +919,8 @@ def write_outputs(r: dict[str, Any], out: Path) -> None:
     s = r["settings"]
     lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git", "",
              f"Produced by `{r['command'] or 'python benchmarks/quality.py'}` in {r['wall_seconds'] / 60:.1f} min "
-             f"({r['versions']['threads']} CPU threads); every number is in "
+             f"({r['versions']['threads']} CPU threads{RESUMED_NOTE if r.get('resumed') else ''}); "
+             "every number is in "
              f"{raw_where}/quality.json, the chosen merges' reports in {raw_where}/reports/.", "",
              "Time by phase: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r.get("phase_seconds", {}).items())
              + f"; machine load average at the end {r.get('load_average', '?')}.", "",
@@ -1004,6 +1047,8 @@ def main() -> None:
                     "of a seeded order of the tasks)")
     ap.add_argument("--curve-strategies", default="average,task_arithmetic,ties,dare_ties,tsv_merge,iso_c,regmean,"
                     "fisher", help="the strategies merged at the --curve counts")
+    ap.add_argument("--resume", action="store_true", help="go on where an interrupted run in the same --workdir "
+                    "(same arguments) stopped: finished fine-tunings, merges and references are read back")
     ap.add_argument("--smoke", action="store_true", help="CI size: 2 tasks, few examples, 2 strategies, 1 point")
     ap.add_argument("--no-git-check", action="store_true", help="skip the plain `git merge` comparison")
     ap.add_argument("--combine", default=None, metavar="DIR,DIR…",
@@ -1011,7 +1056,7 @@ def main() -> None:
                     "that ran different strategies on the same fine-tuned models (checked by digest)")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
-    command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    command = " ".join(["python benchmarks/quality.py", *[x for x in sys.argv[1:] if x != "--resume"]])
     out = Path(a.out)
     if a.combine:
         write_summary([combine_runs([raw_dir(Path(d)) / f"seed-{s}" / "quality.json" for d in a.combine.split(",")])
@@ -1023,7 +1068,7 @@ def main() -> None:
         s = Settings(tasks=a.tasks.split(","), strategies=a.strategies.split(","), n_train=a.n_train,
                      n_val=a.n_val, n_test=a.n_test, epochs=a.epochs, seed=seed, git_check=not a.no_git_check,
                      multitask=a.multitask, curve=[int(x) for x in a.curve.split(",") if x],
-                     curve_strategies=a.curve_strategies.split(","))
+                     curve_strategies=a.curve_strategies.split(","), resume=a.resume)
         if a.smoke:
             s = smoke_settings(seed=seed)
         if len(seeds) == 1:
