@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from quality import HEAD, Git, evaluate_encoder, load_task, minilm_dir, tokenize  # noqa: E402
 
 EVAL = '''
-"""Validation accuracy of the candidate encoder in the current directory, per task with its own head (JSON)."""
+"""Validation score (accuracy; entity F1 for a token task) of the candidate encoder in the current directory, per
+task with its own head (JSON)."""
 import json, sys
 sys.path.insert(0, {bench!r})
 import torch
@@ -43,7 +44,7 @@ state = load_file("model/model.safetensors")
 scores = {{}}
 for name, task in data.items():
     head = load_file(task["head"])
-    t = Task(name, task["labels"], [], [], [], head)
+    t = Task(name, task["labels"], [], [], [], head, kind=task["kind"])
     scores[name] = evaluate_encoder(state, t, [tuple(r) for r in task["val"]], task["config"])
 print(json.dumps({{"val_mean": sum(scores.values()) / len(scores), **scores}}))
 '''
@@ -82,7 +83,7 @@ def main() -> None:
         save_file(t.head, str(scratch / f"{t.name}-head.safetensors"))
         (scratch / t.name).mkdir()
         (scratch / t.name / "config.json").write_text((g.root / "heads" / t.name / "config.json").read_text())
-        data[t.name] = {"labels": t.labels, "head": str(scratch / f"{t.name}-head.safetensors"),
+        data[t.name] = {"labels": t.labels, "kind": t.kind, "head": str(scratch / f"{t.name}-head.safetensors"),
                         "config": str(scratch / t.name), "val": tokenize(tok, t.val, a.max_length)}
     (scratch / "data.json").write_text(json.dumps(data))
     (scratch / "eval.py").write_text(EVAL.format(bench=str(Path(__file__).resolve().parent),
