@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import click
 
 from gittheta_merge.cli.common import expand_tracked, tracked_at
-from gittheta_merge.errors import MissingError
+from gittheta_merge.errors import MissingError, UsageError
 from gittheta_merge.storage.gitutil import Repo
 
 
@@ -57,11 +59,18 @@ def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
                    "too (slower on CPU); float32 (sums too)")
 @click.option("--diagonal-only", is_flag=True, help="gram/kfac: store only the diagonal (d instead of d² numbers)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
+@click.option("--device-map", default=None, metavar="auto|balanced|sequential",
+              help="gram: a model larger than one device, split by accelerate over the GPUs, the CPU and "
+                   "--offload-folder (needs `pip install accelerate`); the placement is printed first")
+@click.option("--max-memory", default=None, metavar="DEV=SIZE,…",
+              help="with --device-map: what each device may hold, e.g. 0=20GB,cpu=8GB (the rest goes to disk)")
+@click.option("--offload-folder", default=None, type=click.Path(file_okay=False),
+              help="with --device-map: where layers that fit no device wait on disk (default: a temporary folder)")
 @click.option("--seed", type=int, default=0, show_default=True)
 def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_dir: str | None, n_examples: int,
                   batch_size: int, max_length: int, label_policy: str, text_field: str,
                   text_pair_field: str | None, label_field: str, dtype: str, diagonal_only: bool, device: str,
-                  seed: int) -> None:
+                  device_map: str | None, max_memory: str | None, offload_folder: str | None, seed: int) -> None:
     """Compute a statistic of a model in the working tree and stage it next to its weights."""
     import tempfile
 
@@ -76,17 +85,32 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
 
     group, device = join("stats compute", device)  # under torchrun: shard the examples, all-reduce the sums
     rank = group.rank if group else 0
-    model, tokenizer = workdir.load_model_and_tokenizer(model_path, task, config_dir)
-    stat = workdir.adapter_keys(model, workdir.compute_statistic_from_file(
-        model, tokenizer, data_path, kind=kind, task=task, label_policy=label_policy, n_examples=n_examples,
-        batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
-        diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
-        label_field=label_field))  # under torchrun: a progress line per rank
+    with contextlib.ExitStack() as cleanup:
+        load: dict[str, Any] = {}
+        if device_map:  # a model larger than one device: accelerate places it (gram only)
+            from gittheta_merge.stats import placement
+
+            placement.check(kind, group is not None)
+            folder = offload_folder or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="theta-offload-"))
+            load = placement.load_kwargs(device_map, max_memory, folder)
+        elif max_memory or offload_folder:
+            raise UsageError("--max-memory and --offload-folder go with --device-map")
+        model, tokenizer = workdir.load_model_and_tokenizer(model_path, task, config_dir, **load)
+        if device_map:
+            click.echo(f"git-theta: {model_path} placed by accelerate (--device-map {device_map}):\n"
+                       f"{placement.describe(model)}", err=True)
+        stat = workdir.adapter_keys(model, workdir.compute_statistic_from_file(
+            model, tokenizer, data_path, kind=kind, task=task, label_policy=label_policy, n_examples=n_examples,
+            batch_size=batch_size, max_length=max_length, device=device, accumulate_dtype=dtype,
+            diagonal_only=diagonal_only, seed=seed, text_field=text_field, text_pair_field=text_pair_field,
+            label_field=label_field))  # under torchrun: a progress line per rank
     if group is not None:
         group.close()
     if rank != 0:
         return  # rank 0 holds the same reduced sums and stages the one blob
     summary = {k: v for k, v in stat.provenance.items() if isinstance(v, (str, int, float, bool))}
+    if device_map:
+        summary["device_map"] = device_map
     store = ObjectStore.for_repo(repo)
     tmp_dir = store.tmp_dir
     tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -213,7 +213,8 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
                 acc = accs.get(key)
                 if acc is None:
                     acc = accs[key] = _OuterAcc(d_in, precision, device, diagonal_only)
-                rows, index, how = state["rows"].select(x)
+                # a layer that device_map placed on another device: its input joins the sums' device
+                rows, index, how = state["rows"].select(x if x.device == device else x.to(device))
                 acc.add(rows, how, index)
             else:
                 if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -525,8 +526,15 @@ def compute_statistic(
         raise StatsError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
     precision = _precision(accumulate_dtype)
     acc_dtype = precision.sum
-    dev = torch.device(device)
-    model.to(dev)
+    if getattr(model, "hf_device_map", None):  # placed by accelerate (--device-map): inputs go to its first device
+        from gittheta_merge.stats import placement
+
+        if kind not in placement.KINDS:
+            raise StatsError(f"a model split by device_map gives {kind} no gradients to sum: gram only")
+        dev = torch.device(placement.execution_device(model))
+    else:
+        dev = torch.device(device)
+        model.to(dev)
     model.eval()
     if label_map is None:
         label_map = _default_label_map(model)
@@ -639,7 +647,12 @@ def compute_statistic(
             if w in all_names:
                 p = all_names[w]
                 if id(p) not in digests:
-                    digests[id(p)] = _tensor_sha256(p)
+                    if p.device.type == "meta":  # offloaded by --device-map: hash the stored value
+                        from gittheta_merge.stats.placement import stored_value
+
+                        digests[id(p)] = _tensor_sha256(stored_value(model, w, p))
+                    else:
+                        digests[id(p)] = _tensor_sha256(p)
                 weights[w] = {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                               "sha256": digests[id(p)]}
         prov["weights"] = weights

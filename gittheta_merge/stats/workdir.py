@@ -13,20 +13,26 @@ from typing import Any
 from gittheta_merge.errors import InputError, MissingError, UsageError
 
 
-def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None = None) -> tuple[Any, Any]:
-    """An HF directory (config + weights + tokenizer), or a weights file with `config_dir` beside it."""
+def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None = None,
+                              **placement: Any) -> tuple[Any, Any]:
+    """An HF directory (config + weights + tokenizer), or a weights file with `config_dir` beside it. `placement`:
+    accelerate's device_map arguments for from_pretrained (stats/placement.py; HF directories only)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: everything is in the working tree
 
     from gittheta_merge.stats.batches import load_model
 
     path = Path(model_path)
+    if placement and not (path.is_dir() and (path / "config.json").exists()) or \
+            placement and (path / "adapter_config.json").is_file():
+        raise UsageError(f"{model_path}: --device-map loads a Hugging Face model directory (config.json and its "
+                         "weights), not a single weights file or an adapter")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _load_adapter(path, task, config_dir)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MissingError(f"{model_path}: no config.json; pass a Hugging Face model directory "
                              "(or a weights file with --config DIR)")
-        model = load_model(str(path), task)
+        model = load_model(str(path), task, **placement)
         tok_dir = path
     else:
         if config_dir is None:
