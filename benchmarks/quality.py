@@ -471,27 +471,27 @@ def probe(model: Any, train: list, test: list, s: Settings) -> float:
     torch.manual_seed(s.seed)
     head = torch.nn.Sequential(copy.deepcopy(model.bert.pooler.dense), torch.nn.Tanh(),
                                torch.nn.Linear(x.shape[1], int(model.config.num_labels)))
-    opt = torch.optim.Adam(head.parameters(), lr=s.lr_head)
-    for _ in range(300):
+    fit_head(head, x, y, s.lr_head)
+    with torch.no_grad():
+        pred = head(cls_states(model, test)).argmax(-1)
+    return float((pred == torch.tensor([t for _, t in test])).float().mean())
+
+
+def fit_head(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int = 300) -> None:
+    """A probe head trained full-batch on frozen features (Adam, cross-entropy)."""
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(head(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        pred = head(cls_states(model, test)).argmax(-1)
-    return float((pred == torch.tensor([t for _, t in test])).float().mean())
 
 
 def probe_words(model: Any, train: list, test: list, s: Settings) -> float:
     x, y = word_states(model, train)
     torch.manual_seed(s.seed)
     head = torch.nn.Linear(x.shape[1], int(model.config.num_labels))
-    opt = torch.optim.Adam(head.parameters(), lr=s.lr_head)
-    for _ in range(300):
-        loss = torch.nn.functional.cross_entropy(head(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_head(head, x, y, s.lr_head)
     xt, yt = word_states(model, test)
     with torch.no_grad():
         guess = head(xt).argmax(-1)
