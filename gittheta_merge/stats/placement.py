@@ -47,8 +47,7 @@ def load_kwargs(device_map: str, max_memory: str | None, offload_folder: str) ->
         import accelerate  # noqa: F401
     except ImportError as exc:
         raise UsageError("--device-map needs accelerate: pip install accelerate") from exc
-    kwargs: dict[str, Any] = {"device_map": device_map, "offload_folder": offload_folder,
-                              "offload_state_dict": True}
+    kwargs: dict[str, Any] = {"device_map": device_map, "offload_folder": offload_folder}
     memory = parse_max_memory(max_memory)
     if memory is not None:
         kwargs["max_memory"] = memory
