@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from quality import HEAD, Git, evaluate_encoder, load_task, minilm_dir, tokenize  # noqa: E402
+from quality import HEAD, Git, evaluate_encoder, load_task, minilm_dir, raw_dir, tokenize  # noqa: E402
 
 EVAL = '''
 """Validation score (accuracy; entity F1 for a token task) of the candidate encoder in the current directory, per
@@ -123,7 +123,9 @@ def main() -> None:
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text("\n".join(lines) + "\n")
-        a.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        raw = raw_dir(a.out.parent)  # the raw JSON outside docs/ when the page is under docs/results/
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / a.out.with_suffix(".json").name).write_text(json.dumps(result, indent=1))
 
 
 def page(r: dict, default: dict, best: dict, names: list[str]) -> list[str]:
