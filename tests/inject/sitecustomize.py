@@ -29,9 +29,10 @@ def _pause(point: str) -> None:
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] != int(count or 1) or not pidfile or os.path.exists(pidfile + ".go"):
         return
-    with open(pidfile + ".tmp", "w") as fh:
+    tmp = f"{pidfile}.{os.getpid()}.tmp"  # several processes may pause at once (torchrun's ranks): one each
+    with open(tmp, "w") as fh:
         fh.write(str(os.getpid()))
-    os.replace(pidfile + ".tmp", pidfile)
+    os.replace(tmp, pidfile)
     deadline = time.monotonic() + 300
     while not os.path.exists(pidfile + ".go") and time.monotonic() < deadline:
         time.sleep(0.01)
