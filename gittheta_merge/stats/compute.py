@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from gittheta_merge.errors import StatsError
+from gittheta_merge.stats.placement import stored_value
 
 from .. import __version__
 from .data import Example
@@ -646,13 +647,8 @@ def compute_statistic(
         for w in sorted(sharing):
             if w in all_names:
                 p = all_names[w]
-                if id(p) not in digests:
-                    if p.device.type == "meta":  # offloaded by --device-map: hash the stored value
-                        from gittheta_merge.stats.placement import stored_value
-
-                        digests[id(p)] = _tensor_sha256(stored_value(model, w, p))
-                    else:
-                        digests[id(p)] = _tensor_sha256(p)
+                if id(p) not in digests:  # an offloaded weight (--device-map) is hashed from its stored copy
+                    digests[id(p)] = _tensor_sha256(stored_value(model, w, p))
                 weights[w] = {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                               "sha256": digests[id(p)]}
         prov["weights"] = weights

@@ -22,8 +22,7 @@ def load_model_and_tokenizer(model_path: str, task: str, config_dir: str | None 
     from gittheta_merge.stats.batches import load_model
 
     path = Path(model_path)
-    if placement and not (path.is_dir() and (path / "config.json").exists()) or \
-            placement and (path / "adapter_config.json").is_file():
+    if placement and (not (path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         raise UsageError(f"{model_path}: --device-map loads a Hugging Face model directory (config.json and its "
                          "weights), not a single weights file or an adapter")
     if path.is_dir() and (path / "adapter_config.json").is_file():
