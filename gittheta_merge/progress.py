@@ -19,54 +19,78 @@ def rank_label(rank: int | None, world: int | None) -> str:
     return f"[rank {rank}/{world}] " if rank is not None and world else ""
 
 
-class Progress:
-    """`update(tensors, bytes)` redraws at most 10×/s; `close()` prints the final line. With `rank` (rank, world):
-    line mode, on every rank whatever `enabled` says."""
+class Ticker:
+    """What every progress display shares: on a terminal one line redrawn in place (at most every
+    `redraw_seconds`, not before `min_seconds`); under torchrun (`rank` = (rank, world)) a full line every
+    LINE_SECONDS on every rank, and a last one ending in "done". Subclasses say what the line holds (`text`)."""
 
-    def __init__(self, label: str, total_tensors: int | None = None, total_bytes: int | None = None,
-                 enabled: bool | None = None, min_seconds: float = 0.5,
-                 rank: tuple[int, int] | None = None) -> None:
+    redraw_seconds = 0.1
+    final_line_always = False  # on a terminal: a last line even when the run ended before the first redraw
+
+    def __init__(self, label: str, enabled: bool | None = None, rank: tuple[int, int] | None = None,
+                 min_seconds: float = 0.0) -> None:
         self.lines = rank is not None
         self.label = rank_label(*rank) + label if rank else label
-        self.total_tensors = total_tensors
-        self.total_bytes = total_bytes
         self.enabled = True if self.lines else sys.stderr.isatty() if enabled is None else enabled
         self.start = time.monotonic()
         self.min_seconds = min_seconds
-        self._last = 0.0
+        self._last = self.start if self.lines else 0.0
         self._shown = False
-        self.tensors = 0
-        self.bytes = 0
 
-    def update(self, tensors: int, nbytes: int) -> None:
-        self.tensors, self.bytes = tensors, nbytes
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.start, 1e-9)
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Draw now if a line is due."""
+        if not self.enabled:
+            return
         now = time.monotonic()
         if self.lines:
-            if now - max(self._last, self.start) >= LINE_SECONDS:
-                self._last = now
-                self._draw("\n")
-            return
-        if not self.enabled or now - self._last < 0.1 or now - self.start < self.min_seconds:
+            if now - self._last < LINE_SECONDS:
+                return
+        elif now - self._last < self.redraw_seconds or now - self.start < self.min_seconds:
             return
         self._last = now
-        self._draw()
+        self._draw("\n" if self.lines else "")
 
-    def _draw(self, end: str = "") -> None:
-        tensors = f"{self.tensors}" + (f"/{self.total_tensors}" if self.total_tensors else "")
-        size = _mb(self.bytes) + (f"/{_mb(self.total_bytes)}" if self.total_bytes else "")
-        bar = ""
-        if self.total_bytes:
-            filled = int(24 * min(self.bytes / self.total_bytes, 1.0))
-            bar = "[" + "#" * filled + "-" * (24 - filled) + "] "
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.bytes / elapsed
-        lead, tail = ("", f", {elapsed:.1f} s") if self.lines else ("\r", "")
-        sys.stderr.write(f"{lead}{self.label}: {bar}{tensors} tensors, {size} ({_mb(int(rate))}/s{tail}){end}")
+    def _draw(self, end: str) -> None:
+        sys.stderr.write(f"{'' if self.lines else chr(13)}{self.label}: {self.text()}{end}")
         sys.stderr.flush()
         self._shown = True
 
     def close(self) -> None:
         if self.lines:
             self._draw(" done\n")
-        elif self.enabled and self._shown:
+        elif self.enabled and (self._shown or self.final_line_always):
             self._draw("\n")
+
+
+class Progress(Ticker):
+    """Tensors and bytes: `update(tensors, bytes)` with the running totals; `close()` prints the final line."""
+
+    def __init__(self, label: str, total_tensors: int | None = None, total_bytes: int | None = None,
+                 enabled: bool | None = None, min_seconds: float = 0.5,
+                 rank: tuple[int, int] | None = None) -> None:
+        super().__init__(label, enabled, rank, min_seconds)
+        self.total_tensors = total_tensors
+        self.total_bytes = total_bytes
+        self.tensors = 0
+        self.bytes = 0
+
+    def update(self, tensors: int, nbytes: int) -> None:
+        self.tensors, self.bytes = tensors, nbytes
+        self.tick()
+
+    def text(self) -> str:
+        tensors = f"{self.tensors}" + (f"/{self.total_tensors}" if self.total_tensors else "")
+        size = _mb(self.bytes) + (f"/{_mb(self.total_bytes)}" if self.total_bytes else "")
+        bar = ""
+        if self.total_bytes:
+            filled = int(24 * min(self.bytes / self.total_bytes, 1.0))
+            bar = "[" + "#" * filled + "-" * (24 - filled) + "] "
+        rate = self.bytes / self.elapsed()
+        tail = f", {self.elapsed():.1f} s" if self.lines else ""
+        return f"{bar}{tensors} tensors, {size} ({_mb(int(rate))}/s{tail})"

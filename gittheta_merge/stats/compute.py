@@ -29,7 +29,6 @@ import hashlib
 import inspect
 import itertools
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from gittheta_merge.errors import StatsError
+from gittheta_merge.progress import Ticker
 from gittheta_merge.stats.placement import stored_value
 
 from .. import __version__
@@ -114,41 +114,27 @@ def _log_p(logits: torch.Tensor, b_targets: torch.Tensor, b_mask: torch.Tensor |
 # progress
 
 
-class _Progress:
-    """Examples and tokens on stderr (only on a terminal unless forced): statistics runs take minutes. Under
-    torchrun (`ranks`) every rank writes its own progress line every LINE_SECONDS and a last one when done."""
+class _Progress(Ticker):
+    """Examples and tokens (statistics runs take minutes): `update(n, tokens)` adds one batch."""
+
+    redraw_seconds = 0.2
+    final_line_always = True
 
     def __init__(self, label: str, total: int | None, enabled: bool | None,
                  ranks: tuple[int, int] | None = None) -> None:
-        from gittheta_merge.progress import rank_label
-
-        self.lines = ranks is not None
-        self.label, self.total = (rank_label(*ranks) if ranks else "") + label, total
-        self.enabled = True if self.lines else sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.monotonic()
+        super().__init__(label, enabled, ranks)
+        self.total = total
         self.examples = self.tokens = 0
-        self._last = self.start
 
     def update(self, n: int, tokens: int) -> None:
-        from gittheta_merge.progress import LINE_SECONDS
-
         self.examples += n
         self.tokens += tokens
-        now = time.monotonic()
-        if self.enabled and now - self._last >= (LINE_SECONDS if self.lines else 0.2):
-            self._last = now
-            self._draw("\n" if self.lines else "")
+        self.tick()
 
-    def _draw(self, end: str) -> None:
-        el = max(time.monotonic() - self.start, 1e-9)
+    def text(self) -> str:
         tot = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"{'' if self.lines else chr(13)}{self.label}: {self.examples}{tot} examples, "
-                         f"{self.tokens:,} tokens ({self.examples / el:.1f} ex/s, {el:.0f} s){end}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(" done\n" if self.lines else "\n")
+        return (f"{self.examples}{tot} examples, {self.tokens:,} tokens "
+                f"({self.examples / self.elapsed():.1f} ex/s, {self.elapsed():.0f} s)")
 
 
 # --------------------------------------------------------------------------------------------------------------
