@@ -256,7 +256,7 @@ def pretrain(seed: int, rows: list[list[int]], tok: Any, steps: int, out: Path, 
 def commit_dir(repo: Path, branch: str, src: Path) -> None:
     git(repo, "checkout", "-q", "-B", branch, "main")
     shutil.rmtree(repo / "model", ignore_errors=True)
-    shutil.copytree(src, repo / "model", ignore=shutil.ignore_patterns("*.json.tmp", "pretrain.json"))
+    shutil.copytree(src, repo / "model", ignore=shutil.ignore_patterns("pretrain.json"))
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", branch)
 

@@ -91,6 +91,7 @@ class Progress(Ticker):
         if self.total_bytes:
             filled = int(24 * min(self.bytes / self.total_bytes, 1.0))
             bar = "[" + "#" * filled + "-" * (24 - filled) + "] "
-        rate = self.bytes / self.elapsed()
-        tail = f", {self.elapsed():.1f} s" if self.lines else ""
+        elapsed = self.elapsed()
+        rate = self.bytes / elapsed
+        tail = f", {elapsed:.1f} s" if self.lines else ""
         return f"{bar}{tensors} tensors, {size} ({_mb(int(rate))}/s{tail})"

@@ -133,8 +133,9 @@ class _Progress(Ticker):
 
     def text(self) -> str:
         tot = f"/{self.total}" if self.total else ""
+        elapsed = self.elapsed()
         return (f"{self.examples}{tot} examples, {self.tokens:,} tokens "
-                f"({self.examples / self.elapsed():.1f} ex/s, {self.elapsed():.0f} s)")
+                f"({self.examples / elapsed:.1f} ex/s, {elapsed:.0f} s)")
 
 
 # --------------------------------------------------------------------------------------------------------------
