@@ -498,8 +498,9 @@ def compute_statistic(
     the result is moved to the CPU. `include`/`exclude` are regexes on parameter names (fisher) or module names
     (gram/kfac). `max_dim` skips modules whose Gram would be larger than max_dim² (default for kfac: 8192, which
     leaves out vocabulary-sized LM heads as MaTS does). `per_example`: "auto" (torch.func, checked on the first
-    batch, loop fallback), "vmap" (no fallback) or "loop". `data_digest` / `data_source` are copied into the
-    provenance (see `data.file_digest`)."""
+    batch, loop fallback), "vmap" (no fallback), "loop", or "layerwise" (one block materialized at a time,
+    stats/layerwise.py; chosen by itself for a model placed by accelerate). `data_digest` / `data_source` are
+    copied into the provenance (see `data.file_digest`)."""
     if kind not in KINDS:
         raise StatsError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
     _check_task(task)
@@ -508,8 +509,10 @@ def compute_statistic(
     if label_policy == "exact" and task not in ("sequence-classification", "token-classification"):
         raise StatsError("the exact label policy is for classification tasks (an LM vocabulary makes the "
                          "expectation intractable); use sampled")
-    if per_example not in ("auto", "vmap", "loop"):
-        raise StatsError("per_example is auto, vmap or loop")
+    if per_example not in ("auto", "vmap", "loop", "layerwise"):
+        raise StatsError("per_example is auto, vmap, loop or layerwise")
+    if per_example == "layerwise" and kind != "fisher":
+        raise StatsError("layerwise recomputation is for the Fisher")
     if diagonal_only and kind == "fisher":
         raise StatsError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
     precision = _precision(accumulate_dtype)
@@ -518,8 +521,10 @@ def compute_statistic(
         from gittheta_merge.stats import placement
 
         if kind not in placement.KINDS:
-            raise StatsError(f"a model split by device_map gives {kind} no gradients to sum: gram only")
+            raise StatsError(f"a model split by device_map gives {kind} no gradients to sum: gram or fisher only")
         dev = torch.device(placement.execution_device(model))
+        if kind == "fisher":
+            per_example = "layerwise"  # one block on the device at a time
     else:
         dev = torch.device(device)
         model.to(dev)
@@ -572,9 +577,19 @@ def compute_statistic(
                      and (include is None or re.search(include, k)) and not (exclude and re.search(exclude, k))]
             if not names:
                 raise StatsError("no parameters selected for the Fisher")
-            with _eager_attention(model) as attention:
-                sums, method, reason, n, tokens = _fisher(model, batches, runner, names, precision, per_example,
-                                                           per_example_chunk)
+            if per_example == "layerwise":
+                from .layerwise import layerwise_fisher
+
+                attention, method, reason = None, "layerwise", None
+                sums, n, tokens = layerwise_fisher(
+                    model, batches, names, precision, dev, _model_call, _log_p, runner.terms, task, label_policy,
+                    lambda b: bar.update(b.n, b.tokens))
+                prov["layerwise"] = ("one block materialized at a time: forward keeps each block's inputs, "
+                                     "backward re-runs it; sums on the CPU")
+            else:
+                with _eager_attention(model) as attention:
+                    sums, method, reason, n, tokens = _fisher(model, batches, runner, names, precision, per_example,
+                                                               per_example_chunk)
             if attention:
                 prov["attention"] = attention
             tensors = sums

@@ -1,10 +1,11 @@
 """Statistics of a model larger than one device: accelerate's `device_map` splits it over the GPUs, the CPU and a
 disk folder, and moves each layer's weights to where it runs, one layer at a time.
 
-Only the Gram statistic uses it. A Gram needs the inputs of each linear layer (forward hooks), which an offloaded
-layer still sees; Fisher needs the gradient of every weight and K-FAC the gradients of the layer outputs, and
-accelerate's offloaded layers hold no trainable weights (they are filled in for each forward and dropped), so those
-would come out empty or wrong. They are refused with that reason rather than computed partially.
+The Gram statistic runs on that placement as it is: it needs the inputs of each linear layer (forward hooks), which
+an offloaded layer still sees. The Fisher needs the gradient of every weight, and accelerate's offloaded layers hold
+no trainable weights (they are filled in for each forward and dropped), so it runs layer by layer instead
+(stats/layerwise.py: one block's weights materialized at a time, re-run for the backward). K-FAC is refused with
+that reason rather than computed partially.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from typing import Any
 
 from gittheta_merge.errors import UsageError
 
-KINDS = ("gram",)
+KINDS = ("gram", "fisher")
 
 
 def check(kind: str, distributed: bool) -> None:
     if kind not in KINDS:
-        raise UsageError(f"--device-map computes gram statistics only: {kind} needs the gradients of weights (fisher) "
-                         "or of layer outputs (kfac), which accelerate's offloaded layers do not keep; compute it on a "
-                         "device that holds the whole model")
+        raise UsageError(f"--device-map computes gram and fisher statistics: {kind} needs the gradients of layer "
+                         "outputs, which accelerate's offloaded layers do not keep; compute it on a device that holds "
+                         "the whole model")
     if distributed:
         raise UsageError("--device-map under torchrun: each rank would load its own split copy; run it as one process")
 

@@ -1,0 +1,360 @@
+"""Diagonal Fisher of a model that does not fit one device: per-example gradients by layer-wise recomputation.
+
+A per-example gradient normally keeps every layer's weights and activations alive until the backward pass, so the
+whole model must sit on the device. Here only one transformer block's weights are ever materialized:
+
+1. Forward, one batch: the model runs with each block swapped for a stand-in that materializes the block, runs it
+   without autograd, keeps its inputs (a few [B, T, h] tensors), drops its weights again, and hands its output on
+   as a fresh leaf. The parts outside the blocks (embeddings, final norm, head: "resident", materialized once
+   for the run) do record autograd, so the logits depend on the last block's output leaf.
+2. Head: for every gradient row (an example, or an (example, class, position) term of the exact policy) one
+   backward from log p gives the head's gradients and d log p / d (last block's output), row i only.
+3. Blocks, last to first: the block is materialized again and re-run from its kept inputs with autograd; each
+   row's backward (its output gradient is zero outside example i, and examples do not interact in an eval-mode
+   transformer, so this is example i's own gradient) gives the block's weight gradients, squared into the sums,
+   and the gradient of the block's input, which becomes the row's output gradient for the block below.
+4. Embeddings: each row's input gradient is pushed through the autograd graph of step 1 into the resident
+   parameters before the first block. A weight used on both sides (an LM head tied to the token embedding)
+   has its head-side gradient kept until then: the square is of the sum, not a sum of squares.
+
+Weights are read once per batch in the forward and once in the backward (the price of recomputation), so the
+device holds one block, the resident parts and the activations of one batch; the float sums live on the CPU.
+
+The weights come from accelerate's placement (`--device-map`): a module's offloaded value is read from the hook's
+weights map (`placement.stored_value`) and accelerate's own forward wrappers are bypassed for the run (they would
+swap in their own copies, whose gradients this could not see) and put back afterwards. A plain model works too
+(nothing is offloaded; the tests compare the two paths on one).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from gittheta_merge.errors import StatsError
+from gittheta_merge.stats.placement import stored_value
+
+from .accumulate import _Precision
+from .batches import _Batch
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the ModuleList of one module class holding the most parameters
+    (model.layers, encoder.layer, transformer.h)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(m) for m in mod}) != 1:
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, mod)
+    if best is None or best[0] == 0:
+        raise StatsError(f"{type(model).__name__}: no list of repeated blocks found, so the Fisher cannot be "
+                         "computed layer by layer; compute it on a device that holds the whole model")
+    return best[1], best[2]
+
+
+def _hidden(value: Any) -> torch.Tensor:
+    """The hidden state a block passes on: its output itself, or the first element of its output tuple."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise StatsError(f"a block returned {type(value).__name__}; layer-wise Fisher needs the hidden state first")
+
+
+def _with_hidden(value: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return hidden
+    return type(value)([hidden, *value[1:]])
+
+
+class _Weights:
+    """Puts real tensors on the execution device into modules whose parameters accelerate left on `meta`, and
+    takes them out again. Tied parameters stay one Parameter (keyed by the original object)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.buffer_names = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
+
+    def _value(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        v = stored_value(self.model, name, t)
+        return v.to(self.device) if v.device != self.device else v
+
+    @contextmanager
+    def placed(self, modules: Iterable[nn.Module]) -> Iterator[dict[int, nn.Parameter]]:
+        """Within: every parameter of `modules` is a real Parameter on the device that records gradients. Yields
+        {id(original parameter): the Parameter in use}."""
+        live: dict[int, nn.Parameter] = {}
+        restore: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for mod in modules:
+                for sub in mod.modules():
+                    for leaf, p in list(sub._parameters.items()):
+                        if p is None:
+                            continue
+                        if id(p) not in live:
+                            if p.device.type == "meta" or p.device != self.device:
+                                live[id(p)] = nn.Parameter(self._value(self.names[id(p)], p).detach(),
+                                                           requires_grad=True)
+                            else:
+                                live[id(p)] = p
+                        if live[id(p)] is not p:
+                            restore.append((sub._parameters, leaf, p))
+                            sub._parameters[leaf] = live[id(p)]
+                    for leaf, b in list(sub._buffers.items()):
+                        if b is not None and (b.device.type == "meta" or b.device != self.device):
+                            name = self.buffer_names.get(id(b))
+                            value = self._value(name, b) if name else b.to(self.device)
+                            restore.append((sub._buffers, leaf, b))
+                            sub._buffers[leaf] = value
+            yield live
+        finally:
+            for table, leaf, original in reversed(restore):
+                table[leaf] = original
+
+
+@contextmanager
+def _plain_forwards(model: nn.Module) -> Iterator[None]:
+    """accelerate's wrapped forwards (which load and drop weights by themselves) swapped for the modules' own."""
+    saved = []
+    for mod in model.modules():
+        if hasattr(mod, "_hf_hook") and hasattr(mod, "_old_forward"):
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = mod._old_forward
+    try:
+        yield
+    finally:
+        for mod, fwd in saved:
+            if fwd is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = fwd
+
+
+def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[str], precision: _Precision,
+                     device: torch.device, model_call: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+                     log_p: Callable[..., torch.Tensor], terms: Callable[[torch.Tensor | None, int], list],
+                     task: str, policy: str, on_batch: Callable[[_Batch], None]) -> tuple[dict[str, torch.Tensor],
+                                                                                           int, int]:
+    """Sum over examples of squared per-example gradients of log p for the parameters `names`, one block on the
+    device at a time (module docstring). Returns (sums on the CPU by name, examples, tokens)."""
+    prefix, blocks = find_blocks(model)
+    block_ids = [{id(p) for p in b.parameters()} for b in blocks]
+    owners: dict[int, int] = {}
+    for k, ids in enumerate(block_ids):
+        for i in ids:
+            if owners.setdefault(i, k) != k:
+                raise StatsError(f"{prefix}: blocks share weights (block {owners[i]} and {k}); a layer-wise Fisher "
+                                 "needs each block's own")
+    resident = _outside(model, blocks)  # the model minus the blocks: materialized for the whole run
+    for m in resident:
+        for p in m.parameters():
+            if id(p) in owners:
+                raise StatsError(f"a block weight is also used outside {prefix}; a layer-wise Fisher cannot "
+                                 "split its gradient")
+    weights = _Weights(model, device)
+    params = dict(model.named_parameters())
+    wanted = {id(params[n]): n for n in names}
+    acc = {n: torch.zeros(params[n].shape, dtype=precision.sum) for n in names}
+    tied = {i for i, c in _alias_counts(model).items() if c > 1}
+
+    def add_sq(name: str, g: torch.Tensor) -> None:
+        acc[name].add_(g.to(precision.product_dtype(g.dtype)).square().to("cpu", precision.sum))
+
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    n = tokens = 0
+    with _plain_forwards(model), weights.placed(resident) as res_live:
+        res_pairs = [(orig, p) for orig, p in res_live.items() if orig in wanted]
+        for cpu_batch in batches:
+            batch = cpu_batch.to(device)
+            kept: list[tuple[tuple[Any, ...], dict[str, Any], int]] = []
+            state: dict[str, Any] = {}
+
+            def stand_in(k: int, block: nn.Module, kept: list[Any], state: dict[str, Any]) -> Callable[..., Any]:
+                run = block.forward
+
+                def forward(*args: Any, **kwargs: Any) -> Any:
+                    args, kwargs, where = _split_hidden(args, kwargs, k)
+                    h = args[where] if isinstance(where, int) else kwargs[where]
+                    if k == 0:
+                        state["h0"] = h
+                    args, kwargs = _detached(args, kwargs, where)
+                    kept.append((args, kwargs, where))
+                    with weights.placed([block]), torch.no_grad():
+                        out = run(*args, **kwargs)
+                    leaf = _hidden(out).detach().requires_grad_(True)
+                    state["last"] = leaf
+                    return _with_hidden(out, leaf)
+                return forward
+
+            swapped = []
+            for k, block in enumerate(blocks):
+                swapped.append((block, block.__dict__.get("forward")))
+                block.forward = stand_in(k, block, kept, state)
+            try:
+                with torch.enable_grad():  # no KV cache: the re-run of a block must not see the first run's keys
+                    logits = model_call(model, {**batch.inputs, **no_cache})
+            finally:
+                for block, fwd in swapped:
+                    if fwd is None:
+                        block.__dict__.pop("forward", None)
+                    else:
+                        block.forward = fwd
+            if len(kept) != len(blocks):
+                raise StatsError(f"{prefix}: {len(kept)} of {len(blocks)} blocks ran once in the forward; a layer-"
+                                 "wise Fisher needs each block called once per pass")
+            last, h0 = state["last"], state["h0"]
+            # 2. the head: one backward per gradient row
+            rows: list[tuple[int, torch.Tensor]] = []  # (example, d log p / d last block output, example's row)
+            head_tied: list[dict[int, torch.Tensor]] = []
+            for c, t in terms(batch.target_mask, logits.shape[-1]):
+                vals = log_p(logits, batch.targets, batch.target_mask, batch.uniform, task, policy, c, t)
+                for i in range(batch.n):
+                    grads = torch.autograd.grad(vals[i], [last] + [p for _, p in res_pairs], retain_graph=True,
+                                                allow_unused=True)
+                    g_last = grads[0]
+                    rows.append((i, torch.zeros_like(last[i]) if g_last is None else g_last[i]))
+                    keep: dict[int, torch.Tensor] = {}
+                    for (orig, _), g in zip(res_pairs, grads[1:]):
+                        if g is None:
+                            continue
+                        if orig in tied:
+                            keep[orig] = g
+                        else:
+                            add_sq(wanted[orig], g)
+                    head_tied.append(keep)
+            del logits, last
+            # 3. the blocks, last to first
+            for k in range(len(blocks) - 1, -1, -1):
+                args, kwargs, where = kept[k]
+                with weights.placed([blocks[k]]) as live, torch.enable_grad():
+                    x = (args[where] if isinstance(where, int) else kwargs[where]).detach().requires_grad_(True)
+                    a, kw = _replaced(args, kwargs, where, x)
+                    out = _hidden(blocks[k].forward(*a, **kw))
+                    pairs = [(orig, p) for orig, p in live.items() if orig in wanted]
+                    for r, (i, g) in enumerate(rows):
+                        full = torch.zeros_like(out)
+                        full[i] = g
+                        grads = torch.autograd.grad(out, [x] + [p for _, p in pairs], grad_outputs=full,
+                                                    retain_graph=r < len(rows) - 1, allow_unused=True)
+                        rows[r] = (i, torch.zeros_like(g) if grads[0] is None else grads[0][i])
+                        for (orig, _), gp in zip(pairs, grads[1:]):
+                            if gp is not None:
+                                add_sq(wanted[orig], gp)
+                    del out, x
+                kept[k] = ((), {}, 0)  # this block's activations are no longer needed
+            # 4. the embeddings (and anything else before the first block)
+            for r, (i, g) in enumerate(rows):
+                full = torch.zeros_like(h0)
+                full[i] = g
+                pre = res_pairs if h0.requires_grad else []
+                grads = torch.autograd.grad(h0, [p for _, p in pre], grad_outputs=full,
+                                            retain_graph=r < len(rows) - 1, allow_unused=True) if pre else []
+                seen = set()
+                for (orig, _), gp in zip(pre, grads):
+                    extra = head_tied[r].get(orig)
+                    if gp is None and extra is None:
+                        continue
+                    total = gp if extra is None else (extra if gp is None else gp + extra)
+                    add_sq(wanted[orig], total)
+                    seen.add(orig)
+                for orig, extra in head_tied[r].items():  # tied, but not reached before the first block
+                    if orig not in seen:
+                        add_sq(wanted[orig], extra)
+            n += batch.n
+            tokens += batch.tokens
+            on_batch(batch)
+    return acc, n, tokens
+
+
+def _alias_counts(model: nn.Module) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
+def _outside(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """The smallest set of modules covering every parameter outside `blocks`: the siblings of each ancestor of
+    the block list, and the ancestors' own direct parameters (as a module holding nothing else)."""
+    path: list[nn.Module] = []
+
+    def find(mod: nn.Module) -> bool:
+        if mod is blocks:
+            return True
+        for child in mod.children():
+            if find(child):
+                path.append(mod)
+                return True
+        return False
+
+    find(model)
+    out: list[nn.Module] = []
+    for ancestor in path:
+        for child in ancestor.children():
+            if child is not blocks and child not in path:
+                out.append(child)
+        if ancestor._parameters or ancestor._buffers:
+            out.append(_Direct(ancestor))
+    return out
+
+
+class _Direct(nn.Module):
+    """A view of one module's own parameters and buffers (not its children's), so `_Weights.placed` visits them
+    without walking into the blocks."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "target", module)
+
+    def modules(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        yield self.target
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # type: ignore[override]
+        yield from (p for p in self.target._parameters.values() if p is not None)
+
+
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> tuple[tuple[Any, ...], dict[str, Any],
+                                                                                  int | str]:
+    """Where the hidden state is among a block's arguments (the first positional tensor, or `hidden_states`);
+    any other argument that carries gradient (T5's position bias) is refused: only the hidden state flows."""
+    if args and isinstance(args[0], torch.Tensor):
+        where: int | str = 0
+    elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        where = "hidden_states"
+    else:
+        raise StatsError(f"block {k}: no hidden-state argument found; layer-wise Fisher needs blocks called as "
+                         "block(hidden_states, ...)")
+    for key, v in [*enumerate(args), *kwargs.items()]:
+        if key != where and _carries_grad(v):
+            raise StatsError(f"block {k}: argument {key!r} carries gradient besides the hidden state; this model's "
+                             "blocks are not independent enough for a layer-wise Fisher")
+    return args, kwargs, where
+
+
+def _carries_grad(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.requires_grad
+    if isinstance(v, (tuple, list)):
+        return any(_carries_grad(x) for x in v)
+    return False
+
+
+def _detached(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str) -> tuple[tuple[Any, ...],
+                                                                                          dict[str, Any]]:
+    h = args[where] if isinstance(where, int) else kwargs[where]
+    return _replaced(args, kwargs, where, h.detach())
+
+
+def _replaced(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str,
+              h: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(where, int):
+        return (*args[:where], h, *args[where + 1:]), kwargs
+    return args, {**kwargs, where: h}
