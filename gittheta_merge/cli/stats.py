@@ -60,8 +60,8 @@ def stats_add(blob: str, paths: tuple[str, ...], kind: str) -> None:
 @click.option("--diagonal-only", is_flag=True, help="gram/kfac: store only the diagonal (d instead of d² numbers)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
 @click.option("--device-map", default=None, metavar="auto|balanced|sequential",
-              help="gram, fisher: a model larger than one device, split by accelerate over the GPUs, the CPU "
-                   "and --offload-folder (needs `pip install accelerate`; the Fisher then runs one block at a "
+              help="a model larger than one device, split by accelerate over the GPUs, the CPU and "
+                   "--offload-folder (needs `pip install accelerate`; fisher and kfac then run one block at a "
                    "time); the placement is printed first")
 @click.option("--max-memory", default=None, metavar="DEV=SIZE,…",
               help="with --device-map: what each device may hold, e.g. 0=20GB,cpu=8GB (the rest goes to disk)")
@@ -88,7 +88,7 @@ def stats_compute(model_path: str, kind: str, data_path: str, task: str, config_
     rank = group.rank if group else 0
     with contextlib.ExitStack() as cleanup:
         load: dict[str, Any] = {}
-        if device_map:  # a model larger than one device: accelerate places it (gram; fisher layer by layer)
+        if device_map:  # a model larger than one device: accelerate places it (fisher/kfac layer by layer)
             from gittheta_merge.stats import placement
 
             placement.check(kind, group is not None)

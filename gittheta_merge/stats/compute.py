@@ -511,8 +511,8 @@ def compute_statistic(
                          "expectation intractable); use sampled")
     if per_example not in ("auto", "vmap", "loop", "layerwise"):
         raise StatsError("per_example is auto, vmap, loop or layerwise")
-    if per_example == "layerwise" and kind != "fisher":
-        raise StatsError("layerwise recomputation is for the Fisher")
+    if per_example == "layerwise" and kind == "gram":
+        raise StatsError("layerwise recomputation is for the Fisher and K-FAC (a Gram needs no backward)")
     if diagonal_only and kind == "fisher":
         raise StatsError("diagonal_only applies to gram and kfac (a Fisher is already diagonal)")
     precision = _precision(accumulate_dtype)
@@ -521,10 +521,10 @@ def compute_statistic(
         from gittheta_merge.stats import placement
 
         if kind not in placement.KINDS:
-            raise StatsError(f"a model split by device_map gives {kind} no gradients to sum: gram or fisher only")
+            raise StatsError(f"a model split by device_map cannot give {kind}")
         dev = torch.device(placement.execution_device(model))
-        if kind == "fisher":
-            per_example = "layerwise"  # one block on the device at a time
+        if kind != "gram":
+            per_example = "layerwise"  # gradients: one block on the device at a time
     else:
         dev = torch.device(device)
         model.to(dev)
@@ -581,11 +581,13 @@ def compute_statistic(
                 from .layerwise import layerwise_fisher
 
                 attention, method, reason = None, "layerwise", None
-                sums, n, tokens = layerwise_fisher(
+                sums, n, tokens, whole_batch = layerwise_fisher(
                     model, batches, names, precision, dev, _model_call, _log_p, runner.terms, task, label_policy,
                     lambda b: bar.update(b.n, b.tokens))
                 prov["layerwise"] = ("one block materialized at a time: forward keeps each block's inputs, "
-                                     "backward re-runs it; sums on the CPU")
+                                     "backward re-runs it per example; sums on the CPU")
+                if whole_batch:
+                    prov["layerwise_whole_batch_blocks"] = whole_batch
             else:
                 with _eager_attention(model) as attention:
                     sums, method, reason, n, tokens = _fisher(model, batches, runner, names, precision, per_example,
@@ -609,8 +611,20 @@ def compute_statistic(
             modules = _linear_modules(model, include, exclude)
             if kind == "kfac" and max_dim is None:
                 max_dim = 8192
-            accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, precision,
-                                                                diagonal_only, max_dim)
+            if kind == "kfac" and per_example == "layerwise":
+                from .layerwise import layerwise_kfac
+
+                skipped = [_weight_name(nm) for nm, m in modules.items() if _dims(m)[1] > max_dim]
+                kept_modules = {nm: m for nm, m in modules.items() if _dims(m)[1] <= max_dim}
+                accs, n, tokens = layerwise_kfac(
+                    model, batches, kept_modules, lambda d: _OuterAcc(d, precision, torch.device("cpu"), diagonal_only),
+                    dev, _model_call, _log_p, runner.terms, task, label_policy, lambda b: bar.update(b.n, b.tokens))
+                leader_of = {k: k for k in accs}
+                prov["layerwise"] = ("one block materialized at a time: forward keeps each block's inputs, "
+                                     "backward re-runs it; sums on the CPU")
+            else:
+                accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, precision,
+                                                                    diagonal_only, max_dim)
             tensors = {k: a.result() for k, a in accs.items()}
             sharing = {w: k for w, k in leader_of.items() if k in accs}
             counts = {k: a.count for k, a in accs.items()}

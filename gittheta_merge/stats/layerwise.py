@@ -39,7 +39,7 @@ from torch import nn
 from gittheta_merge.errors import StatsError
 from gittheta_merge.stats.placement import stored_value
 
-from .accumulate import _Precision
+from .accumulate import _OuterAcc, _Precision, _RowIndex, _weight_name
 from .batches import _Batch
 
 
@@ -138,28 +138,125 @@ def _plain_forwards(model: nn.Module) -> Iterator[None]:
                 mod.forward = fwd
 
 
+class _LayerPass:
+    """What the Fisher and K-FAC share: the blocks and the resident parts, the forward with stand-ins (step 1) and
+    the re-run of one block from its kept inputs (step 3)."""
+
+    def __init__(self, model: nn.Module, device: torch.device,
+                 model_call: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], what: str) -> None:
+        self.model, self.device, self.model_call = model, device, model_call
+        self.prefix, self.blocks = find_blocks(model)
+        owners: dict[int, int] = {}
+        for k, block in enumerate(self.blocks):
+            for p in block.parameters():
+                if owners.setdefault(id(p), k) != k:
+                    raise StatsError(f"{self.prefix}: blocks share weights (block {owners[id(p)]} and {k}); a layer-"
+                                     f"wise {what} needs each block's own")
+        self.resident = _outside(model, self.blocks)  # the model minus the blocks: materialized for the whole run
+        for m in self.resident:
+            for p in m.parameters():
+                if id(p) in owners:
+                    raise StatsError(f"a block weight is also used outside {self.prefix}; a layer-wise {what} "
+                                     "cannot split its gradient")
+        self.weights = _Weights(model, device)
+        accepts = inspect.signature(model.forward).parameters
+        self.no_cache = {"use_cache": False} if "use_cache" in accepts else {}
+
+    @contextmanager
+    def session(self) -> Iterator[dict[int, nn.Parameter]]:
+        """accelerate's forwards bypassed and the resident parts materialized, for the whole run."""
+        with _plain_forwards(self.model), self.weights.placed(self.resident) as live:
+            yield live
+
+    def forward(self, batch: _Batch) -> tuple[torch.Tensor, list[Any], torch.Tensor, torch.Tensor]:
+        """Step 1. Returns (logits, each block's kept inputs, the first block's input with its autograd graph, the
+        last block's output leaf)."""
+        kept: list[tuple[tuple[Any, ...], dict[str, Any], int | str]] = []
+        state: dict[str, torch.Tensor] = {}
+        swapped = []
+        for k, block in enumerate(self.blocks):
+            swapped.append((block, block.__dict__.get("forward")))
+            block.forward = self._stand_in(k, block, kept, state)
+        try:
+            with torch.enable_grad():  # no KV cache: the re-run of a block must not see the first run's keys
+                logits = self.model_call(self.model, {**batch.inputs, **self.no_cache})
+        finally:
+            for block, fwd in swapped:
+                if fwd is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = fwd
+        if len(kept) != len(self.blocks):
+            raise StatsError(f"{self.prefix}: {len(kept)} block calls for {len(self.blocks)} blocks in one forward; "
+                             "a layer-wise pass needs each block called once")
+        return logits, kept, state["h0"], state["last"]
+
+    def _stand_in(self, k: int, block: nn.Module, kept: list[Any],
+                  state: dict[str, torch.Tensor]) -> Callable[..., Any]:
+        run = block.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs, where = _split_hidden(args, kwargs, k)
+            if k == 0:
+                state["h0"] = args[where] if isinstance(where, int) else kwargs[where]
+            args, kwargs = _detached(args, kwargs, where)
+            kept.append((args, kwargs, where))
+            with self.weights.placed([block]), torch.no_grad():
+                out = run(*args, **kwargs)
+            leaf = _hidden(out).detach().requires_grad_(True)
+            state["last"] = leaf
+            return _with_hidden(out, leaf)
+        return forward
+
+    @contextmanager
+    def rerun(self, k: int, kept: list[Any]) -> Iterator[tuple[Callable[[int | None], tuple[torch.Tensor,
+                                                                                           torch.Tensor]],
+                                                               dict[int, nn.Parameter]]]:
+        """Step 3 for block k: materialized for the duration. Yields (run, {id(original parameter): Parameter in
+        use}): run(None) re-runs the block on the whole batch from its kept inputs with autograd, run(i) on example
+        i alone (every argument whose first dimension is the batch sliced to row i), each returning (input leaf,
+        output hidden state). The kept inputs are released after."""
+        args, kwargs, where = kept[k]
+        h = args[where] if isinstance(where, int) else kwargs[where]
+        batch = h.shape[0]
+
+        def run(i: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            a, kw = (args, kwargs) if i is None else (_row(args, i, batch), _row(kwargs, i, batch))
+            x = (h if i is None else h[i:i + 1]).detach().requires_grad_(True)
+            a, kw = _replaced(a, kw, where, x)
+            with torch.enable_grad():
+                return x, _hidden(self.blocks[k].forward(*a, **kw))
+
+        with self.weights.placed([self.blocks[k]]) as live:
+            yield run, live
+        kept[k] = ((), {}, 0)
+
+
+def _row(value: Any, i: int, batch: int) -> Any:
+    """Example i's part of a block argument: tensors whose first dimension is the batch are sliced (kept 3D/4D),
+    containers are walked, anything else (shared position tables, None, flags) is passed as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[i:i + 1] if value.dim() >= 1 and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_row(v, i, batch) for v in value)
+    if isinstance(value, list):
+        return [_row(v, i, batch) for v in value]
+    if isinstance(value, dict):
+        return {key: _row(v, i, batch) for key, v in value.items()}
+    return value
+
+
 def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[str], precision: _Precision,
                      device: torch.device, model_call: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
                      log_p: Callable[..., torch.Tensor], terms: Callable[[torch.Tensor | None, int], list],
                      task: str, policy: str, on_batch: Callable[[_Batch], None]) -> tuple[dict[str, torch.Tensor],
-                                                                                           int, int]:
+                                                                                           int, int, list[int]]:
     """Sum over examples of squared per-example gradients of log p for the parameters `names`, one block on the
-    device at a time (module docstring). Returns (sums on the CPU by name, examples, tokens)."""
-    prefix, blocks = find_blocks(model)
-    block_ids = [{id(p) for p in b.parameters()} for b in blocks]
-    owners: dict[int, int] = {}
-    for k, ids in enumerate(block_ids):
-        for i in ids:
-            if owners.setdefault(i, k) != k:
-                raise StatsError(f"{prefix}: blocks share weights (block {owners[i]} and {k}); a layer-wise Fisher "
-                                 "needs each block's own")
-    resident = _outside(model, blocks)  # the model minus the blocks: materialized for the whole run
-    for m in resident:
-        for p in m.parameters():
-            if id(p) in owners:
-                raise StatsError(f"a block weight is also used outside {prefix}; a layer-wise Fisher cannot "
-                                 "split its gradient")
-    weights = _Weights(model, device)
+    device at a time (module docstring). Each example's backward re-runs the block on that example alone, checked
+    against its row of the batched output; a block whose arguments cannot be cut per example is re-run on the
+    whole batch with the output gradient zero outside the example (same result, a batch-wide backward per example).
+    Returns (sums on the CPU by name, examples, tokens, the blocks re-run whole)."""
+    lp = _LayerPass(model, device, model_call, "Fisher")
     params = dict(model.named_parameters())
     wanted = {id(params[n]): n for n in names}
     acc = {n: torch.zeros(params[n].shape, dtype=precision.sum) for n in names}
@@ -168,49 +265,14 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
     def add_sq(name: str, g: torch.Tensor) -> None:
         acc[name].add_(g.to(precision.product_dtype(g.dtype)).square().to("cpu", precision.sum))
 
-    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    batched_blocks: set[int] = set()  # blocks whose arguments could not be cut per example
     n = tokens = 0
-    with _plain_forwards(model), weights.placed(resident) as res_live:
+    with lp.session() as res_live:
         res_pairs = [(orig, p) for orig, p in res_live.items() if orig in wanted]
         for cpu_batch in batches:
             batch = cpu_batch.to(device)
-            kept: list[tuple[tuple[Any, ...], dict[str, Any], int]] = []
-            state: dict[str, Any] = {}
-
-            def stand_in(k: int, block: nn.Module, kept: list[Any], state: dict[str, Any]) -> Callable[..., Any]:
-                run = block.forward
-
-                def forward(*args: Any, **kwargs: Any) -> Any:
-                    args, kwargs, where = _split_hidden(args, kwargs, k)
-                    h = args[where] if isinstance(where, int) else kwargs[where]
-                    if k == 0:
-                        state["h0"] = h
-                    args, kwargs = _detached(args, kwargs, where)
-                    kept.append((args, kwargs, where))
-                    with weights.placed([block]), torch.no_grad():
-                        out = run(*args, **kwargs)
-                    leaf = _hidden(out).detach().requires_grad_(True)
-                    state["last"] = leaf
-                    return _with_hidden(out, leaf)
-                return forward
-
-            swapped = []
-            for k, block in enumerate(blocks):
-                swapped.append((block, block.__dict__.get("forward")))
-                block.forward = stand_in(k, block, kept, state)
-            try:
-                with torch.enable_grad():  # no KV cache: the re-run of a block must not see the first run's keys
-                    logits = model_call(model, {**batch.inputs, **no_cache})
-            finally:
-                for block, fwd in swapped:
-                    if fwd is None:
-                        block.__dict__.pop("forward", None)
-                    else:
-                        block.forward = fwd
-            if len(kept) != len(blocks):
-                raise StatsError(f"{prefix}: {len(kept)} of {len(blocks)} blocks ran once in the forward; a layer-"
-                                 "wise Fisher needs each block called once per pass")
-            last, h0 = state["last"], state["h0"]
+            logits, kept, h0, last = lp.forward(batch)
+            last_value = last.detach()
             # 2. the head: one backward per gradient row
             rows: list[tuple[int, torch.Tensor]] = []  # (example, d log p / d last block output, example's row)
             head_tied: list[dict[int, torch.Tensor]] = []
@@ -232,24 +294,30 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
                     head_tied.append(keep)
             del logits, last
             # 3. the blocks, last to first
-            for k in range(len(blocks) - 1, -1, -1):
-                args, kwargs, where = kept[k]
-                with weights.placed([blocks[k]]) as live, torch.enable_grad():
-                    x = (args[where] if isinstance(where, int) else kwargs[where]).detach().requires_grad_(True)
-                    a, kw = _replaced(args, kwargs, where, x)
-                    out = _hidden(blocks[k].forward(*a, **kw))
+            below = [_hidden_of(entry) for entry in kept] + [last_value]  # each block's input, and the last output
+            for k in range(len(lp.blocks) - 1, -1, -1):
+                with lp.rerun(k, kept) as (run, live):
                     pairs = [(orig, p) for orig, p in live.items() if orig in wanted]
+                    alone = None if k in batched_blocks else _alone(run, batch.n, below[k + 1])
+                    if alone is None:  # example i's gradient from the batch, zero output gradient elsewhere
+                        batched_blocks.add(k)
+                        x, out = run(None)
                     for r, (i, g) in enumerate(rows):
-                        full = torch.zeros_like(out)
-                        full[i] = g
+                        if alone is not None:  # example i re-run alone: the loop's cost, not the batch's
+                            x, out = alone[i]
+                            full = g.unsqueeze(0)
+                            again = any(j == i for j, _ in rows[r + 1:])
+                        else:
+                            full = torch.zeros_like(out)
+                            full[i] = g
+                            again = r < len(rows) - 1
                         grads = torch.autograd.grad(out, [x] + [p for _, p in pairs], grad_outputs=full,
-                                                    retain_graph=r < len(rows) - 1, allow_unused=True)
-                        rows[r] = (i, torch.zeros_like(g) if grads[0] is None else grads[0][i])
+                                                    retain_graph=again, allow_unused=True)
+                        rows[r] = (i, torch.zeros_like(g) if grads[0] is None else grads[0][0 if alone else i])
                         for (orig, _), gp in zip(pairs, grads[1:]):
                             if gp is not None:
                                 add_sq(wanted[orig], gp)
-                    del out, x
-                kept[k] = ((), {}, 0)  # this block's activations are no longer needed
+                    alone = x = out = None  # type: ignore[assignment]
             # 4. the embeddings (and anything else before the first block)
             for r, (i, g) in enumerate(rows):
                 full = torch.zeros_like(h0)
@@ -271,7 +339,102 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
             n += batch.n
             tokens += batch.tokens
             on_batch(batch)
-    return acc, n, tokens
+    return acc, n, tokens, sorted(batched_blocks)
+
+
+def _hidden_of(entry: tuple[tuple[Any, ...], dict[str, Any], int | str]) -> torch.Tensor:
+    args, kwargs, where = entry
+    return args[where] if isinstance(where, int) else kwargs[where]
+
+
+def _alone(run: Callable[[int | None], tuple[torch.Tensor, torch.Tensor]], n: int,
+           expected: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every example of the batch re-run alone, or None when an example's output differs from its row of the batched
+    output (the block's arguments could not be cut per example): then the batch is re-run whole."""
+    out = []
+    tol = 1e-4 if expected.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    scale = float(expected.abs().max()) or 1.0
+    for i in range(n):
+        x, o = run(i)
+        if o.shape != expected[i:i + 1].shape or not torch.allclose(o.detach(), expected[i:i + 1], rtol=tol,
+                                                                     atol=tol * scale):
+            return None
+        out.append((x, o))
+    return out
+
+
+def layerwise_kfac(model: nn.Module, batches: Iterable[_Batch], modules: dict[str, nn.Module],
+                   make_acc: Callable[[int], _OuterAcc], device: torch.device,
+                   model_call: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+                   log_p: Callable[..., torch.Tensor], terms: Callable[[torch.Tensor | None, int], list], task: str,
+                   policy: str, on_batch: Callable[[_Batch], None]) -> tuple[dict[str, _OuterAcc], int, int]:
+    """K-FAC's output-gradient Gram (sum over tokens of g g^T, g = d log p_n / d module output) of every module in
+    `modules`, one block on the device at a time. One batched backward per label term gives every example's own g
+    (examples do not interact), so unlike the Fisher no per-example rows are needed: the term's gradient at each
+    block's output is carried down the blocks whole. Returns (accumulators by weight name, examples, tokens)."""
+    lp = _LayerPass(model, device, model_call, "K-FAC")
+    accs: dict[str, _OuterAcc] = {}
+    outs: list[tuple[str, torch.Tensor]] = []
+
+    def record(key: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                outs.append((key, output))
+        return hook
+
+    handles = [m.register_forward_hook(record(_weight_name(name))) for name, m in modules.items()]
+
+    def collect(found: list[tuple[str, torch.Tensor]], grads: Iterable[torch.Tensor | None], index: _RowIndex,
+                first: bool) -> None:
+        for (key, o), g in zip(found, grads):
+            if g is None:
+                continue
+            if key not in accs:
+                accs[key] = make_acc(int(o.shape[-1]))
+            r, idx, how = index.select(g)
+            accs[key].add(r.to("cpu"), how, None if idx is None else idx.to("cpu"), count=first)
+
+    n = tokens = 0
+    try:
+        with lp.session():
+            for cpu_batch in batches:
+                batch = cpu_batch.to(device)
+                index = _RowIndex(batch.attention_mask)
+                outs.clear()
+                logits, kept, h0, last = lp.forward(batch)  # the blocks ran without autograd: resident outputs only
+                resident_outs = list(outs)
+                todo = terms(batch.target_mask, logits.shape[-1])
+                g_terms: list[torch.Tensor] = []
+                for j, (c, t) in enumerate(todo):
+                    obj = log_p(logits, batch.targets, batch.target_mask, batch.uniform, task, policy, c, t).sum()
+                    grads = torch.autograd.grad(obj, [last] + [o for _, o in resident_outs], retain_graph=True,
+                                                allow_unused=True)
+                    g_terms.append(torch.zeros_like(last) if grads[0] is None else grads[0])
+                    collect(resident_outs, grads[1:], index, j == 0)
+                del logits, last
+                for k in range(len(lp.blocks) - 1, -1, -1):
+                    outs.clear()
+                    with lp.rerun(k, kept) as (run, _):
+                        x, out = run(None)
+                        found = list(outs)
+                        for j, g in enumerate(g_terms):
+                            grads = torch.autograd.grad(out, [x] + [o for _, o in found], grad_outputs=g,
+                                                        retain_graph=j < len(g_terms) - 1, allow_unused=True)
+                            g_terms[j] = torch.zeros_like(g) if grads[0] is None else grads[0]
+                            collect(found, grads[1:], index, j == 0)
+                    outs.clear()
+                if h0.requires_grad and resident_outs:  # modules before the first block (an embedding projection)
+                    for j, g in enumerate(g_terms):
+                        grads = torch.autograd.grad(h0, [o for _, o in resident_outs], grad_outputs=g,
+                                                    retain_graph=j < len(g_terms) - 1, allow_unused=True)
+                        collect(resident_outs, grads, index, j == 0)
+                n += batch.n
+                tokens += batch.tokens
+                on_batch(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs, n, tokens
 
 
 def _alias_counts(model: nn.Module) -> dict[int, int]:

@@ -2,10 +2,10 @@
 disk folder, and moves each layer's weights to where it runs, one layer at a time.
 
 The Gram statistic runs on that placement as it is: it needs the inputs of each linear layer (forward hooks), which
-an offloaded layer still sees. The Fisher needs the gradient of every weight, and accelerate's offloaded layers hold
-no trainable weights (they are filled in for each forward and dropped), so it runs layer by layer instead
-(stats/layerwise.py: one block's weights materialized at a time, re-run for the backward). K-FAC is refused with
-that reason rather than computed partially.
+an offloaded layer still sees. The Fisher and K-FAC need gradients (of every weight; of every layer output), and
+accelerate's offloaded layers hold no trainable weights (they are filled in for each forward and dropped), so
+they run layer by layer instead (stats/layerwise.py: one block's weights materialized at a time, re-run for the
+backward).
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from typing import Any
 
 from gittheta_merge.errors import UsageError
 
-KINDS = ("gram", "fisher")
+KINDS = ("gram", "fisher", "kfac")
 
 
 def check(kind: str, distributed: bool) -> None:
     if kind not in KINDS:
-        raise UsageError(f"--device-map computes gram and fisher statistics: {kind} needs the gradients of layer "
-                         "outputs, which accelerate's offloaded layers do not keep; compute it on a device that holds "
-                         "the whole model")
+        raise UsageError(f"--device-map computes {', '.join(KINDS)} statistics, not {kind}")
     if distributed:
         raise UsageError("--device-map under torchrun: each rank would load its own split copy; run it as one process")
 

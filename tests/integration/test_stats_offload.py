@@ -69,7 +69,6 @@ def test_fisher_of_an_offloaded_model_through_the_cli_equals_the_whole_models(hf
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kind", "kfac", "--device-map", "auto"], "gram and fisher statistics"),
     (["--kind", "gram", "--max-memory", "cpu=1GB"], "go with --device-map"),
     (["--kind", "gram", "--device-map", "auto", "--max-memory", "lots"], "DEVICE=SIZE"),
 ])

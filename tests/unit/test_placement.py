@@ -33,10 +33,10 @@ def test_the_placement_lists_runs_of_layers_per_device() -> None:
     assert placement.execution_device(_Placed({"": "cpu"})) == "cpu"
 
 
-def test_gram_and_fisher_are_computed_on_a_split_model_and_kfac_is_not() -> None:
-    placement.check("gram", distributed=False)
-    placement.check("fisher", distributed=False)  # layer by layer (stats/layerwise.py)
-    with pytest.raises(UsageError, match="gradients of layer outputs"):
-        placement.check("kfac", distributed=False)
+def test_every_kind_is_computed_on_a_split_model_but_not_under_torchrun() -> None:
+    for kind in ("gram", "fisher", "kfac"):  # fisher and kfac layer by layer (stats/layerwise.py)
+        placement.check(kind, distributed=False)
+    with pytest.raises(UsageError, match="not lfisher"):
+        placement.check("lfisher", distributed=False)
     with pytest.raises(UsageError, match="torchrun"):
         placement.check("gram", distributed=True)

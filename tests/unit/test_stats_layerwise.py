@@ -108,12 +108,27 @@ def test_causal_lm_with_a_tied_head_squares_the_sum_of_both_sides(gtok) -> None:
     assert_same_fisher(got, fisher(model, gtok, exs, "causal-lm", "loop"))
 
 
+def test_a_block_whose_arguments_cannot_be_cut_per_example_is_re_run_whole(gtok, monkeypatch) -> None:
+    """If an example re-run alone does not reproduce its row of the batched output (here: every example is handed
+    example 0's arguments), the block is re-run on the whole batch instead; the Fisher is the same and the
+    provenance says which blocks."""
+    from gittheta_merge.stats import layerwise
+
+    cut = layerwise._row
+    monkeypatch.setattr(layerwise, "_row", lambda value, i, batch: cut(value, 0, batch))
+    exs = [Example(text=s) for s in SENTENCES[:6]]
+    model = gpt2()
+    got = fisher(model, gtok, exs, "causal-lm", "layerwise")
+    assert got.provenance["layerwise_whole_batch_blocks"] == [0, 1]
+    assert_same_fisher(got, fisher(model, gtok, exs, "causal-lm", "loop"))
+
+
 def test_the_blocks_found_and_what_is_refused(gtok) -> None:
     assert find_blocks(llama())[0] == "model.layers"
     assert find_blocks(gpt2())[0] == "transformer.h"
     with pytest.raises(StatsError, match="no list of repeated blocks"):
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    with pytest.raises(StatsError, match="layerwise recomputation is for the Fisher"):
+    with pytest.raises(StatsError, match="layerwise recomputation is for the Fisher and K-FAC"):
         compute_statistic(gpt2(), gtok, [Example(text="a dog")], kind="gram", task="causal-lm",
                           per_example="layerwise", progress=False)
 
@@ -148,10 +163,55 @@ def test_a_model_left_on_disk_by_accelerate_gives_the_whole_models_fisher(gtok, 
     for b, run in zip(blocks, originals):
         b._old_forward = run
     assert got.provenance["per_example"] == "layerwise"
-    assert seen == [0, 1, 2, 2, 1, 0] * 2  # two batches: forward, then the re-run from the last block
+    # 6 examples in batches of 4 and 2: the forward, then each block re-run per example from the last block
+    assert seen == [0, 1, 2] + [2] * 4 + [1] * 4 + [0] * 4 + [0, 1, 2] + [2] * 2 + [1] * 2 + [0] * 2
     assert_same_fisher(got, fisher(whole, gtok, exs, "causal-lm", "loop"))
     # the model is given back as it was: offloaded, and its forward gives the whole model's logits
     assert all(p.device.type == "meta" for p in split.parameters())
     ids = gtok(SENTENCES[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(split(input_ids=ids).logits, whole(input_ids=ids).logits, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------- K-FAC
+
+
+def kfac(model, tokenizer, exs, task: str, per_example: str, policy: str = "empirical"):
+    return compute_statistic(model, tokenizer, exs, kind="kfac", task=task, batch_size=4, per_example=per_example,
+                             label_policy=policy, progress=False)
+
+
+def assert_same_kfac(got, ref, tol: float = 1e-9) -> None:
+    assert sorted(got.tensors) == sorted(ref.tensors) and len(ref.tensors) >= 6
+    assert got.counts == ref.counts and got.sharing == ref.sharing
+    assert got.provenance.get("skipped_modules") == ref.provenance.get("skipped_modules")
+    for k, r in ref.tensors.items():
+        assert got.tensors[k].dtype == r.dtype and rel_err(got.tensors[k], r) <= tol, (k, rel_err(got.tensors[k], r))
+
+
+@pytest.mark.parametrize("policy", ["empirical", "exact"])
+def test_kfac_layer_by_layer_equals_the_batched_kfac(tok, policy: str) -> None:
+    """The default K-FAC (one batched backward with every Linear's output hooked) and the layer-wise one (the
+    backward carried down the blocks one re-run at a time) are the same sums over the same padded batches."""
+    model = make(transformers.BertForSequenceClassification, bert_config(num_labels=3))
+    exs = seqcls_examples()
+    got = kfac(model, tok, exs, "sequence-classification", "layerwise", policy)
+    assert "layerwise" in got.provenance
+    assert_same_kfac(got, kfac(model, tok, exs, "sequence-classification", "auto", policy))
+    model = make(transformers.BertForTokenClassification, bert_config(num_labels=4))
+    exs = tokcls_examples()
+    assert_same_kfac(kfac(model, tok, exs, "token-classification", "layerwise", policy),
+                     kfac(model, tok, exs, "token-classification", "auto", policy))
+
+
+@needs_accelerate
+def test_kfac_of_a_model_left_on_disk_equals_the_whole_models(gtok, tmp_path: Path) -> None:
+    whole = llama(tied=True)
+    whole.save_pretrained(tmp_path / "m")
+    split = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "m", device_map="auto", dtype=torch.float64, max_memory={"cpu": "20KB"},
+        offload_folder=str(tmp_path / "o"))
+    exs = [Example(text=s) for s in SENTENCES[:6]]
+    got = compute_statistic(split, gtok, exs, kind="kfac", task="causal-lm", batch_size=4, progress=False)
+    assert "layerwise" in got.provenance
+    assert_same_kfac(got, kfac(whole, gtok, exs, "causal-lm", "auto"), tol=1e-6)  # float32 rotary tables
