@@ -73,24 +73,31 @@ def check_stats(model: Any, tok: Any, examples: list[Any], device: str, work: Pa
     from gittheta_merge.stats.compute import compute_statistic
 
     rows, files = [], {}
-    for kind in ("fisher", "gram", "kfac"):
-        row: dict[str, Any] = {"kind": kind}
+    cpu_stats: dict[str, Any] = {}
+    # the layer-wise rows (one block on the device at a time, stats/layerwise.py) against the plain CPU ones
+    for kind, how in (("fisher", "auto"), ("gram", "auto"), ("kfac", "auto"), ("fisher", "layerwise"),
+                      ("kfac", "layerwise")):
+        row: dict[str, Any] = {"kind": kind if how == "auto" else f"{kind} ({how})"}
         try:
-            times = {}
-            out = {}
-            for dev in ("cpu", device):
+            if kind not in cpu_stats:  # the plain CPU statistic: the reference of both rows of a kind
                 t0 = time.perf_counter()
-                out[dev] = compute_statistic(model, tok, examples, kind=kind, task="sequence-classification",
-                                             batch_size=32, max_length=32, device=dev, progress=False)
-                times[dev] = time.perf_counter() - t0
-                model.to("cpu")
-            cpu, dev_stat = out["cpu"].tensors, out[device].tensors
+                cpu_stats[kind] = (compute_statistic(model, tok, examples, kind=kind, task="sequence-classification",
+                                                     batch_size=32, max_length=32, device="cpu", progress=False),
+                                   time.perf_counter() - t0)
+            ref, ref_s = cpu_stats[kind]
+            t0 = time.perf_counter()
+            got = compute_statistic(model, tok, examples, kind=kind, task="sequence-classification", batch_size=32,
+                                    max_length=32, device=device, progress=False, per_example=how)
+            dev_s = time.perf_counter() - t0
+            model.to("cpu")
+            cpu, dev_stat = ref.tensors, got.tensors
             row["max_rel_diff"] = max(rel_diff(cpu[k], dev_stat[k]) for k in cpu)
             row["same_keys"] = sorted(cpu) == sorted(dev_stat)
             row["ok"] = row["same_keys"] and row["max_rel_diff"] <= TOL
-            row.update({"cpu_s": round(times["cpu"], 2), "device_s": round(times[device], 2)})
-            files[kind] = work / f"{kind}.safetensors"
-            save_statistic(out["cpu"], files[kind])
+            row.update({"cpu_s": round(ref_s, 2), "device_s": round(dev_s, 2)})
+            if how == "auto":
+                files[kind] = work / f"{kind}.safetensors"
+                save_statistic(ref, files[kind])
         except Exception as exc:  # noqa: BLE001 - the report says what broke and goes on
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=3))
         rows.append(row)
