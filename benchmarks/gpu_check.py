@@ -40,9 +40,9 @@ WORDS = ("the a cat dog runs sits big small red blue good bad movie book not ver
 TOL = 1e-4
 
 
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_diff(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     a, b = a.double().cpu(), b.double().cpu()
-    scale = float(a.abs().max()) or 1.0
+    scale = max(float(a.abs().max()), floor) or 1.0
     return float((a - b).abs().max()) / scale
 
 
@@ -91,7 +91,10 @@ def check_stats(model: Any, tok: Any, examples: list[Any], device: str, work: Pa
             dev_s = time.perf_counter() - t0
             model.to("cpu")
             cpu, dev_stat = ref.tensors, got.tensors
-            row["max_rel_diff"] = max(rel_diff(cpu[k], dev_stat[k]) for k in cpu)
+            # a tensor whose statistic is 0 in exact arithmetic (BERT's key biases: softmax ignores them) holds
+            # rounding noise only: it is measured against 1e-6 of the statistic's largest entry instead
+            floor = 1e-6 * max(float(t.abs().max()) for t in cpu.values())
+            row["max_rel_diff"] = max(rel_diff(cpu[k], dev_stat[k], floor) for k in cpu)
             row["same_keys"] = sorted(cpu) == sorted(dev_stat)
             row["ok"] = row["same_keys"] and row["max_rel_diff"] <= TOL
             row.update({"cpu_s": round(ref_s, 2), "device_s": round(dev_s, 2)})
