@@ -121,21 +121,25 @@ class _Weights:
 
 
 @contextmanager
-def _plain_forwards(model: nn.Module) -> Iterator[None]:
-    """accelerate's wrapped forwards (which load and drop weights by themselves) swapped for the modules' own."""
-    saved = []
-    for mod in model.modules():
-        if hasattr(mod, "_hf_hook") and hasattr(mod, "_old_forward"):
-            saved.append((mod, mod.__dict__.get("forward")))
-            mod.forward = mod._old_forward
+def _forwards(swaps: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Each module's forward replaced (an instance attribute, as accelerate sets it) and put back after."""
+    saved = [(mod, mod.__dict__.get("forward")) for mod, _ in swaps]
+    for mod, fwd in swaps:
+        mod.forward = fwd
     try:
         yield
     finally:
-        for mod, fwd in saved:
+        for mod, fwd in reversed(saved):
             if fwd is None:
                 mod.__dict__.pop("forward", None)
             else:
                 mod.forward = fwd
+
+
+def _plain_forwards(model: nn.Module) -> Any:
+    """accelerate's wrapped forwards (which load and drop weights by themselves) swapped for the modules' own."""
+    return _forwards([(m, m._old_forward) for m in model.modules() if hasattr(m, "_hf_hook")
+                      and hasattr(m, "_old_forward")])
 
 
 class _LayerPass:
@@ -173,19 +177,10 @@ class _LayerPass:
         last block's output leaf)."""
         kept: list[tuple[tuple[Any, ...], dict[str, Any], int | str]] = []
         state: dict[str, torch.Tensor] = {}
-        swapped = []
-        for k, block in enumerate(self.blocks):
-            swapped.append((block, block.__dict__.get("forward")))
-            block.forward = self._stand_in(k, block, kept, state)
-        try:
-            with torch.enable_grad():  # no KV cache: the re-run of a block must not see the first run's keys
-                logits = self.model_call(self.model, {**batch.inputs, **self.no_cache})
-        finally:
-            for block, fwd in swapped:
-                if fwd is None:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.forward = fwd
+        stand_ins = [(block, self._stand_in(k, block, kept, state)) for k, block in enumerate(self.blocks)]
+        # no KV cache: the re-run of a block must not see the first run's keys
+        with _forwards(stand_ins), torch.enable_grad():
+            logits = self.model_call(self.model, {**batch.inputs, **self.no_cache})
         if len(kept) != len(self.blocks):
             raise StatsError(f"{self.prefix}: {len(kept)} block calls for {len(self.blocks)} blocks in one forward; "
                              "a layer-wise pass needs each block called once")
