@@ -520,8 +520,9 @@ def compute_statistic(
     if getattr(model, "hf_device_map", None):  # placed by accelerate (--device-map): inputs go to its first device
         from gittheta_merge.stats import placement
 
-        if kind not in placement.KINDS:
-            raise StatsError(f"a model split by device_map cannot give {kind}")
+        if kind != "gram" and per_example not in ("auto", "layerwise"):
+            raise StatsError(f"per_example={per_example!r} needs the whole model on one device; a model placed by "
+                             "device_map computes its gradients layer by layer (per_example='auto' or 'layerwise')")
         dev = torch.device(placement.execution_device(model))
         if kind != "gram":
             per_example = "layerwise"  # gradients: one block on the device at a time

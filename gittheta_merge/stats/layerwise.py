@@ -14,8 +14,13 @@ whole model must sit on the device. Here only one transformer block's weights ar
    transformer, so this is example i's own gradient) gives the block's weight gradients, squared into the sums,
    and the gradient of the block's input, which becomes the row's output gradient for the block below.
 4. Embeddings: each row's input gradient is pushed through the autograd graph of step 1 into the resident
-   parameters before the first block. A weight used on both sides (an LM head tied to the token embedding)
-   has its head-side gradient kept until then: the square is of the sum, not a sum of squares.
+   parameters before the first block. A weight used on both sides (an LM head tied to the token embedding, by
+   name or by reuse of the module; found from the graph on the first batch) has its head-side gradient kept
+   until then: the square is of the sum, not a sum of squares.
+
+The chain the re-runs rely on is checked, not assumed: block k must run k-th on exactly block k-1's output, the
+output may read only the last block, and a whole-batch re-run must reproduce the forward; otherwise the model
+is refused with an error rather than given a wrong statistic.
 
 Weights are read once per batch in the forward and once in the backward (the price of recomputation), so the
 device holds one block, the resident parts and the activations of one batch; the float sums live on the CPU.
@@ -54,8 +59,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or size > best[0]:
             best = (size, name, mod)
     if best is None or best[0] == 0:
-        raise StatsError(f"{type(model).__name__}: no list of repeated blocks found, so the Fisher cannot be "
-                         "computed layer by layer; compute it on a device that holds the whole model")
+        raise StatsError(f"{type(model).__name__}: no list of repeated blocks found, so its statistics cannot be "
+                         "computed layer by layer; compute them on a device that holds the whole model")
     return best[1], best[2]
 
 
@@ -65,7 +70,8 @@ def _hidden(value: Any) -> torch.Tensor:
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    raise StatsError(f"a block returned {type(value).__name__}; layer-wise Fisher needs the hidden state first")
+    raise StatsError(f"a block returned {type(value).__name__}; a layer-wise pass needs the hidden state first: "
+                     "compute on a device that holds the whole model")
 
 
 def _with_hidden(value: Any, hidden: torch.Tensor) -> Any:
@@ -102,7 +108,7 @@ class _Weights:
                         if id(p) not in live:
                             if p.device.type == "meta" or p.device != self.device:
                                 live[id(p)] = nn.Parameter(self._value(self.names[id(p)], p).detach(),
-                                                           requires_grad=True)
+                                                           requires_grad=p.requires_grad)
                             else:
                                 live[id(p)] = p
                         if live[id(p)] is not p:
@@ -176,7 +182,7 @@ class _LayerPass:
         """Step 1. Returns (logits, each block's kept inputs, the first block's input with its autograd graph, the
         last block's output leaf)."""
         kept: list[tuple[tuple[Any, ...], dict[str, Any], int | str]] = []
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, Any] = {}
         stand_ins = [(block, self._stand_in(k, block, kept, state)) for k, block in enumerate(self.blocks)]
         # no KV cache: the re-run of a block must not see the first run's keys
         with _forwards(stand_ins), torch.enable_grad():
@@ -184,7 +190,22 @@ class _LayerPass:
         if len(kept) != len(self.blocks):
             raise StatsError(f"{self.prefix}: {len(kept)} block calls for {len(self.blocks)} blocks in one forward; "
                              "a layer-wise pass needs each block called once")
+        self.inner = state["leaves"][:-1]  # outputs that only the next block may read: checked in the head step
         return logits, kept, state["h0"], state["last"]
+
+    def check_head(self, value: torch.Tensor) -> None:
+        """The logits must depend on the blocks through the last block's output only (not a middle one)."""
+        if self.inner and any(g is not None for g in torch.autograd.grad(value, self.inner, retain_graph=True,
+                                                                       allow_unused=True)):
+            raise StatsError(f"the output reads a middle block of {self.prefix}, not only the last one; this model "
+                             "cannot be computed layer by layer: compute on a device that holds the whole model")
+
+    def check_rerun(self, k: int, out: torch.Tensor, expected: torch.Tensor) -> None:
+        """A whole-batch re-run must give what the forward gave (the next block's input, or the last output)."""
+        if out.shape != expected.shape or not _close(out.detach(), expected):
+            raise StatsError(f"{self.prefix}.{k}: its re-run differs from its forward (state kept between calls?); "
+                             "this model cannot be computed layer by layer: compute on a device that holds the "
+                             "whole model")
 
     def _stand_in(self, k: int, block: nn.Module, kept: list[Any],
                   state: dict[str, torch.Tensor]) -> Callable[..., Any]:
@@ -192,14 +213,21 @@ class _LayerPass:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             args, kwargs, where = _split_hidden(args, kwargs, k)
+            h = args[where] if isinstance(where, int) else kwargs[where]
+            # the chain the re-runs rely on: block k runs k-th, on exactly block k-1's output
+            if len(kept) != k or (k > 0 and h is not state.get("last")):
+                raise StatsError(f"{self.prefix}.{k}: not called in order on the previous block's output (a hook or "
+                                 "an operation between blocks); this model cannot be computed layer by layer: "
+                                 "compute on a device that holds the whole model")
             if k == 0:
-                state["h0"] = args[where] if isinstance(where, int) else kwargs[where]
+                state["h0"] = h
             args, kwargs = _detached(args, kwargs, where)
             kept.append((args, kwargs, where))
             with self.weights.placed([block]), torch.no_grad():
                 out = run(*args, **kwargs)
             leaf = _hidden(out).detach().requires_grad_(True)
             state["last"] = leaf
+            state.setdefault("leaves", []).append(leaf)  # type: ignore[attr-defined]
             return _with_hidden(out, leaf)
         return forward
 
@@ -255,82 +283,100 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
     params = dict(model.named_parameters())
     wanted = {id(params[n]): n for n in names}
     acc = {n: torch.zeros(params[n].shape, dtype=precision.sum) for n in names}
-    tied = {i for i, c in _alias_counts(model).items() if c > 1}
+    both_sides: set[int] | None = None  # resident weights before the first block: found on the first batch
 
     def add_sq(name: str, g: torch.Tensor) -> None:
-        acc[name].add_(g.to(precision.product_dtype(g.dtype)).square().to("cpu", precision.sum))
+        sq = g.to(precision.product_dtype(g.dtype)).square()
+        if sq.dim() == 2 and sq.numel() > 1 << 20:  # an embedding table: only the example's own rows are nonzero
+            rows = sq.any(1).nonzero().squeeze(1)
+            acc[name].index_add_(0, rows.cpu(), sq[rows].to("cpu", precision.sum))
+        else:
+            acc[name].add_(sq.to("cpu", precision.sum))
 
     batched_blocks: set[int] = set()  # blocks whose arguments could not be cut per example
     n = tokens = 0
     with lp.session() as res_live:
-        res_pairs = [(orig, p) for orig, p in res_live.items() if orig in wanted]
+        res_pairs = [(orig, p) for orig, p in res_live.items() if orig in wanted and p.requires_grad]
         for cpu_batch in batches:
             batch = cpu_batch.to(device)
             logits, kept, h0, last = lp.forward(batch)
             last_value = last.detach()
-            # 2. the head: one backward per gradient row
-            rows: list[tuple[int, torch.Tensor]] = []  # (example, d log p / d last block output, example's row)
-            head_tied: list[dict[int, torch.Tensor]] = []
-            for c, t in terms(batch.target_mask, logits.shape[-1]):
+            if both_sides is None:  # a weight on both sides of the blocks (a tied head): its square is of the sum
+                pre = torch.autograd.grad(h0.sum(), [p for _, p in res_pairs], retain_graph=True,
+                                          allow_unused=True) if h0.requires_grad and res_pairs else []
+                both_sides = {orig for (orig, _), g in zip(res_pairs, pre) if g is not None}
+            # 2. the head: one backward per gradient row (an example, or an exact-policy term of one)
+            rows: list[tuple[int, torch.Tensor]] = []  # (example, d log p / d last block output, that row only)
+            head_side: list[dict[int, torch.Tensor]] = []  # a both-sides weight's head gradient, on the CPU
+            for j, (c, t) in enumerate(terms(batch.target_mask, logits.shape[-1])):
                 vals = log_p(logits, batch.targets, batch.target_mask, batch.uniform, task, policy, c, t)
+                if j == 0:
+                    lp.check_head(vals.sum())
                 for i in range(batch.n):
                     grads = torch.autograd.grad(vals[i], [last] + [p for _, p in res_pairs], retain_graph=True,
                                                 allow_unused=True)
-                    g_last = grads[0]
-                    rows.append((i, torch.zeros_like(last[i]) if g_last is None else g_last[i]))
+                    g_last = None if grads[0] is None or not grads[0][i].any() else grads[0][i].clone()
                     keep: dict[int, torch.Tensor] = {}
                     for (orig, _), g in zip(res_pairs, grads[1:]):
                         if g is None:
                             continue
-                        if orig in tied:
-                            keep[orig] = g
-                        else:
+                        if orig in both_sides and g_last is not None:
+                            keep[orig] = g.to("cpu", precision.product_dtype(g.dtype))
+                        else:  # nothing reaches the embeddings from a zero row: the head side is all of it
                             add_sq(wanted[orig], g)
-                    head_tied.append(keep)
+                    if g_last is not None:  # an exact-policy term at a position that is no target here adds 0
+                        rows.append((i, g_last))
+                        head_side.append(keep)
+                    del grads, g_last, keep
+                del vals
             del logits, last
             # 3. the blocks, last to first
             below = [_hidden_of(entry) for entry in kept] + [last_value]  # each block's input, and the last output
+            final = {i: r for r, (i, _) in enumerate(rows)}  # an example's last row frees its graph
             for k in range(len(lp.blocks) - 1, -1, -1):
                 with lp.rerun(k, kept) as (run, live):
-                    pairs = [(orig, p) for orig, p in live.items() if orig in wanted]
+                    pairs = [(orig, p) for orig, p in live.items() if orig in wanted and p.requires_grad]
                     alone = None if k in batched_blocks else _alone(run, batch.n, below[k + 1])
+                    x = out = None
                     if alone is None:  # example i's gradient from the batch, zero output gradient elsewhere
                         batched_blocks.add(k)
                         x, out = run(None)
+                        lp.check_rerun(k, out, below[k + 1])
                     for r, (i, g) in enumerate(rows):
                         if alone is not None:  # example i re-run alone: the loop's cost, not the batch's
                             x, out = alone[i]
                             full = g.unsqueeze(0)
-                            again = any(j == i for j, _ in rows[r + 1:])
+                            again = final[i] > r
                         else:
                             full = torch.zeros_like(out)
                             full[i] = g
                             again = r < len(rows) - 1
                         grads = torch.autograd.grad(out, [x] + [p for _, p in pairs], grad_outputs=full,
                                                     retain_graph=again, allow_unused=True)
-                        rows[r] = (i, torch.zeros_like(g) if grads[0] is None else grads[0][0 if alone else i])
-                        for (orig, _), gp in zip(pairs, grads[1:]):
+                        g_in = grads[0]
+                        rows[r] = (i, torch.zeros_like(g) if g_in is None else g_in[0 if alone else i].clone())
+                        for orig, gp in zip([o for o, _ in pairs], grads[1:]):
                             if gp is not None:
                                 add_sq(wanted[orig], gp)
-                    alone = x = out = None  # type: ignore[assignment]
+                        del grads, g_in, full
+                    del alone, x, out, pairs, live, run  # nothing of this block outlives it
+                below[k + 1] = None  # type: ignore[call-overload]
             # 4. the embeddings (and anything else before the first block)
+            pre_pairs = res_pairs
             for r, (i, g) in enumerate(rows):
                 full = torch.zeros_like(h0)
                 full[i] = g
-                pre = res_pairs if h0.requires_grad else []
-                grads = torch.autograd.grad(h0, [p for _, p in pre], grad_outputs=full,
-                                            retain_graph=r < len(rows) - 1, allow_unused=True) if pre else []
-                seen = set()
-                for (orig, _), gp in zip(pre, grads):
-                    extra = head_tied[r].get(orig)
-                    if gp is None and extra is None:
-                        continue
-                    total = gp if extra is None else (extra if gp is None else gp + extra)
-                    add_sq(wanted[orig], total)
-                    seen.add(orig)
-                for orig, extra in head_tied[r].items():  # tied, but not reached before the first block
-                    if orig not in seen:
-                        add_sq(wanted[orig], extra)
+                grads = torch.autograd.grad(h0, [p for _, p in pre_pairs], grad_outputs=full,
+                                            retain_graph=r < len(rows) - 1, allow_unused=True) \
+                    if h0.requires_grad and pre_pairs else [None] * len(pre_pairs)
+                for (orig, _), gp in zip(pre_pairs, grads):
+                    extra = head_side[r].get(orig)
+                    if extra is not None:
+                        add_sq(wanted[orig], extra if gp is None else extra + gp.to("cpu", extra.dtype))
+                    elif gp is not None:
+                        add_sq(wanted[orig], gp)
+                del grads, full
+            del rows, head_side, h0, kept, below
             n += batch.n
             tokens += batch.tokens
             on_batch(batch)
@@ -342,17 +388,20 @@ def _hidden_of(entry: tuple[tuple[Any, ...], dict[str, Any], int | str]) -> torc
     return args[where] if isinstance(where, int) else kwargs[where]
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of the dtype (a re-run on one example vs the batch reorders sums)."""
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(b.dtype, 3e-2)
+    return torch.allclose(a, b, rtol=tol, atol=tol * (float(b.abs().max()) or 1.0))
+
+
 def _alone(run: Callable[[int | None], tuple[torch.Tensor, torch.Tensor]], n: int,
            expected: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Every example of the batch re-run alone, or None when an example's output differs from its row of the batched
     output (the block's arguments could not be cut per example): then the batch is re-run whole."""
     out = []
-    tol = 1e-4 if expected.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    scale = float(expected.abs().max()) or 1.0
     for i in range(n):
         x, o = run(i)
-        if o.shape != expected[i:i + 1].shape or not torch.allclose(o.detach(), expected[i:i + 1], rtol=tol,
-                                                                     atol=tol * scale):
+        if o.shape != expected[i:i + 1].shape or not _close(o.detach(), expected[i:i + 1]):
             return None
         out.append((x, o))
     return out
@@ -397,27 +446,34 @@ def layerwise_kfac(model: nn.Module, batches: Iterable[_Batch], modules: dict[st
                 index = _RowIndex(batch.attention_mask)
                 outs.clear()
                 logits, kept, h0, last = lp.forward(batch)  # the blocks ran without autograd: resident outputs only
+                last_value = last.detach()
                 resident_outs = list(outs)
                 todo = terms(batch.target_mask, logits.shape[-1])
                 g_terms: list[torch.Tensor] = []
                 for j, (c, t) in enumerate(todo):
                     obj = log_p(logits, batch.targets, batch.target_mask, batch.uniform, task, policy, c, t).sum()
+                    if j == 0:
+                        lp.check_head(obj)
                     grads = torch.autograd.grad(obj, [last] + [o for _, o in resident_outs], retain_graph=True,
                                                 allow_unused=True)
                     g_terms.append(torch.zeros_like(last) if grads[0] is None else grads[0])
                     collect(resident_outs, grads[1:], index, j == 0)
-                del logits, last
+                del logits, last, obj, grads
+                below = [_hidden_of(entry) for entry in kept] + [last_value]
                 for k in range(len(lp.blocks) - 1, -1, -1):
                     outs.clear()
-                    with lp.rerun(k, kept) as (run, _):
+                    with lp.rerun(k, kept) as (run, live):
                         x, out = run(None)
+                        lp.check_rerun(k, out, below[k + 1])
                         found = list(outs)
                         for j, g in enumerate(g_terms):
                             grads = torch.autograd.grad(out, [x] + [o for _, o in found], grad_outputs=g,
                                                         retain_graph=j < len(g_terms) - 1, allow_unused=True)
                             g_terms[j] = torch.zeros_like(g) if grads[0] is None else grads[0]
                             collect(found, grads[1:], index, j == 0)
+                        del x, out, found, grads, live, run  # nothing of this block outlives it
                     outs.clear()
+                    below[k + 1] = None  # type: ignore[call-overload]
                 if h0.requires_grad and resident_outs:  # modules before the first block (an embedding projection)
                     for j, g in enumerate(g_terms):
                         grads = torch.autograd.grad(h0, [o for _, o in resident_outs], grad_outputs=g,
@@ -430,13 +486,6 @@ def layerwise_kfac(model: nn.Module, batches: Iterable[_Batch], modules: dict[st
         for h in handles:
             h.remove()
     return accs, n, tokens
-
-
-def _alias_counts(model: nn.Module) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return counts
 
 
 def _outside(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
@@ -492,8 +541,10 @@ def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> tupl
                          "block(hidden_states, ...)")
     for key, v in [*enumerate(args), *kwargs.items()]:
         if key != where and _carries_grad(v):
-            raise StatsError(f"block {k}: argument {key!r} carries gradient besides the hidden state; this model's "
-                             "blocks are not independent enough for a layer-wise Fisher")
+            raise StatsError(f"block {k}: argument {key!r} carries gradient besides the hidden state (it is computed "
+                             "from weights outside the blocks, as T5's position bias or DeBERTa's relative "
+                             "embeddings are); this model cannot be computed layer by layer: compute on a device "
+                             "that holds the whole model")
     return args, kwargs, where
 
 

@@ -215,3 +215,70 @@ def test_kfac_of_a_model_left_on_disk_equals_the_whole_models(gtok, tmp_path: Pa
     got = compute_statistic(split, gtok, exs, kind="kfac", task="causal-lm", batch_size=4, progress=False)
     assert "layerwise" in got.provenance
     assert_same_kfac(got, kfac(whole, gtok, exs, "causal-lm", "auto"), tol=1e-6)  # float32 rotary tables
+
+
+def test_a_head_that_reuses_the_embedding_module_squares_the_sum(gtok) -> None:
+    """A head computing F.linear(h, wte.weight) (MPT's way: the module reused, no second name for the weight) is
+    still a weight on both sides of the blocks: found from the graph, not from parameter names."""
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                  tie_word_embeddings=False)
+    model = make(transformers.GPT2LMHeadModel, cfg)
+    model.lm_head.weight.requires_grad_(False)
+    wte = model.transformer.wte
+    model.lm_head.forward = lambda h: torch.nn.functional.linear(h, wte.weight)
+    exs = [Example(text=s) for s in SENTENCES[:6]]
+    got = fisher(model, gtok, exs, "causal-lm", "layerwise")
+    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad}
+    for e in exs:  # alone, unpadded, plain autograd over every weight
+        ids = gtok(e.text, return_tensors="pt")["input_ids"]
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).mean()
+        for (k, _), g in zip(ref.items(), torch.autograd.grad(lp, [dict(model.named_parameters())[k] for k in ref])):
+            ref[k] += g.double() ** 2
+    scale = max(float(r.norm()) for r in ref.values())
+    for k, r in ref.items():
+        if float(r.norm()) > 1e-12 * scale:
+            assert rel_err(got.tensors[k], r) <= 1e-6, (k, rel_err(got.tensors[k], r))
+
+
+@pytest.mark.parametrize("kind", ["fisher", "kfac"])
+def test_an_operation_between_blocks_is_refused_not_computed_wrong(gtok, kind: str) -> None:
+    """Block 1 fed twice block 0's output (a pre-hook): the re-runs would start from the wrong input, so it is
+    an error naming the block, not a silently wrong statistic."""
+    model = gpt2()
+    model.transformer.h[1].register_forward_pre_hook(lambda mod, args, kwargs: ((2 * args[0], *args[1:]), kwargs),
+                                                     with_kwargs=True)
+    with pytest.raises(StatsError, match=r"transformer\.h\.1: not called in order on the previous block's output"):
+        compute_statistic(model, gtok, [Example(text=s) for s in SENTENCES[:4]], kind=kind, task="causal-lm",
+                          per_example="layerwise", progress=False)
+
+
+@needs_accelerate
+@pytest.mark.parametrize("kind", ["fisher", "kfac"])
+def test_no_copy_of_a_block_outlives_it(gtok, tmp_path: Path, monkeypatch, kind: str) -> None:
+    """When a block is materialized, no weight copy of the block before it is still referenced (a leftover name,
+    a gradient view): one block on the device means one."""
+    import weakref
+    from contextlib import contextmanager
+
+    from gittheta_merge.stats import layerwise
+
+    llama(tied=False).save_pretrained(tmp_path / "m")
+    split = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "m", device_map="auto", dtype=torch.float64, max_memory={"cpu": "20KB"},
+        offload_folder=str(tmp_path / "o"))
+    in_blocks = {id(p) for p in find_blocks(split)[1].parameters()}
+    previous: list[weakref.ref] = []
+    leftovers: list[int] = []
+    placed = layerwise._Weights.placed
+
+    @contextmanager
+    def watched(self, modules):  # noqa: ANN001, ANN202
+        with placed(self, modules) as live:
+            leftovers.append(sum(r() is not None for r in previous))
+            previous[:] = [weakref.ref(p) for i, p in live.items() if i in in_blocks]
+            yield live
+
+    monkeypatch.setattr(layerwise._Weights, "placed", watched)
+    compute_statistic(split, gtok, [Example(text=s) for s in SENTENCES[:6]], kind=kind, task="causal-lm",
+                      batch_size=4, progress=False)
+    assert len(leftovers) > 6 and max(leftovers) == 0, leftovers
