@@ -170,14 +170,28 @@ class _Runner:
         return [(c, t) for t in positions for c in range(n_classes)]
 
 
+def _within_max_dim(modules: dict[str, nn.Module], kind: str,
+                    max_dim: int | None) -> tuple[dict[str, nn.Module], list[str]]:
+    """(the modules whose Gram is at most max_dim² — input dim for gram, output dim for kfac —, the weights of the
+    others, skipped)."""
+    kept: dict[str, nn.Module] = {}
+    skipped: list[str] = []
+    for name, mod in modules.items():
+        d_in, d_out = _dims(mod)
+        if max_dim is not None and (d_out if kind == "kfac" else d_in) > max_dim:
+            skipped.append(_weight_name(name))
+        else:
+            kept[name] = mod
+    return kept, skipped
+
+
 def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner: _Runner,
-                  modules: dict[str, nn.Module], precision: _Precision, diagonal_only: bool,
-                  max_dim: int | None) -> tuple[dict[str, _OuterAcc], dict[str, str], list[str], int, int]:
-    """Shared hook machinery. Returns (accumulators by tensor key, weight→key sharing, skipped modules, n, tokens)."""
+                  modules: dict[str, nn.Module], precision: _Precision,
+                  diagonal_only: bool) -> tuple[dict[str, _OuterAcc], dict[str, str], int, int]:
+    """Shared hook machinery. Returns (accumulators by tensor key, weight→key sharing, n, tokens)."""
     device = runner.device
     accs: dict[str, _OuterAcc] = {}
     leader_of: dict[str, str] = {}
-    skipped: list[str] = []
     state: dict[str, Any] = {"rows": None, "seen": {}, "outs": []}
     handles = []
 
@@ -214,10 +228,6 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
         return fwd_hook
 
     for name, mod in modules.items():
-        d_in, d_out = _dims(mod)
-        if max_dim is not None and (d_out if kind == "kfac" else d_in) > max_dim:
-            skipped.append(_weight_name(name))
-            continue
         handles.append(mod.register_forward_hook(make_hook(name, mod)))
     n = tokens = 0
     try:
@@ -252,7 +262,7 @@ def _gram_or_kfac(model: nn.Module, batches: Iterable[_Batch], kind: str, runner
     finally:
         for h in handles:
             h.remove()
-    return accs, leader_of, skipped, n, tokens
+    return accs, leader_of, n, tokens
 
 
 @contextmanager
@@ -609,23 +619,21 @@ def compute_statistic(
             float_dtype = next((p.dtype for p in params.values() if p.dtype.is_floating_point), torch.float32)
             product_dtypes = {precision.product_dtype(float_dtype)}
         else:
-            modules = _linear_modules(model, include, exclude)
             if kind == "kfac" and max_dim is None:
                 max_dim = 8192
+            modules, skipped = _within_max_dim(_linear_modules(model, include, exclude), kind, max_dim)
             if kind == "kfac" and per_example == "layerwise":
                 from .layerwise import layerwise_kfac
 
-                skipped = [_weight_name(nm) for nm, m in modules.items() if _dims(m)[1] > max_dim]
-                kept_modules = {nm: m for nm, m in modules.items() if _dims(m)[1] <= max_dim}
                 accs, n, tokens = layerwise_kfac(
-                    model, batches, kept_modules, lambda d: _OuterAcc(d, precision, torch.device("cpu"), diagonal_only),
+                    model, batches, modules, lambda d: _OuterAcc(d, precision, torch.device("cpu"), diagonal_only),
                     dev, _model_call, _log_p, runner.terms, task, label_policy, lambda b: bar.update(b.n, b.tokens))
                 leader_of = {k: k for k in accs}
                 prov["layerwise"] = ("one block materialized at a time: forward keeps each block's inputs, "
                                      "backward re-runs it; sums on the CPU")
             else:
-                accs, leader_of, skipped, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, precision,
-                                                                    diagonal_only, max_dim)
+                accs, leader_of, n, tokens = _gram_or_kfac(model, batches, kind, runner, modules, precision,
+                                                           diagonal_only)
             tensors = {k: a.result() for k, a in accs.items()}
             sharing = {w: k for w, k in leader_of.items() if k in accs}
             counts = {k: a.count for k, a in accs.items()}

@@ -178,25 +178,26 @@ class _LayerPass:
         with _plain_forwards(self.model), self.weights.placed(self.resident) as live:
             yield live
 
-    def forward(self, batch: _Batch) -> tuple[torch.Tensor, list[Any], torch.Tensor, torch.Tensor]:
-        """Step 1. Returns (logits, each block's kept inputs, the first block's input with its autograd graph, the
-        last block's output leaf)."""
+    def forward(self, batch: _Batch) -> tuple[torch.Tensor, list[Any], torch.Tensor, list[torch.Tensor]]:
+        """Step 1. Returns (logits, each block's kept inputs, the first block's input with its autograd graph, each
+        block's output as a leaf: the next block's input, and for the last one what the head reads)."""
         kept: list[tuple[tuple[Any, ...], dict[str, Any], int | str]] = []
-        state: dict[str, Any] = {}
-        stand_ins = [(block, self._stand_in(k, block, kept, state)) for k, block in enumerate(self.blocks)]
+        outputs: list[torch.Tensor] = []
+        first: list[torch.Tensor] = []
+        stand_ins = [(block, self._stand_in(k, block, kept, outputs, first)) for k, block in enumerate(self.blocks)]
         # no KV cache: the re-run of a block must not see the first run's keys
         with _forwards(stand_ins), torch.enable_grad():
             logits = self.model_call(self.model, {**batch.inputs, **self.no_cache})
         if len(kept) != len(self.blocks):
             raise StatsError(f"{self.prefix}: {len(kept)} block calls for {len(self.blocks)} blocks in one forward; "
                              "a layer-wise pass needs each block called once")
-        self.inner = state["leaves"][:-1]  # outputs that only the next block may read: checked in the head step
-        return logits, kept, state["h0"], state["last"]
+        return logits, kept, first[0], outputs
 
-    def check_head(self, value: torch.Tensor) -> None:
+    def check_head(self, value: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         """The logits must depend on the blocks through the last block's output only (not a middle one)."""
-        if self.inner and any(g is not None for g in torch.autograd.grad(value, self.inner, retain_graph=True,
-                                                                       allow_unused=True)):
+        inner = outputs[:-1]
+        if inner and any(g is not None for g in torch.autograd.grad(value, inner, retain_graph=True,
+                                                                   allow_unused=True)):
             raise StatsError(f"the output reads a middle block of {self.prefix}, not only the last one; this model "
                              "cannot be computed layer by layer: compute on a device that holds the whole model")
 
@@ -207,27 +208,26 @@ class _LayerPass:
                              "this model cannot be computed layer by layer: compute on a device that holds the "
                              "whole model")
 
-    def _stand_in(self, k: int, block: nn.Module, kept: list[Any],
-                  state: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    def _stand_in(self, k: int, block: nn.Module, kept: list[Any], outputs: list[torch.Tensor],
+                  first: list[torch.Tensor]) -> Callable[..., Any]:
         run = block.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            args, kwargs, where = _split_hidden(args, kwargs, k)
-            h = args[where] if isinstance(where, int) else kwargs[where]
+            where = _hidden_arg(args, kwargs, k)
+            h = _arg(args, kwargs, where)
             # the chain the re-runs rely on: block k runs k-th, on exactly block k-1's output
-            if len(kept) != k or (k > 0 and h is not state.get("last")):
+            if len(kept) != k or (k > 0 and h is not outputs[-1]):
                 raise StatsError(f"{self.prefix}.{k}: not called in order on the previous block's output (a hook or "
                                  "an operation between blocks); this model cannot be computed layer by layer: "
                                  "compute on a device that holds the whole model")
             if k == 0:
-                state["h0"] = h
-            args, kwargs = _detached(args, kwargs, where)
+                first.append(h)
+            args, kwargs = _replaced(args, kwargs, where, h.detach())
             kept.append((args, kwargs, where))
             with self.weights.placed([block]), torch.no_grad():
                 out = run(*args, **kwargs)
             leaf = _hidden(out).detach().requires_grad_(True)
-            state["last"] = leaf
-            state.setdefault("leaves", []).append(leaf)  # type: ignore[attr-defined]
+            outputs.append(leaf)
             return _with_hidden(out, leaf)
         return forward
 
@@ -240,7 +240,7 @@ class _LayerPass:
         i alone (every argument whose first dimension is the batch sliced to row i), each returning (input leaf,
         output hidden state). The kept inputs are released after."""
         args, kwargs, where = kept[k]
-        h = args[where] if isinstance(where, int) else kwargs[where]
+        h = _arg(*kept[k])
         batch = h.shape[0]
 
         def run(i: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,8 +299,8 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
         res_pairs = [(orig, p) for orig, p in res_live.items() if orig in wanted and p.requires_grad]
         for cpu_batch in batches:
             batch = cpu_batch.to(device)
-            logits, kept, h0, last = lp.forward(batch)
-            last_value = last.detach()
+            logits, kept, h0, outputs = lp.forward(batch)
+            last = outputs[-1]
             if both_sides is None:  # a weight on both sides of the blocks (a tied head): its square is of the sum
                 pre = torch.autograd.grad(h0.sum(), [p for _, p in res_pairs], retain_graph=True,
                                           allow_unused=True) if h0.requires_grad and res_pairs else []
@@ -311,7 +311,7 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
             for j, (c, t) in enumerate(terms(batch.target_mask, logits.shape[-1])):
                 vals = log_p(logits, batch.targets, batch.target_mask, batch.uniform, task, policy, c, t)
                 if j == 0:
-                    lp.check_head(vals.sum())
+                    lp.check_head(vals.sum(), outputs)
                 for i in range(batch.n):
                     grads = torch.autograd.grad(vals[i], [last] + [p for _, p in res_pairs], retain_graph=True,
                                                 allow_unused=True)
@@ -331,17 +331,16 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
                 del vals
             del logits, last
             # 3. the blocks, last to first
-            below = [_hidden_of(entry) for entry in kept] + [last_value]  # each block's input, and the last output
             final = {i: r for r, (i, _) in enumerate(rows)}  # an example's last row frees its graph
             for k in range(len(lp.blocks) - 1, -1, -1):
                 with lp.rerun(k, kept) as (run, live):
                     pairs = [(orig, p) for orig, p in live.items() if orig in wanted and p.requires_grad]
-                    alone = None if k in batched_blocks else _alone(run, batch.n, below[k + 1])
+                    alone = None if k in batched_blocks else _alone(run, batch.n, outputs[k])
                     x = out = None
                     if alone is None:  # example i's gradient from the batch, zero output gradient elsewhere
                         batched_blocks.add(k)
                         x, out = run(None)
-                        lp.check_rerun(k, out, below[k + 1])
+                        lp.check_rerun(k, out, outputs[k])
                     for r, (i, g) in enumerate(rows):
                         if alone is not None:  # example i re-run alone: the loop's cost, not the batch's
                             x, out = alone[i]
@@ -360,32 +359,25 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
                                 add_sq(wanted[orig], gp)
                         del grads, g_in, full
                     del alone, x, out, pairs, live, run  # nothing of this block outlives it
-                below[k + 1] = None  # type: ignore[call-overload]
             # 4. the embeddings (and anything else before the first block)
-            pre_pairs = res_pairs
             for r, (i, g) in enumerate(rows):
                 full = torch.zeros_like(h0)
                 full[i] = g
-                grads = torch.autograd.grad(h0, [p for _, p in pre_pairs], grad_outputs=full,
+                grads = torch.autograd.grad(h0, [p for _, p in res_pairs], grad_outputs=full,
                                             retain_graph=r < len(rows) - 1, allow_unused=True) \
-                    if h0.requires_grad and pre_pairs else [None] * len(pre_pairs)
-                for (orig, _), gp in zip(pre_pairs, grads):
+                    if h0.requires_grad and res_pairs else [None] * len(res_pairs)
+                for (orig, _), gp in zip(res_pairs, grads):
                     extra = head_side[r].get(orig)
                     if extra is not None:
                         add_sq(wanted[orig], extra if gp is None else extra + gp.to("cpu", extra.dtype))
                     elif gp is not None:
                         add_sq(wanted[orig], gp)
                 del grads, full
-            del rows, head_side, h0, kept, below
+            del rows, head_side, h0, kept, outputs
             n += batch.n
             tokens += batch.tokens
             on_batch(batch)
     return acc, n, tokens, sorted(batched_blocks)
-
-
-def _hidden_of(entry: tuple[tuple[Any, ...], dict[str, Any], int | str]) -> torch.Tensor:
-    args, kwargs, where = entry
-    return args[where] if isinstance(where, int) else kwargs[where]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -445,26 +437,25 @@ def layerwise_kfac(model: nn.Module, batches: Iterable[_Batch], modules: dict[st
                 batch = cpu_batch.to(device)
                 index = _RowIndex(batch.attention_mask)
                 outs.clear()
-                logits, kept, h0, last = lp.forward(batch)  # the blocks ran without autograd: resident outputs only
-                last_value = last.detach()
+                logits, kept, h0, outputs = lp.forward(batch)  # blocks ran without autograd: resident outputs only
+                last = outputs[-1]
                 resident_outs = list(outs)
                 todo = terms(batch.target_mask, logits.shape[-1])
                 g_terms: list[torch.Tensor] = []
                 for j, (c, t) in enumerate(todo):
                     obj = log_p(logits, batch.targets, batch.target_mask, batch.uniform, task, policy, c, t).sum()
                     if j == 0:
-                        lp.check_head(obj)
+                        lp.check_head(obj, outputs)
                     grads = torch.autograd.grad(obj, [last] + [o for _, o in resident_outs], retain_graph=True,
                                                 allow_unused=True)
                     g_terms.append(torch.zeros_like(last) if grads[0] is None else grads[0])
                     collect(resident_outs, grads[1:], index, j == 0)
                 del logits, last, obj, grads
-                below = [_hidden_of(entry) for entry in kept] + [last_value]
                 for k in range(len(lp.blocks) - 1, -1, -1):
                     outs.clear()
                     with lp.rerun(k, kept) as (run, live):
                         x, out = run(None)
-                        lp.check_rerun(k, out, below[k + 1])
+                        lp.check_rerun(k, out, outputs[k])
                         found = list(outs)
                         for j, g in enumerate(g_terms):
                             grads = torch.autograd.grad(out, [x] + [o for _, o in found], grad_outputs=g,
@@ -473,7 +464,6 @@ def layerwise_kfac(model: nn.Module, batches: Iterable[_Batch], modules: dict[st
                             collect(found, grads[1:], index, j == 0)
                         del x, out, found, grads, live, run  # nothing of this block outlives it
                     outs.clear()
-                    below[k + 1] = None  # type: ignore[call-overload]
                 if h0.requires_grad and resident_outs:  # modules before the first block (an embedding projection)
                     for j, g in enumerate(g_terms):
                         grads = torch.autograd.grad(h0, [o for _, o in resident_outs], grad_outputs=g,
@@ -528,8 +518,7 @@ class _Direct(nn.Module):
         yield from (p for p in self.target._parameters.values() if p is not None)
 
 
-def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> tuple[tuple[Any, ...], dict[str, Any],
-                                                                                  int | str]:
+def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> int | str:
     """Where the hidden state is among a block's arguments (the first positional tensor, or `hidden_states`);
     any other argument that carries gradient (T5's position bias) is refused: only the hidden state flows."""
     if args and isinstance(args[0], torch.Tensor):
@@ -537,15 +526,19 @@ def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> tupl
     elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
         where = "hidden_states"
     else:
-        raise StatsError(f"block {k}: no hidden-state argument found; layer-wise Fisher needs blocks called as "
-                         "block(hidden_states, ...)")
+        raise StatsError(f"block {k}: no hidden-state argument found; a layer-wise pass needs blocks called as "
+                         "block(hidden_states, ...): compute on a device that holds the whole model")
     for key, v in [*enumerate(args), *kwargs.items()]:
         if key != where and _carries_grad(v):
             raise StatsError(f"block {k}: argument {key!r} carries gradient besides the hidden state (it is computed "
                              "from weights outside the blocks, as T5's position bias or DeBERTa's relative "
                              "embeddings are); this model cannot be computed layer by layer: compute on a device "
                              "that holds the whole model")
-    return args, kwargs, where
+    return where
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str) -> Any:
+    return args[where] if isinstance(where, int) else kwargs[where]
 
 
 def _carries_grad(v: Any) -> bool:
@@ -554,12 +547,6 @@ def _carries_grad(v: Any) -> bool:
     if isinstance(v, (tuple, list)):
         return any(_carries_grad(x) for x in v)
     return False
-
-
-def _detached(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str) -> tuple[tuple[Any, ...],
-                                                                                          dict[str, Any]]:
-    h = args[where] if isinstance(where, int) else kwargs[where]
-    return _replaced(args, kwargs, where, h.detach())
 
 
 def _replaced(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str,
