@@ -203,7 +203,7 @@ class _LayerPass:
 
     def check_rerun(self, k: int, out: torch.Tensor, expected: torch.Tensor) -> None:
         """A whole-batch re-run must give what the forward gave (the next block's input, or the last output)."""
-        if out.shape != expected.shape or not _close(out.detach(), expected):
+        if out.shape != expected.shape or not _close(out, expected):
             raise StatsError(f"{self.prefix}.{k}: its re-run differs from its forward (state kept between calls?); "
                              "this model cannot be computed layer by layer: compute on a device that holds the "
                              "whole model")
@@ -382,6 +382,7 @@ def layerwise_fisher(model: nn.Module, batches: Iterable[_Batch], names: list[st
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to the rounding of the dtype (a re-run on one example vs the batch reorders sums)."""
+    a, b = a.detach(), b.detach()  # the forward's outputs are leaves that record gradients
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(b.dtype, 3e-2)
     return torch.allclose(a, b, rtol=tol, atol=tol * (float(b.abs().max()) or 1.0))
 
@@ -393,7 +394,7 @@ def _alone(run: Callable[[int | None], tuple[torch.Tensor, torch.Tensor]], n: in
     out = []
     for i in range(n):
         x, o = run(i)
-        if o.shape != expected[i:i + 1].shape or not _close(o.detach(), expected[i:i + 1]):
+        if o.shape != expected[i:i + 1].shape or not _close(o, expected[i:i + 1]):
             return None
         out.append((x, o))
     return out
