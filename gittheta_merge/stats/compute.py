@@ -299,10 +299,11 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     params = dict(model.named_parameters())
     sel = {k: params[k] for k in names}  # the loop path differentiates the live parameters
     sel_detached = {k: v.detach() for k, v in sel.items()}  # torch.func differentiates its own inputs
-    emb_name = _untied_input_embedding(model, names)
-    # with an untied input embedding, differentiate w.r.t. the looked-up token vectors instead of the [V, h]
-    # table: vmap would otherwise build a dense [B, V, h] gradient that is almost all zeros
-    p_vmap = {k: v for k, v in sel_detached.items() if k != emb_name}
+    # with an input embedding used only for the lookup, differentiate w.r.t. the looked-up token vectors instead
+    # of the [V, h] table: vmap would otherwise build a dense [B, V, h] gradient that is almost all zeros. Known
+    # at the first batch (a probe through the graph), so both stay unset until then.
+    emb_name: str | None = None
+    p_vmap: dict[str, torch.Tensor] = sel_detached
     rest = {k: v.detach() for k, v in params.items() if k not in sel}
     buffers = dict(model.named_buffers())
     acc_dtype = precision.sum
@@ -425,6 +426,9 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     first = True
     for cpu_batch in batches:
         batch = cpu_batch.to(device)
+        if first:
+            emb_name = _lookup_only_input_embedding(model, names, batch)
+            p_vmap = {k: v for k, v in sel_detached.items() if k != emb_name}
         if method == "vmap":
             try:
                 vmap_batch(batch, check=first)
@@ -447,18 +451,29 @@ def _fisher(model: nn.Module, batches: Iterable[_Batch], runner: _Runner, names:
     return acc, method, reason, n, tokens
 
 
-def _untied_input_embedding(model: nn.Module, names: list[str]) -> str | None:
-    """Name of the input-embedding weight when it is selected, used by no other module (not tied to an LM head)
-    and the model takes inputs_embeds; None otherwise (then it is treated like any other parameter)."""
+def _lookup_only_input_embedding(model: nn.Module, names: list[str], batch: _Batch) -> str | None:
+    """Name of the input-embedding weight when it is selected and the model uses it for the token lookup only;
+    None otherwise (then it is treated like any other parameter, its gradient dense).
+
+    A second parameter name for the same tensor (GPT-2's tied lm_head) shows a tie, but a head that reuses the
+    module without a name (MPT: F.linear(h, wte.weight)) does not: so one example is run from its looked-up
+    vectors (inputs_embeds) and the weight must get no gradient. Both squaring shortcuts (vmap through the
+    looked-up vectors, the loop's own-token rows) would otherwise drop the head's side."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     w = getattr(emb, "weight", None)
-    if w is None or "inputs_embeds" not in inspect.signature(model.forward).parameters:
+    if (w is None or not w.requires_grad or "input_ids" not in batch.inputs
+            or "inputs_embeds" not in inspect.signature(model.forward).parameters):
         return None
     aliases = [k for k, p in model.named_parameters(remove_duplicate=False) if p is w]
     if len(aliases) != 1 or aliases[0] not in names:
         return None
-    return aliases[0]
+    inputs = {k: v[:1] for k, v in batch.inputs.items() if k != "input_ids"}
+    with torch.enable_grad():
+        inputs["inputs_embeds"] = torch.nn.functional.embedding(batch.inputs["input_ids"][:1], w.detach())
+        out = _model_call(model, inputs)
+        (g,) = torch.autograd.grad(out.sum(), [w], allow_unused=True)
+    return aliases[0] if g is None else None
 
 
 class _Mismatch(RuntimeError):

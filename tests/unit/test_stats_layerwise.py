@@ -217,9 +217,11 @@ def test_kfac_of_a_model_left_on_disk_equals_the_whole_models(gtok, tmp_path: Pa
     assert_same_kfac(got, kfac(whole, gtok, exs, "causal-lm", "auto"), tol=1e-6)  # float32 rotary tables
 
 
-def test_a_head_that_reuses_the_embedding_module_squares_the_sum(gtok) -> None:
+@pytest.mark.parametrize("per_example", ["layerwise", "vmap", "loop"])
+def test_a_head_that_reuses_the_embedding_module_squares_the_sum(gtok, per_example: str) -> None:
     """A head computing F.linear(h, wte.weight) (MPT's way: the module reused, no second name for the weight) is
-    still a weight on both sides of the blocks: found from the graph, not from parameter names."""
+    still a weight on both sides of the blocks: found from the graph, not from parameter names. The vmap and loop
+    paths once squared the lookup side only (their own-token shortcuts), so all three are held to the reference."""
     cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                   tie_word_embeddings=False)
     model = make(transformers.GPT2LMHeadModel, cfg)
@@ -227,7 +229,8 @@ def test_a_head_that_reuses_the_embedding_module_squares_the_sum(gtok) -> None:
     wte = model.transformer.wte
     model.lm_head.forward = lambda h: torch.nn.functional.linear(h, wte.weight)
     exs = [Example(text=s) for s in SENTENCES[:6]]
-    got = fisher(model, gtok, exs, "causal-lm", "layerwise")
+    got = fisher(model, gtok, exs, "causal-lm", per_example)
+    assert got.provenance["per_example"] == per_example
     ref = {k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad}
     for e in exs:  # alone, unpadded, plain autograd over every weight
         ids = gtok(e.text, return_tensors="pt")["input_ids"]
