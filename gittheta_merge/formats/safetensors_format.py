@@ -113,8 +113,7 @@ class SafetensorsFormat(CheckpointFormat):
             for i, tensor in enumerate(meta.tensors):
                 what = f"{ctx.path}: tensor {tensor.name!r}: "
                 for (oid, _), size in zip(tensor.blocks, tensor.block_sizes()):
-                    for piece in verifier.iter_object(oid, size, what):
-                        out.write(piece)
+                    verifier.write_object(oid, size, out, what)
                 done += tensor.nbytes
                 if ctx.progress:
                     ctx.progress(i + 1, done)

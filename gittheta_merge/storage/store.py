@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from gittheta_merge.storage.storelock import WriterGuard
 
 _OID_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_CHUNK = 8 << 20
+# copy_file_range refusing these two files (another filesystem on an old kernel, a filesystem without it)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 def check_oid(oid: object, where: str = "") -> str:
@@ -350,14 +353,12 @@ class OverlappedVerifier:
         self.store = store
         self.chunk = chunk
         self._ring = BufferRing(3, "theta-verify")
-        self._errors: list[CorruptObject] = []
+        self._errors: list[Exception] = []
+        self._hash_buffer: memoryview | None = None  # the helper's, for objects copied in the kernel
+        self._no_copy_file_range = False
 
     def iter_object(self, oid: str, size: int, what: str = "") -> Iterator[memoryview]:
-        # an object this store recorded in its BLAKE3 cache is verified against that hash (4-7 GB/s here against
-        # sha256's 1.7): what was checked when the object was stored is checked again, at the speed of a copy
-        index = self.store.fast_index if size >= FAST_MIN_BYTES else None
-        fast_key = index.key_of(oid, size) if index is not None else None
-        digest = index.hasher() if fast_key is not None else hashlib.sha256()
+        digest, fast_key = self._digest_for(oid, size)
         with self.store.open(oid, size, what) as handle:
             remaining = size
             while remaining:
@@ -370,6 +371,70 @@ class OverlappedVerifier:
                 yield piece
                 remaining -= n
         self._ring.after(self._verdict, digest, oid, what, fast_key)
+
+    def write_object(self, oid: str, size: int, out: BinaryIO, what: str = "") -> None:
+        """Write an object's bytes to `out`, verified as `iter_object` does (the verdict comes from `check()`).
+
+        Into a regular file the kernel copies them (copy_file_range, as `cp` does), while the helper thread reads
+        and hashes the object beside the copy: the bytes never pass through this process to be written (a 2 GB
+        model's materialization: 2.9 s instead of 4.8 s here, `cp` 1.9 s, on a loaded machine). Anything else (git's pipe), or where the kernel cannot copy between
+        the two files, gets `iter_object`'s pieces."""
+        if size >= FAST_MIN_BYTES and self._copy_in_kernel(oid, size, out, what):
+            return
+        for piece in self.iter_object(oid, size, what):
+            out.write(piece)
+
+    def _copy_in_kernel(self, oid: str, size: int, out: BinaryIO, what: str) -> bool:
+        try:
+            out_fd = out.fileno()
+            regular = stat.S_ISREG(os.fstat(out_fd).st_mode)
+        except (AttributeError, OSError, ValueError):
+            return False
+        if not regular or not hasattr(os, "copy_file_range") or self._no_copy_file_range:
+            return False
+        out.flush()  # what was written through the buffer goes first; the copy then moves the descriptor's offset
+        with self.store.open(oid, size, what) as handle:
+            copied = 0
+            while copied < size:
+                try:
+                    n = os.copy_file_range(handle.fileno(), out_fd, size - copied)
+                except OSError as exc:
+                    if copied or exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self._no_copy_file_range = True  # another filesystem pair, an old kernel: not again
+                    return False
+                if not n:
+                    raise CorruptObject.truncated(oid, what)
+                copied += n
+        self._ring.after(self._hash_file, oid, size, what, *self._digest_for(oid, size))
+        return True
+
+    def _digest_for(self, oid: str, size: int) -> tuple[Any, bytes | None]:
+        """The hasher to verify an object with, and the BLAKE3 hash to expect (None: its sha256 is its name). An
+        object this store recorded in its BLAKE3 cache is verified against that hash (4-7 GB/s here against
+        sha256's 1.7): what was checked when the object was stored is checked again, at the speed of a copy."""
+        index = self.store.fast_index if size >= FAST_MIN_BYTES else None
+        fast_key = index.key_of(oid, size) if index is not None else None
+        return (index.hasher() if index is not None and fast_key is not None else hashlib.sha256()), fast_key
+
+    def _hash_file(self, oid: str, size: int, what: str, digest: Any, fast_key: bytes | None) -> None:
+        """The helper's side of a kernel copy: read the object again (from the page cache the copy just filled) and
+        hash it into the same verdict as `iter_object`'s."""
+        if self._hash_buffer is None:
+            self._hash_buffer = memoryview(bytearray(self.chunk))
+        try:
+            with self.store.open(oid, size, what) as handle:
+                remaining = size
+                while remaining:
+                    n = handle.readinto(self._hash_buffer[:min(self.chunk, remaining)])
+                    if not n:
+                        raise CorruptObject.truncated(oid, what)
+                    digest.update(self._hash_buffer[:n])
+                    remaining -= n
+        except (InputError, MissingError, OSError) as exc:  # reported by check(), as a bad hash is
+            self._errors.append(exc)
+            return
+        self._verdict(digest, oid, what, fast_key)
 
     def _verdict(self, digest: Any, oid: str, what: str, fast_key: bytes | None) -> None:
         if (digest.digest() != fast_key) if fast_key is not None else (digest.hexdigest() != oid):

@@ -88,3 +88,67 @@ def test_overlapped_verifier_yields_the_bytes_and_reports_corruption_at_the_end(
     with pytest.raises(CorruptObject, match="metadata implies"):
         list(verifier.iter_object(oids[4], 1000, "t: "))
     verifier.close()
+
+
+@pytest.mark.parametrize("fast_index", [True, False])
+def test_write_object_copies_in_the_kernel_into_a_file_and_verifies_beside_it(
+        tmp_path: Path, monkeypatch, fast_index: bool) -> None:
+    """The materialization's path: objects of 256 KiB and more are copied by copy_file_range into a regular file
+    (a buffered one, small objects written between them through its buffer), the result byte-exact; a corrupt
+    object is copied but fails check() with the object named (BLAKE3-recorded or sha256-verified alike); into a
+    pipe, or where the kernel refuses, the pieces are written as before."""
+    import os
+
+    store = ObjectStore(tmp_path / "lfs")
+    blobs = [os.urandom(n) for n in (300 << 10, 10, (1 << 20) + 3, 5000, 256 << 10)]
+    oids = [store.put(b)[0] for b in blobs]
+    if not fast_index:
+        (tmp_path / "lfs" / "theta-fastindex").unlink(missing_ok=True)
+        store = ObjectStore(tmp_path / "lfs")
+    calls: list[int] = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+
+    def write_all(out, verifier) -> None:
+        out.write(b"header")
+        for o, b in zip(oids, blobs):
+            verifier.write_object(o, len(b), out, "t: ")
+        verifier.check()
+
+    target = tmp_path / "out.bin"
+    with open(target, "wb") as out:
+        write_all(out, store.overlapped_verifier())
+    assert target.read_bytes() == b"header" + b"".join(blobs)
+    assert sorted(calls) == sorted([300 << 10, (1 << 20) + 3, 256 << 10])  # the large ones, in the kernel
+
+    path = store.path(oids[2])
+    path.chmod(0o644)
+    bad = bytearray(path.read_bytes())
+    bad[12345] ^= 1
+    path.write_bytes(bytes(bad))
+    with open(target, "wb") as out, pytest.raises(CorruptObject, match=rf"t: object {oids[2][:12]}… is corrupt"):
+        write_all(out, store.overlapped_verifier())
+    path.write_bytes(blobs[2])
+
+    calls.clear()
+    r, w = os.pipe()
+    with open(w, "wb") as out, open(r, "rb") as inp:
+        import threading
+
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(inp.read()))
+        reader.start()
+        write_all(out, store.overlapped_verifier())
+        out.close()
+        reader.join()
+    assert bytes(got) == b"header" + b"".join(blobs) and calls == []
+
+    def refuse(*a):
+        import errno
+
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    with open(target, "wb") as out:
+        write_all(out, store.overlapped_verifier())
+    assert target.read_bytes() == b"header" + b"".join(blobs)
