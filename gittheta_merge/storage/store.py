@@ -377,8 +377,8 @@ class OverlappedVerifier:
 
         Into a regular file the kernel copies them (copy_file_range, as `cp` does), while the helper thread reads
         and hashes the object beside the copy: the bytes never pass through this process to be written (a 2 GB
-        model's materialization: 2.9 s instead of 4.8 s here, `cp` 1.9 s, on a loaded machine). Anything else (git's pipe), or where the kernel cannot copy between
-        the two files, gets `iter_object`'s pieces."""
+        model's materialization: 2.9 s instead of 4.8 s here, `cp` 1.9 s, on a loaded machine). Anything else
+        (git's pipe), or where the kernel cannot copy between the two files, gets `iter_object`'s pieces."""
         if size >= FAST_MIN_BYTES and self._copy_in_kernel(oid, size, out, what):
             return
         for piece in self.iter_object(oid, size, what):
