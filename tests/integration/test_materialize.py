@@ -291,3 +291,35 @@ def test_rewriting_the_index_keeps_git_checking_racily_clean_files(tmp_path: Pat
     blob = git(repo, "rev-parse", ":a.bin").stdout.decode().strip()
     assert record_stat(Repo.discover(repo), {"a.bin": (blob, st)}) == {"a.bin"}
     assert git(repo, "status", "--porcelain", "-uno").stdout.decode().strip() == "M x.txt"
+
+
+def test_a_corrupt_object_stops_the_write_and_keeps_the_placeholder(repo: Path) -> None:
+    """Blocks of 256 KiB and more are copied by the kernel and hashed beside the copy: a block flipped by one bit
+    on disk (same size) is still caught, the temporary file is deleted, the path keeps its placeholder and the
+    error names the object; once the object is good again, `git theta checkout` writes the model."""
+    git(repo, "config", "theta.materializeBytes", "1000")
+    git(repo, "theta", "track", "model.safetensors")
+    big = {f"w{i}": torch.randn(512, 256, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    save_file(big, repo / "model.safetensors")
+    v1 = sha(repo / "model.safetensors")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    before = store_objects(repo)
+    save_file({k: v + 1 for k, v in big.items()}, repo / "model.safetensors")
+    git(repo, "commit", "-qam", "v2")
+    victim = next(p for p in (repo / ".git" / "lfs" / "objects").rglob("*")
+                  if p.name in before and p.stat().st_size >= 256 << 10)
+    good = victim.read_bytes()
+    victim.chmod(0o644)
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 1
+    victim.write_bytes(bytes(bad))
+
+    out = git(repo, "checkout", "-q", "HEAD~1", check=False)
+    assert victim.name[:12] in out.stderr.decode(), out.stderr
+    assert _is_placeholder(repo / "model.safetensors")
+    assert not list(repo.glob(".theta-materialize-*"))
+    victim.write_bytes(good)
+    git(repo, "theta", "checkout")
+    assert sha(repo / "model.safetensors") == v1
+    _clean(repo)
