@@ -206,9 +206,13 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, repo: Repo | None = None) -> None:
 
 def _serve_requests(filt: Filter, reader: PktReader, writer: PktWriter) -> None:
     try:
-        from gittheta_merge.storage.tracking import install_hooks
+        from gittheta_merge.storage.tracking import hooks_dir, install_hooks
 
-        install_hooks(filt.repo)  # a fresh clone with a user-scope install gets our hooks too
+        # a fresh clone with a user-scope install gets our hooks too; but only into the repository's own hooks
+        # folder: a core.hooksPath elsewhere (a committed .githooks/, husky's, a `git -c core.hooksPath=…` meant
+        # to skip hooks) is the user's, written only by an explicit `git theta install`
+        if hooks_dir(filt.repo).resolve().is_relative_to(filt.repo.common_dir.resolve()):
+            install_hooks(filt.repo)
     except (ThetaError, OSError) as exc:
         sys.stderr.write(f"git-theta: warning: could not install the git hooks: {exc}\n")
 

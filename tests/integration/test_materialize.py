@@ -323,3 +323,28 @@ def test_a_corrupt_object_stops_the_write_and_keeps_the_placeholder(repo: Path) 
     git(repo, "theta", "checkout")
     assert sha(repo / "model.safetensors") == v1
     _clean(repo)
+
+
+def test_the_filter_installs_hooks_only_into_the_repositorys_own_folder(mrepo: Path) -> None:
+    """The filter process re-installs missing hooks, but a core.hooksPath outside .git (a committed .githooks/, or
+    one given with `git -c` for a single command) belongs to the user: nothing is written there, and the model
+    stays a placeholder that `git theta checkout` writes. `git theta install` itself does install there."""
+    repo = mrepo
+    own = repo / ".githooks"
+    own.mkdir()
+    (own / "pre-commit").write_text("#!/bin/sh\nexit 0\n")
+    git(repo, "add", ".githooks")
+    git(repo, "commit", "-qm", "the team's hooks")
+    _commit(repo, 1, "v2")
+    git(repo, "config", "core.hooksPath", ".githooks")
+    git(repo, "checkout", "-q", "HEAD~1")
+    assert sorted(p.name for p in own.iterdir()) == ["pre-commit"]
+    assert _is_placeholder(repo / "model.safetensors")
+    transient = repo.parent / "transient-hooks"
+    git(repo, "-c", f"core.hooksPath={transient}", "checkout", "-q", "main")
+    assert not transient.exists()
+    git(repo, "theta", "checkout")
+    assert not _is_placeholder(repo / "model.safetensors")
+    _clean(repo)
+    git(repo, "theta", "install")
+    assert (own / "post-checkout").exists() and (own / "pre-commit").exists()
