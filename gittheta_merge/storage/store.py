@@ -428,8 +428,6 @@ class OverlappedVerifier:
     def _hash_file(self, oid: str, size: int, what: str, digest: Any, fast_key: bytes | None) -> None:
         """The helper's side of a kernel copy: read the object again (from the page cache the copy just filled) and
         hash it into the same verdict as `iter_object`'s."""
-        if self._hash_buffer is None:
-            self._hash_buffer = memoryview(bytearray(self.chunk))
         try:
             with self.store.open(oid, size, what) as handle:
                 if fast_key is not None and hasattr(digest, "update_mmap"):
@@ -439,6 +437,8 @@ class OverlappedVerifier:
                     digest.update_mmap(self.store.path(oid))
                     self._verdict(digest, oid, what, fast_key)
                     return
+                if self._hash_buffer is None:
+                    self._hash_buffer = memoryview(bytearray(self.chunk))
                 remaining = size
                 while remaining:
                     n = handle.readinto(self._hash_buffer[:min(self.chunk, remaining)])
