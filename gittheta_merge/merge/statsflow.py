@@ -55,6 +55,14 @@ class StatFile:
         except (TypeError, ValueError):
             return 1
 
+    def count(self, name: str) -> int | None:
+        """The number of terms in the sum stored for `name` (tokens for a Gram, examples for a Fisher), from the
+        provenance's `counts`; None where the file does not say (a plain safetensors file, not a statistic blob)."""
+        key = self.resolve(name)
+        counts = self.provenance.get("counts")
+        value = counts.get(key) if isinstance(counts, dict) and key is not None else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
     def keys(self) -> list[str]:
         return self.src.names()
 
@@ -237,7 +245,7 @@ def derive_statistics(merged: Any, metas: list[Any], labels: list[str], plan: An
     stat_names = set(keys) | set(sharing)
     inexact = sorted(tp.name for tp in plan.tensors if tp.name in stat_names and tp.action == "keep"
                      and tp.source is not None and tp.source >= 0)
-    exact = not inexact and not (kind == "fisher" and strategy.params["normalize"])
+    exact = not inexact and not (kind in ("fisher", "gram") and strategy.params.get("normalize"))
     provenance: dict[str, Any] = {
         "derived": "sum",
         "kind": kind,

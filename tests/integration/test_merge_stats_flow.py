@@ -195,3 +195,19 @@ def test_explicit_statistics_files_still_work(repo: Path, tmp_path: Path) -> Non
     git(repo, "theta", "merge", "b", "--strategy", "regmean", "--stats", f"gram={files[0]},{files[1]}")
     assert_close(load_file(str(repo / "model.safetensors")), ref_regmean([fts["a"], fts["b"]], sts))
     assert merged_stats(repo)["gram"]["provenance"]["merged_models"] == 2  # derived from the files too
+
+
+def test_regmean_normalize_reads_the_token_counts_from_git(repo: Path) -> None:
+    """`--set normalize=true`: each branch's Gram divided by the token count its committed blob records (40, 47
+    and 54 tokens here), which is the formula with mean Grams; the merged model's derived statistic says it is not
+    exact (a later merge recomputes the means)."""
+    base, fts, stats = setup(repo, "gram")
+    git(repo, "checkout", "-q", "-b", "octo", "a")
+    git(repo, "theta", "merge", "b", "c", "--strategy", "regmean", "--set", "normalize=true")
+    means = [Statistic("gram", {k: v / s.provenance["counts"][k] for k, v in s.tensors.items()}, s.provenance)
+             for s in (stats[b] for b in BRANCHES)]
+    got = load_file(str(repo / "model.safetensors"))
+    assert_close(got, ref_regmean([fts[b] for b in BRANCHES], means))
+    sums = ref_regmean([fts[b] for b in BRANCHES], [stats[b] for b in BRANCHES])
+    assert float((got["q.weight"] - sums["q.weight"]).abs().max()) > 1e-4  # the counts differ: so do the merges
+    assert merged_stats(repo)["gram"]["provenance"]["exact"] is False

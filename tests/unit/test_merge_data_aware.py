@@ -214,3 +214,33 @@ def test_mats_converges_to_regmean(tmp_path: Path) -> None:
     got, _ = merge(tmp_path, models, "mats", {"iterations": 500, "rtol": 1e-12, "init": "average"}, stats)
     want = ref_regmean(models, gs)
     assert max_rel_err(got["l1.weight"], want["l1.weight"]) < 1e-5
+
+
+def test_regmean_normalize_divides_each_gram_by_its_token_count(tmp_path: Path) -> None:
+    """normalize=true: the reference code's mean Gram. Statistic blobs record each sum's token count; model 1's
+    Grams sum 7x the tokens of model 0's, which weighs it 7x without normalize and equally with it. A file without
+    counts is refused at plan time, naming the tensor and the way out."""
+    from gittheta_merge.stats.blobs import write_blob
+
+    base, models = family(2, seed=5)
+    gs = grams(base, 2)
+    tokens = [100, 700]
+    summed = [{k: v * n for k, v in g.items()} for g, n in zip(gs, tokens)]
+    paths = []
+    for i, (g, n) in enumerate(zip(summed, tokens)):
+        p = tmp_path / f"blob{i}.safetensors"
+        with open(p, "wb") as out:
+            write_blob("gram", {k: v.contiguous() for k, v in g.items()}, {"counts": {k: n for k in g}}, out)
+        paths.append(str(p))
+    got, _ = merge(tmp_path, models, "regmean", {"normalize": True}, {"gram": paths})
+    want = ref_regmean(models, gs)  # the mean Grams
+    for k in want:
+        assert max_rel_err(got[k], want[k]) <= TOL, k
+    got_sums, _ = merge(tmp_path, models, "regmean", {}, {"gram": paths})
+    want_sums = ref_regmean(models, summed)
+    for k in want_sums:
+        assert max_rel_err(got_sums[k], want_sums[k]) <= TOL, k
+    assert max_rel_err(got_sums["l0.weight"], want["l0.weight"]) > 1e-3  # the two conventions differ here
+
+    with pytest.raises(ThetaError, match="'l0.weight': regmean normalize=true .* does not record one"):
+        merge(tmp_path, models, "regmean", {"normalize": True}, {"gram": stat_files(tmp_path, "g", gs)})

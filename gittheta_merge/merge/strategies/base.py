@@ -110,6 +110,13 @@ class StatsAccess:
     def whole(self, kind: str, model: int, name: str) -> Any:
         return self.rows(kind, model, name, 0)
 
+    def count(self, kind: str, model: int, name: str) -> int | None:
+        """How many terms the model's statistic for `name` sums (tokens, examples); None where that is not
+        recorded (statistics given as plain safetensors files)."""
+        found = self.lookup(kind, model, name)
+        get = getattr(found[0], "count", None) if found is not None else None
+        return get(found[1]) if callable(get) else None
+
 
 @dataclass
 class Chunk:

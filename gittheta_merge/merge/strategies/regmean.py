@@ -1,5 +1,7 @@
 """RegMean (§5): per linear weight W [out, in], W* = (sum_i W_i G~_i)(sum_i G~_i)^-1 with
-G~_i = M c_i (alpha G_i + (1 - alpha) diag(G_i)); every block without a Gram is (weighted) averaged.
+G~_i = M c_i (alpha G_i + (1 - alpha) diag(G_i)); every block without a Gram is (weighted) averaged. With
+normalize=true each G_i is first divided by its token count (the provenance's `counts`): the reference code's mean
+Gram, under which every model weighs the same whatever the amount of data its Gram summed.
 
 Statistics: kind "gram", one safetensors file per model, keyed by the weight's name (or the module's
 name without ".weight"), each [in, in] (a Conv1D-style weight stored [in, out] is recognised by its
@@ -107,6 +109,8 @@ class RegMean(Strategy):
     params_spec = {
         "alpha": Param(1.0, "float", "scale of the Grams' off-diagonal entries (1 = none)"),
         "weights": Param(None, "floats", "model coefficients c_i (default uniform 1/M)"),
+        "normalize": Param(False, "bool", "divide each model's Gram by its token count (the reference code's mean "
+                           "Gram: every model weighs the same whatever its data; default: sums, the paper's formula)"),
     }
 
     def validate(self) -> None:
@@ -142,6 +146,9 @@ class RegMean(Strategy):
             if stats.shape(KIND, i, name) != first:
                 raise MissingError(f"tensor {name!r}: model {i} has no Gram of shape {first} "
                                  "(every model needs one, or none)")
+        if self.params["normalize"]:  # at plan time: refused before anything is merged
+            for i in range(self.n_models):
+                self._token_count(stats, i, name)
 
     def separable(self, name: str, shape: list[int], stats: StatsAccess) -> bool:
         return self.layout(name, shape, stats) != "conv1d"
@@ -160,12 +167,23 @@ class RegMean(Strategy):
                 g = chunk.stats.whole(KIND, i, chunk.name).to(dev, torch.float64)
                 if g.dim() == 1:
                     g = torch.diag(g)
+                if self.params["normalize"]:
+                    g = g / self._token_count(chunk.stats, i, chunk.name)
                 grams.append(m * c * shrink(g, self.params["alpha"]))
             solver = _Solver(sum(grams))
             if bool(solver.dead.any()):
                 grams = [g[solver.live] for g in grams]
             self._cache[chunk.name] = (grams, solver)
         return self._cache[chunk.name]
+
+    @staticmethod
+    def _token_count(stats: StatsAccess, model: int, name: str) -> int:
+        n = stats.count(KIND, model, name)
+        if n is None:
+            raise MissingError(f"tensor {name!r}: regmean normalize=true divides each Gram by its token count, and "
+                               f"model {model}'s Gram does not record one (a statistic from `git theta stats "
+                               "compute` does); or set normalize=false")
+        return n
 
     def _average(self, tensors: list[Any], stats: StatsAccess | None = None) -> Any:
         """Weighted average; for blocks without a Gram (stats given) an input that is itself a merge carrying
