@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 from gittheta_merge.errors import InputError
 from gittheta_merge.formats.base import CheckpointFormat, Context
 from gittheta_merge.formats.safetensors_header import MAX_HEADER, METADATA_KEY, parse_header, render_header
-from gittheta_merge.formats.streams import read_exact_into
+from gittheta_merge.formats.streams import read_exact_into, take_exact
 from gittheta_merge.storage.metadata import BlockPlan, Metadata, TensorEntry, plan_blocks
 from gittheta_merge.storage.store import BufferRing
 
@@ -52,6 +52,11 @@ class SafetensorsFormat(CheckpointFormat):
                 plan = plan_blocks(dtype, shape, ctx.max_block_bytes)
                 oids: list[Any] = []
                 for size in plan.sizes:
+                    mapped = take_exact(stream, size, f"{where}: tensor {name!r}")
+                    if mapped is not None:  # a mapped file (`git theta add`): no read to overlap, no copy
+                        oids.append(ctx.store.put(mapped, shared=True)[0])
+                        mapped.release()
+                        continue
                     view = ring.buffer(size)
                     read_exact_into(stream, view, f"{where}: tensor {name!r}")
                     oids.append(ctx.store.put(view)[0] if size < PUT_ON_HELPER_BYTES

@@ -87,13 +87,14 @@ def _mode_of(st: os.stat_result) -> str:
 
 def _clean_file(filt: Any, repo: Repo, path: str) -> tuple[str, os.stat_result]:
     """The metadata blob for the file at `path`, cleaned from the file itself; refused if it changed meanwhile."""
+    from gittheta_merge.formats.streams import MappedFile
     from gittheta_merge.storage.materialize import stat_key
 
     file = repo.root / path
     before = os.stat(file)
     out = io.BytesIO()
-    with open(file, "rb") as stream:
-        filt.clean(path, stream, out)
+    with open(file, "rb") as handle, MappedFile(handle) as stream:  # blocks hashed from the page cache, not copied
+        filt.clean(path, stream, out)  # type: ignore[arg-type]
     after = os.stat(file)
     if stat_key(before) != stat_key(after):
         raise InputError(f"{path}: the file changed while it was being read (is a training run still writing it?); "

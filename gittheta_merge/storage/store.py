@@ -134,9 +134,13 @@ class ObjectStore:
                         yield obj.name
 
     # -- writing ----------------------------------------------------------------------------------
-    def put(self, data: bytes | bytearray | memoryview) -> tuple[str, bool]:
+    def put(self, data: bytes | bytearray | memoryview, shared: bool = False) -> tuple[str, bool]:
         """Store bytes; returns (oid, newly_written). Existing objects are not rewritten. A block stored before is
-        recognised by its BLAKE3 hash (storage/fastindex.py) without computing sha256."""
+        recognised by its BLAKE3 hash (storage/fastindex.py) without computing sha256.
+
+        shared: the bytes are a view others may change meanwhile (a mapped file): a block not recognised is copied
+        first, so its sha256 and the object written are of the same bytes (an object must never differ from its
+        oid: a later put of the true content would find it and trust it)."""
         size = len(memoryview(data).cast("B")) if not isinstance(data, (bytes, bytearray)) else len(data)
         fast = self.fast_index if size >= FAST_MIN_BYTES else None
         key = fast.key(data) if fast is not None else None
@@ -147,6 +151,9 @@ class ObjectStore:
                     self.guard.record(known)
                     if self._touch(known) and self.size(known) == size:
                         return known, False
+        if shared:  # hash and write a private copy; the cache's key too, or it would map other bytes to this oid
+            data = bytes(data)
+            key = fast.key(data) if fast is not None and key is not None else key
         oid = hashlib.sha256(data).hexdigest()
         with self.guard.hold():
             self.guard.record(oid)

@@ -152,3 +152,39 @@ def test_write_object_copies_in_the_kernel_into_a_file_and_verifies_beside_it(
     with open(target, "wb") as out:
         write_all(out, store.overlapped_verifier())
     assert target.read_bytes() == b"header" + b"".join(blobs)
+
+
+def test_a_shared_view_changed_meanwhile_never_yields_an_object_unlike_its_oid(tmp_path: Path, monkeypatch) -> None:
+    """`git theta add` hashes a mapped file's pages; a writer may change them between the BLAKE3 pass, the sha256 and
+    the write. Whatever it does, the object must match its oid and the cache must map only the stored bytes' key."""
+    pytest.importorskip("blake3")
+    import os
+
+    from gittheta_merge.storage import store as store_module
+    from gittheta_merge.storage.fastindex import FAST_MIN_BYTES
+
+    store = ObjectStore(tmp_path / "lfs")
+    fast = store.fast_index
+    assert fast is not None
+    page = bytearray(os.urandom(FAST_MIN_BYTES * 2))  # stands for the mapped file's pages
+    first_key = fast.key(bytes(page))
+    real_key, real_sha256 = fast.key, hashlib.sha256
+
+    def key_then_a_write(data):  # the writer strikes right after the BLAKE3 pass over the shared pages
+        digest = real_key(data)
+        page[0] ^= 0xFF
+        return digest
+
+    def sha256_then_a_write(data=b""):  # and again right after the sha256
+        digest = real_sha256(data)
+        page[1] ^= 0xFF
+        return digest
+
+    monkeypatch.setattr(fast, "key", key_then_a_write)
+    monkeypatch.setattr(store_module.hashlib, "sha256", sha256_then_a_write)
+    oid, new = store.put(memoryview(page), shared=True)
+    monkeypatch.undo()
+    stored = store.path(oid).read_bytes()
+    assert new and hashlib.sha256(stored).hexdigest() == oid  # object and oid agree
+    assert fast.get(first_key, len(page)) is None  # the key of bytes never stored maps to nothing
+    assert fast.get(fast.key(stored), len(page)) == oid
