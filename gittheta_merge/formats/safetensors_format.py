@@ -8,6 +8,7 @@ object so checkout is still byte-identical.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from gittheta_merge.errors import InputError
@@ -18,6 +19,15 @@ from gittheta_merge.storage.metadata import BlockPlan, Metadata, TensorEntry, pl
 from gittheta_merge.storage.store import BufferRing
 
 PUT_ON_HELPER_BYTES = 1 << 20  # clean: blocks this large are hashed and stored on a helper thread
+MAPPED_WORKERS = 2  # clean of a mapped file: blocks hashed (and new ones stored) by this many threads at once
+
+
+def _put_shared(store: Any, view: memoryview) -> tuple[str, bool]:
+    """Store a view of a mapped file (copied first if new: `ObjectStore.put(shared=True)`), then let it go."""
+    try:
+        return store.put(view, shared=True)
+    finally:
+        view.release()
 
 
 class SafetensorsFormat(CheckpointFormat):
@@ -47,15 +57,19 @@ class SafetensorsFormat(CheckpointFormat):
         stored: list[tuple[str, str, list[int], BlockPlan, list[Any]]] = []  # oids (or their futures) per block
         done_bytes = 0
         ring = BufferRing(2, "theta-put")
+        mapped_pool: ThreadPoolExecutor | None = None
         try:
             for name, dtype, shape, start, end in tensors:
                 plan = plan_blocks(dtype, shape, ctx.max_block_bytes)
                 oids: list[Any] = []
                 for size in plan.sizes:
                     mapped = take_exact(stream, size, f"{where}: tensor {name!r}")
-                    if mapped is not None:  # a mapped file (`git theta add`): no read to overlap, no copy
-                        oids.append(ctx.store.put(mapped, shared=True)[0])
-                        mapped.release()
+                    if mapped is not None:  # a mapped file (`git theta add`): views of the page cache, no copy
+                        if size < PUT_ON_HELPER_BYTES:
+                            oids.append(_put_shared(ctx.store, mapped)[0])
+                        else:
+                            mapped_pool = mapped_pool or ThreadPoolExecutor(MAPPED_WORKERS, "theta-put")
+                            oids.append(mapped_pool.submit(_put_shared, ctx.store, mapped))
                         continue
                     view = ring.buffer(size)
                     read_exact_into(stream, view, f"{where}: tensor {name!r}")
@@ -69,6 +83,8 @@ class SafetensorsFormat(CheckpointFormat):
                 raise InputError(f"{where}: unexpected bytes after the last tensor: the header lies about sizes")
         finally:
             ring.close()
+            if mapped_pool is not None:
+                mapped_pool.shutdown(wait=True)
         entries = [TensorEntry.from_plan(name, dtype, shape, plan,
                                          [oid if isinstance(oid, str) else oid.result()[0] for oid in oids])
                    for name, dtype, shape, plan, oids in stored]
