@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 from gittheta_merge.errors import InputError
@@ -59,7 +61,22 @@ class MappedFile:
         self._pos = handle.tell()
         size = os.fstat(fd).st_size
         self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_SEQUENTIAL)  # read once, front to back: read ahead, and let pages go behind
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    @classmethod
+    @contextmanager
+    def or_plain(cls, handle: BinaryIO) -> Iterator[BinaryIO]:
+        """The file mapped, or the plain handle where it cannot be: under an address-space limit smaller than the
+        file (`ulimit -v`, `prlimit --as`: mmap fails with ENOMEM) or on a filesystem without mmap."""
+        try:
+            mapped = cls(handle)
+        except (OSError, ValueError):
+            yield handle
+            return
+        with mapped:
+            yield mapped  # type: ignore[misc]
 
     def take(self, size: int) -> memoryview:
         """Up to `size` next bytes (fewer only at the end), as a read-only view."""

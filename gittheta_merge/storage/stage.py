@@ -93,8 +93,8 @@ def _clean_file(filt: Any, repo: Repo, path: str) -> tuple[str, os.stat_result]:
     file = repo.root / path
     before = os.stat(file)
     out = io.BytesIO()
-    with open(file, "rb") as handle, MappedFile(handle) as stream:  # blocks hashed from the page cache, not copied
-        filt.clean(path, stream, out)  # type: ignore[arg-type]
+    with open(file, "rb") as handle, MappedFile.or_plain(handle) as stream:  # hashed in the page cache, no copy
+        filt.clean(path, stream, out)
     after = os.stat(file)
     if stat_key(before) != stat_key(after):
         raise InputError(f"{path}: the file changed while it was being read (is a training run still writing it?); "

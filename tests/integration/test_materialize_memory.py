@@ -39,3 +39,18 @@ def test_checkout_under_a_memory_limit_smaller_than_the_model(repo: Path, materi
     assert proc.returncode == 0, proc.stderr
     assert sha(repo / "model.safetensors") == v0
     assert git(repo, "status", "--porcelain").stdout == b""
+
+
+def test_git_theta_add_under_a_memory_limit_smaller_than_the_model(repo: Path) -> None:
+    """`git theta add` maps the file to hash it in the page cache; where the address space cannot hold the mapping
+    it reads the file in blocks instead, and stages what `git add` stages."""
+    git(repo, "theta", "track", "model.safetensors")
+    base = torch.arange(4096 * 4096, dtype=torch.float32).reshape(4096, 4096)
+    save_file({f"t{i}": base + i for i in range(16)}, repo / "model.safetensors")  # 1.07 GB
+    proc = subprocess.run(["prlimit", f"--as={LIMIT}", "git", "theta", "add", "model.safetensors"], cwd=repo,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    staged = git(repo, "ls-files", "-s", "model.safetensors").stdout.split()[1]
+    git(repo, "rm", "-q", "--cached", "model.safetensors")
+    git(repo, "add", "model.safetensors")  # the reference: piped through git's filter
+    assert git(repo, "ls-files", "-s", "model.safetensors").stdout.split()[1] == staged
