@@ -60,6 +60,7 @@ def _clone(tmp_path: Path, remote: Path, name: str) -> Path:
     return copy
 
 
+@pytest.mark.slow  # push, clone, fetch and a lazy clone over HTTP (~16 s)
 def test_push_clone_fetch_and_lazy_clone_over_http(tmp_path: Path, server: LfsServer) -> None:
     repo, remote = _origin(tmp_path, server.url())
     git(repo, "lfs", "track", "*.bin")  # a plain git-lfs file in the same repository
@@ -149,6 +150,7 @@ def test_wrong_credential_gets_a_clear_error_and_moves_nothing(tmp_path: Path) -
         server.kill()
 
 
+@pytest.mark.slow  # a thousand objects over HTTP (~17 s)
 def test_a_thousand_objects_push_in_batches(tmp_path: Path, server: LfsServer) -> None:
     repo, remote = _origin(tmp_path, server.url())
     g = torch.Generator().manual_seed(1)

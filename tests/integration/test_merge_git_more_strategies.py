@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import git
 from safetensors.torch import load_file
@@ -269,6 +270,7 @@ def wudi_reference(base: torch.Tensor, models: list[torch.Tensor], steps: int, l
     return b + tau
 
 
+@pytest.mark.slow  # WUDI's optimisation per tensor (~15 s)
 def test_wudi_through_git_theta_merge_lowers_its_loss(repo: Path) -> None:
     import json
 

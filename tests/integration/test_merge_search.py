@@ -63,6 +63,7 @@ def _evals(tmp_path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow  # a grid of candidates merged, checked out and scored (~28 s)
 def test_grid_search_commits_the_best_candidate(repo: Path, tmp_path: Path) -> None:
     _, target = _setup(repo, tmp_path)
     head = git(repo, "rev-parse", "HEAD").stdout.strip()

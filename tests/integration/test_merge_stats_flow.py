@@ -108,6 +108,7 @@ def merged_stats(repo: Path) -> dict:
     return read_metadata(Repo.discover(repo), "HEAD", "model.safetensors").stats
 
 
+@pytest.mark.slow  # statistics computed on three branches, then two chains of merges (~25 s each)
 @pytest.mark.parametrize("kind", ["gram", "fisher"])
 def test_sequential_merges_with_carried_statistics_equal_the_three_way_merge(repo: Path, kind: str) -> None:
     base, fts, stats = setup(repo, kind)
@@ -140,6 +141,7 @@ def test_sequential_merges_with_carried_statistics_equal_the_three_way_merge(rep
     assert git(repo, "status", "--porcelain").stdout == b""
 
 
+@pytest.mark.slow  # statistics computed on two branches through the CLI (~16 s)
 def test_missing_statistics_name_the_branch_and_the_command(repo: Path) -> None:
     _, fts, _ = setup(repo, "gram", without=("b",))
     git(repo, "config", "theta.merge.strategy", "regmean")
@@ -163,6 +165,7 @@ def test_missing_statistics_name_the_branch_and_the_command(repo: Path) -> None:
     assert "stats" not in read_metadata(Repo.discover(repo), "HEAD", "model.safetensors").extra
 
 
+@pytest.mark.slow  # statistics computed, weights changed, merged twice (~21 s)
 def test_stale_statistics_are_refused_unless_allowed(repo: Path) -> None:
     base, fts, stats = setup(repo, "fisher")
     git(repo, "checkout", "-q", "b")
@@ -197,6 +200,7 @@ def test_explicit_statistics_files_still_work(repo: Path, tmp_path: Path) -> Non
     assert merged_stats(repo)["gram"]["provenance"]["merged_models"] == 2  # derived from the files too
 
 
+@pytest.mark.slow  # Grams computed on three branches through the CLI (~17 s)
 def test_regmean_normalize_reads_the_token_counts_from_git(repo: Path) -> None:
     """`--set normalize=true`: each branch's Gram divided by the token count its committed blob records (40, 47
     and 54 tokens here), which is the formula with mean Grams; the merged model's derived statistic says it is not

@@ -51,6 +51,7 @@ def test_stats_compute_refuses_unstaged_weights(hf_repo: Path) -> None:
     assert proc.returncode == 1 and b"not staged" in proc.stderr
 
 
+@pytest.mark.slow  # a Fisher computed through the CLI with a tokenizer (~15 s)
 def test_weights_file_with_a_head_config_uses_the_tokenizer_beside_the_weights(hf_repo: Path) -> None:
     """One shared tokenizer next to the weights, a config-only directory per task head (other label count)."""
     head = hf_repo / "heads" / "three"
