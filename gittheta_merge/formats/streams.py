@@ -53,10 +53,18 @@ class MappedFile:
 
     The views show the file as it is now, not as it was: a writer changing the file meanwhile changes them (the
     object store copies a block before it takes its sha256, `ObjectStore.put(shared=True)`, and `git theta add`
-    refuses a file whose stat changed), and one truncating it ends the process with SIGBUS, before anything was
-    staged. Views must be released before `close()`."""
+    refuses a file whose stat changed), and one truncating it (a training run saving the checkpoint again in place)
+    ends the process with SIGBUS ("Fatal Python error: Bus error", and the traceback of the clean). Nothing is
+    lost then: objects are written whole or not at all, and the index is updated only after every file was read.
+    safetensors' own loader maps the file the same way. Views must be released before `close()`."""
 
     def __init__(self, handle: BinaryIO) -> None:
+        import faulthandler
+
+        # a truncation meanwhile is a SIGBUS no Python code can catch: at least show where it struck
+        self._enabled_faulthandler = not faulthandler.is_enabled()
+        if self._enabled_faulthandler:
+            faulthandler.enable()
         fd = handle.fileno()
         self._pos = handle.tell()
         size = os.fstat(fd).st_size
@@ -94,6 +102,11 @@ class MappedFile:
         return bytes(self.take(len(self._view) if size < 0 else size))
 
     def close(self) -> None:
+        if self._enabled_faulthandler:
+            import faulthandler
+
+            faulthandler.disable()
+            self._enabled_faulthandler = False
         self._view.release()
         if self._map is not None:
             try:
