@@ -81,6 +81,10 @@ class SafetensorsFormat(CheckpointFormat):
                     ctx.progress(len(stored), done_bytes)
             if stream.read(1):
                 raise InputError(f"{where}: unexpected bytes after the last tensor: the header lies about sizes")
+        except BaseException:
+            if mapped_pool is not None:  # blocks not yet started are not stored for a clean that failed
+                mapped_pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally:
             ring.close()
             if mapped_pool is not None:

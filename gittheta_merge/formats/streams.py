@@ -61,10 +61,6 @@ class MappedFile:
     def __init__(self, handle: BinaryIO) -> None:
         import faulthandler
 
-        # a truncation meanwhile is a SIGBUS no Python code can catch: at least show where it struck
-        self._enabled_faulthandler = not faulthandler.is_enabled()
-        if self._enabled_faulthandler:
-            faulthandler.enable()
         fd = handle.fileno()
         self._pos = handle.tell()
         size = os.fstat(fd).st_size
@@ -72,6 +68,10 @@ class MappedFile:
         if self._map is not None:
             self._map.madvise(mmap.MADV_SEQUENTIAL)  # read once, front to back: read ahead, and let pages go behind
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        # a truncation meanwhile is a SIGBUS no Python code can catch: at least show where it struck
+        self._enabled_faulthandler = not faulthandler.is_enabled()
+        if self._enabled_faulthandler:
+            faulthandler.enable()
 
     @classmethod
     @contextmanager

@@ -139,6 +139,13 @@ def test_bad_input_names_the_file_and_stages_nothing(trepo: Path) -> None:
     assert proc.returncode == 1
     assert b"model.safetensors" in proc.stderr
     assert git(repo, "diff", "--cached", "--name-only").stdout == b""
+    save_file(random_state(n=8, shape=(128, 64), seed=7), repo / "model.safetensors")
+    whole = (repo / "model.safetensors").read_bytes()
+    (repo / "model.safetensors").write_bytes(whole[: len(whole) - 5000])  # the header promises more than is there
+    proc = git(repo, "theta", "add", "model.safetensors", check=False)
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+    assert b"model.safetensors: tensor 'layer7.weight'" in proc.stderr and b"truncated" in proc.stderr
+    assert git(repo, "diff", "--cached", "--name-only").stdout == b""
     proc = git(repo, "theta", "add", "missing.bin", check=False)
     assert proc.returncode == 1 and b"did not match any files" in proc.stderr
 
