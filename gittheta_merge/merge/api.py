@@ -115,11 +115,7 @@ def merge_metadata(models: Sequence[Metadata], base: Metadata | None, store: Obj
     sources = [StoreSource(m, store, f"{labels[i]}: " if i < len(labels) else "") for i, m in enumerate(models)]
     base_src = StoreSource(base, store, "base: ") if base is not None else None
     sink = StoreSink(store, block_bytes)
-    try:
-        result = merge_models(sources, base_src, sink, options, stats, part=part)
-    except BaseException:
-        sink.abort()
-        raise
+    result = merge_models(sources, base_src, sink, options, stats, part=part)
     if part is not None:
         part.finish(sink, result)
     return sink.metadata(models[0]), result

@@ -17,7 +17,7 @@ from typing import Any
 from gittheta_merge.errors import StorageError, ThetaError, human_bytes, require_space
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
 from gittheta_merge.storage.metadata import BlockPlan, Metadata, TensorEntry, plan_blocks
-from gittheta_merge.storage.store import ObjectStore, ObjectWriter
+from gittheta_merge.storage.store import ObjectStore
 
 COPY_CHUNK_BYTES = 64 << 20  # a kept tensor copied into a file output: this many bytes at a time
 
@@ -47,7 +47,7 @@ class StoreSink:
         self._info: TensorInfo | None = None
         self._plan: BlockPlan | None = None  # the output blocks of the tensor being written
         self._oids: list[str] = []  # the blocks stored so far
-        self._writer: ObjectWriter | None = None  # the block being written, straight into the store
+        self._buf = bytearray()  # bytes of the block being filled
 
     def start(self, outputs: list[TensorInfo]) -> None:
         self.entries = []
@@ -72,32 +72,26 @@ class StoreSink:
         self._info = info
         self._plan = plan_blocks(info.dtype, list(info.shape), self.block_bytes)
         self._oids = []
-        self.abort()
+        self._buf = bytearray()
         if self._plan.split == "bytes":
             return [0, info.rows]
         return list(itertools.accumulate(self._plan.counts, initial=0))
 
     def _write_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        """Stream bytes into the current block's object, finishing each block as it fills."""
-        assert self._plan is not None and self._info is not None
-        view = memoryview(data).cast("B")
-        while len(view):
-            if self._writer is None:
-                if len(self._oids) == len(self._plan.sizes):
-                    raise ThetaError(f"tensor {self._info.name!r}: merged output has the wrong size (internal error)")
-                self._writer = self.store.writer(self._plan.sizes[len(self._oids)])
-            n = min(len(view), self._writer.remaining)
-            self._writer.write(view[:n])
-            view = view[n:]
-            if not self._writer.remaining:
-                self._oids.append(self._writer.finish()[0])
-                self._writer = None
+        self._buf += data
+        self._flush()
 
-    def abort(self) -> None:
-        """Drop a block being written (a merge that failed): no temporary file stays behind."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+    def _flush(self) -> None:
+        """Store every complete block in the buffer (a zero-byte tensor's one block is empty: complete)."""
+        assert self._plan is not None
+        while len(self._oids) < len(self._plan.sizes):
+            size = self._plan.sizes[len(self._oids)]
+            if len(self._buf) < size:
+                return
+            with memoryview(self._buf)[:size] as piece:
+                oid, _ = self.store.put(piece)
+            del self._buf[:size]
+            self._oids.append(oid)
 
     def write(self, rows: Any) -> None:
         self._write_bytes(byte_view(rows))  # appended to the block buffer: no intermediate bytes copy
@@ -105,11 +99,9 @@ class StoreSink:
     def end(self) -> None:
         info = self._info
         assert info is not None
+        self._flush()  # a zero-byte tensor may have had nothing written
         assert self._plan is not None
-        while self._writer is None and len(self._oids) < len(self._plan.sizes) \
-                and not self._plan.sizes[len(self._oids)]:  # a zero-byte tensor's one block is empty: complete
-            self._oids.append(self.store.put(b"")[0])
-        if len(self._oids) != len(self._plan.sizes) or self._writer is not None:
+        if len(self._oids) != len(self._plan.sizes) or self._buf:
             raise ThetaError(f"tensor {info.name!r}: merged output has the wrong size (internal error)")
         self.entries.append(TensorEntry.from_plan(info.name, info.dtype, list(info.shape), self._plan, self._oids))
         self._info = None

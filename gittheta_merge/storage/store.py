@@ -25,15 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gittheta_merge.errors import (
-    InputError,
-    MissingError,
-    StorageError,
-    ThetaError,
-    human_bytes,
-    require_space,
-    storage_error,
-)
+from gittheta_merge.errors import InputError, MissingError, StorageError, human_bytes, require_space, storage_error
 from gittheta_merge.storage.fastindex import FAST_MIN_BYTES, FastIndex
 from gittheta_merge.storage.storelock import WriterGuard
 
@@ -182,10 +174,6 @@ class ObjectStore:
             self._fast = FastIndex.open(self.lfs_dir)
         return self._fast  # type: ignore[return-value]
 
-    def writer(self, size: int) -> ObjectWriter:
-        """An object of `size` bytes written piece by piece (ObjectWriter): nothing of it held in memory."""
-        return ObjectWriter(self, size)
-
     def put_stream(self, source: BinaryIO, size: int) -> tuple[str, bool]:
         """Store exactly `size` bytes read from a stream, in bounded memory (temp file + rename)."""
         with self.guard.hold(), self._writing(size):
@@ -327,84 +315,6 @@ def fresh_buffer(n: int) -> bytearray | mmap.mmap:
     when first touched: bytearray(n) zero-fills all of it first, and a block-sized buffer that is then read into was
     touched twice (98 MB allocated and read into: 165-198 ms as a bytearray, 80-102 ms mapped, here)."""
     return mmap.mmap(-1, n) if n >= 1 << 20 else bytearray(n)
-
-
-class ObjectWriter:
-    """One object written piece by piece into a temporary file, hashed as it goes (sha256, and BLAKE3 for the cache
-    where the object is large enough), then renamed to its oid by `finish()`. Why: a merge produces an output block
-    in chunks; collecting the block in memory before `put` cost up to a block (64 MiB, twice while the buffer grew)
-    on top of the merge's own buffers. Holds the store's lock from the first byte to the rename, like any write."""
-
-    def __init__(self, store: ObjectStore, size: int) -> None:
-        from contextlib import ExitStack
-
-        self.store, self.size, self._left = store, size, size
-        self._stack = ExitStack()
-        self._stack.enter_context(store.guard.hold())
-        self._stack.enter_context(store._writing(size))
-        store.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=store.tmp_dir, prefix="theta-")
-        self._out: Any = os.fdopen(fd, "wb")
-        self._sha = hashlib.sha256()
-        fast = store.fast_index if size >= FAST_MIN_BYTES else None
-        self._fast = fast
-        self._blake = fast.hasher() if fast is not None else None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        if len(view) > self._left:
-            self.abort()
-            raise ThetaError(f"object writer: {len(view)} bytes given, {self._left} of {self.size} left "
-                             "(internal error)")
-        self._sha.update(view)
-        if self._blake is not None:
-            self._blake.update(view)
-        try:
-            self._out.write(view)
-        except BaseException:
-            self.abort()
-            raise
-        self._left -= len(view)
-
-    @property
-    def remaining(self) -> int:
-        """Bytes still to be written before `finish()`."""
-        return self._left
-
-    def finish(self) -> tuple[str, bool]:
-        """(oid, newly_written); an object already stored is kept and the temporary file dropped."""
-        try:
-            if self._left:
-                raise ThetaError(f"object writer: {self._left} of {self.size} bytes never written (internal error)")
-            if self.store.fsync:
-                self._out.flush()
-                os.fsync(self._out.fileno())
-            self._out.close()
-            oid = self._sha.hexdigest()
-            self.store.guard.record(oid)
-            if self.store._touch(oid):
-                os.unlink(self._tmp)
-                new = False
-            else:
-                final = self.store.path(oid)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(self._tmp, 0o444)
-                os.replace(self._tmp, final)
-                new = True
-        except BaseException:
-            self.abort()
-            raise
-        self._stack.close()
-        if self._fast is not None and self._blake is not None:
-            self._fast.add(self._blake.digest(), oid, self.size)
-        return oid, new
-
-    def abort(self) -> None:
-        """Drop what was written (idempotent): no temporary file is left behind."""
-        self._out.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
-        self._stack.close()
 
 
 class BufferRing:

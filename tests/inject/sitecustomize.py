@@ -61,12 +61,11 @@ def _before(point: str):  # noqa: ANN202
 
 
 if _SPEC:
-    from gittheta_merge.storage.store import ObjectStore, ObjectWriter
+    from gittheta_merge.storage.store import ObjectStore
 
     newly_written = lambda result: bool(result[1])  # noqa: E731 - (oid, new)
     ObjectStore.put = _after("object-written", newly_written)(ObjectStore.put)
     ObjectStore.put_stream = _after("object-written", newly_written)(ObjectStore.put_stream)
-    ObjectWriter.finish = _after("object-written", newly_written)(ObjectWriter.finish)
     ObjectStore.require_present = _after("objects-checked")(ObjectStore.require_present)
     ObjectStore.verify = _before("objects-fetched")(ObjectStore.verify)
     ObjectStore.open = _before("object-opened")(ObjectStore.open)

@@ -188,36 +188,3 @@ def test_a_shared_view_changed_meanwhile_never_yields_an_object_unlike_its_oid(t
     assert new and hashlib.sha256(stored).hexdigest() == oid  # object and oid agree
     assert fast.get(first_key, len(page)) is None  # the key of bytes never stored maps to nothing
     assert fast.get(fast.key(stored), len(page)) == oid
-
-
-def test_object_writer_streams_an_object_as_put_would_store_it(tmp_path: Path) -> None:
-    """A merge's output block goes into the store piece by piece: the same oid, bytes and cache entry as `put`, an
-    object already stored kept, and nothing left in tmp/ by a finished, refused or aborted writer."""
-    import os
-
-    from gittheta_merge.storage.fastindex import FAST_MIN_BYTES
-
-    store = ObjectStore(tmp_path / "lfs")
-    data = os.urandom(FAST_MIN_BYTES + 12345)
-    writer = store.writer(len(data))
-    for start in range(0, len(data), 70_000):
-        writer.write(memoryview(data)[start: start + 70_000])
-    oid, new = writer.finish()
-    assert new and oid == hashlib.sha256(data).hexdigest() and store.path(oid).read_bytes() == data
-    if store.fast_index is not None:  # recorded for the next add of the same bytes (BLAKE3 instead of sha256)
-        assert store.fast_index.get(store.fast_index.key(data), len(data)) == oid
-    again = store.writer(len(data))
-    again.write(data)
-    assert again.finish() == (oid, False)
-    short = store.writer(10)
-    short.write(b"12345")
-    with pytest.raises(ThetaError, match="never written"):
-        short.finish()
-    with pytest.raises(ThetaError, match="bytes given"):
-        store.writer(4).write(b"12345")
-    dropped = store.writer(100)
-    dropped.write(b"x" * 50)
-    dropped.abort()
-    dropped.abort()
-    assert not any((tmp_path / "lfs" / "tmp").iterdir())
-    assert list(store.iter_oids()) == [oid]
