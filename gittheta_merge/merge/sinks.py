@@ -17,7 +17,7 @@ from typing import Any
 from gittheta_merge.errors import StorageError, ThetaError, human_bytes, require_space
 from gittheta_merge.merge.sources import StoreSource, TensorInfo
 from gittheta_merge.storage.metadata import BlockPlan, Metadata, TensorEntry, plan_blocks
-from gittheta_merge.storage.store import ObjectStore
+from gittheta_merge.storage.store import ObjectStore, fresh_buffer
 
 COPY_CHUNK_BYTES = 64 << 20  # a kept tensor copied into a file output: this many bytes at a time
 
@@ -47,7 +47,10 @@ class StoreSink:
         self._info: TensorInfo | None = None
         self._plan: BlockPlan | None = None  # the output blocks of the tensor being written
         self._oids: list[str] = []  # the blocks stored so far
-        self._buf = bytearray()  # bytes of the block being filled
+        # the block being filled: one buffer of the largest block size seen, reused (filling a growing bytearray
+        # reallocated it as it grew, up to twice a 64 MiB block, and moved the rest down after each block)
+        self._block: Any = bytearray()
+        self._fill = 0  # bytes of the current block in it
 
     def start(self, outputs: list[TensorInfo]) -> None:
         self.entries = []
@@ -72,25 +75,34 @@ class StoreSink:
         self._info = info
         self._plan = plan_blocks(info.dtype, list(info.shape), self.block_bytes)
         self._oids = []
-        self._buf = bytearray()
+        self._fill = 0
         if self._plan.split == "bytes":
             return [0, info.rows]
         return list(itertools.accumulate(self._plan.counts, initial=0))
 
     def _write_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-        self._flush()
+        """Copy bytes into the block buffer, storing each block as it completes."""
+        assert self._plan is not None and self._info is not None
+        view = memoryview(data).cast("B")
+        while len(view):
+            if len(self._oids) == len(self._plan.sizes):
+                raise ThetaError(f"tensor {self._info.name!r}: merged output has the wrong size (internal error)")
+            size = self._plan.sizes[len(self._oids)]
+            if len(self._block) < size:
+                self._block = fresh_buffer(size)
+            n = min(len(view), size - self._fill)
+            self._block[self._fill: self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            self._flush()
 
     def _flush(self) -> None:
-        """Store every complete block in the buffer (a zero-byte tensor's one block is empty: complete)."""
+        """Store the block if complete (a zero-byte tensor's one block is empty: complete)."""
         assert self._plan is not None
-        while len(self._oids) < len(self._plan.sizes):
-            size = self._plan.sizes[len(self._oids)]
-            if len(self._buf) < size:
-                return
-            with memoryview(self._buf)[:size] as piece:
+        while len(self._oids) < len(self._plan.sizes) and self._fill == self._plan.sizes[len(self._oids)]:
+            with memoryview(self._block)[: self._fill] as piece:
                 oid, _ = self.store.put(piece)
-            del self._buf[:size]
+            self._fill = 0
             self._oids.append(oid)
 
     def write(self, rows: Any) -> None:
@@ -101,7 +113,7 @@ class StoreSink:
         assert info is not None
         self._flush()  # a zero-byte tensor may have had nothing written
         assert self._plan is not None
-        if len(self._oids) != len(self._plan.sizes) or self._buf:
+        if len(self._oids) != len(self._plan.sizes) or self._fill:
             raise ThetaError(f"tensor {info.name!r}: merged output has the wrong size (internal error)")
         self.entries.append(TensorEntry.from_plan(info.name, info.dtype, list(info.shape), self._plan, self._oids))
         self._info = None
