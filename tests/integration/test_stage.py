@@ -153,26 +153,15 @@ def test_bad_input_names_the_file_and_stages_nothing(trepo: Path) -> None:
 def test_a_file_truncated_while_mapped_kills_the_add_loudly_and_loses_nothing(trepo: Path, tmp_path: Path) -> None:
     """A training run saving the checkpoint again in place truncates it under `git theta add`'s mapping: the
     command dies of SIGBUS, with a traceback, and leaves the index and every stored object as they were meant to be."""
-    import subprocess
-    import time
-
-    from conftest import pause_env
+    from test_gc_concurrency import Paused
 
     repo = trepo  # 16 KiB blocks: stored in order on the main thread, so the pause below is a known block
     save_file(random_state(n=8, shape=(128, 64), seed=6), repo / "model.safetensors")
     index_before = (repo / ".git" / "index").read_bytes()
-    pidfile = tmp_path / "pause"
-    proc = subprocess.Popen(["git", "theta", "add", "model.safetensors"], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=pause_env("object-written", pidfile, 2))
-    deadline = time.monotonic() + 120
-    while not pidfile.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    adding = Paused(["git", "theta", "add", "model.safetensors"], repo, "object-written", tmp_path, count=2)
     os.truncate(repo / "model.safetensors", 0)  # the trainer's save starts over the file being read
-    Path(f"{pidfile}.go").touch()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert b"Fatal Python error: Bus error" in err and b"in _clean_file" in err  # loud, with the traceback
+    returncode, output = adding.resume()
+    assert returncode != 0
+    assert "Fatal Python error: Bus error" in output and "in _clean_file" in output  # loud, with the traceback
     assert (repo / ".git" / "index").read_bytes() == index_before
     assert git(repo, "theta", "fsck").returncode == 0  # every object stored matches its oid
