@@ -652,13 +652,16 @@ def setup_repo(g: Git, s: Settings) -> None:
     g("commit", "-q", "-m", "pretrained all-MiniLM-L6-v2")
 
 
-def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_dir: Path,
+def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_dir: Path, state_dir: Path,
                  out: dict[str, Any]) -> None:
     """One task's branch: fine-tune, commit weights + head config, compute and commit statistics.
     `rows`: the task's tokenized splits. A task finished by an earlier, interrupted run (--resume) is read back:
-    its facts from done/, its head from its branch; one it did not finish is started again."""
-    done = data_dir.parent / "done" / f"task-{task.name}.json"
-    if done.exists():
+    its facts from the state directory, its head from its branch; one it did not finish is started again. Where
+    the state outlived the workdir (--state in the repo, a new machine), the branch is made again and must come
+    out byte for byte as before (same seed, threads and versions): the earlier merges' results stand only then."""
+    done = state_dir / f"task-{task.name}.json"
+    earlier = json.loads(done.read_text()) if done.exists() else None
+    if earlier is not None and g("branch", "--list", task.name).strip():
         from safetensors.torch import load
 
         out["tasks"][task.name] = json.loads(done.read_text())
@@ -708,10 +711,53 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
         "train_seconds": round(train_s, 1), "stats_seconds": round(stats_s, 1),
         "model_sha256": file_digest(g.root / "model" / "model.safetensors"),
         "stats_listing": g("theta", "stats", "ls", "model/model.safetensors"),
+        "stats_values_sha256": stats_values_digest(g),
     }
+    if earlier is not None:
+        check_recreated(task.name, earlier, out["tasks"][task.name])
+        with open(state_dir / "made-again.jsonl", "a") as f:  # the time it cost, counted in the phase times
+            f.write(json.dumps({"task": task.name, "seconds": round(train_s + stats_s, 1),
+                                "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}) + "\n")
+        out["tasks"][task.name] = earlier  # its first run's facts and times
+        log(f"{task.name}: made again, identical to the earlier run's (model and statistics)")
+        return
     done.write_text(json.dumps(out["tasks"][task.name], indent=1))
     log(f"{task.name}: probe {probe_acc:.3f}, fine-tuned {out['tasks'][task.name]['finetuned_test']:.3f} "
         f"(train {train_s:.0f} s, statistics {stats_s:.0f} s)")
+
+
+def stats_values_digest(g: Git) -> dict[str, str]:
+    """Per statistic kind on the checked-out model, sha256 over its tensors' names and bytes: the values alone (the
+    blob's own id also covers its provenance, which records how long the computation took)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from gittheta_merge.storage.store import ObjectStore
+
+    store = ObjectStore(g.root / ".git" / "lfs")
+    out = {}
+    for line in g("theta", "stats", "ls", "model/model.safetensors").splitlines():
+        kind, prefix = line.split()[1], line.split()[5]
+        oid = next(o for o in store.iter_oids() if o.startswith(prefix))
+        h = hashlib.sha256()
+        for name, tensor in sorted(load_file(str(store.path(oid))).items()):
+            h.update(name.encode() + b"\0" + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        out[kind] = h.hexdigest()
+    return out
+
+
+def check_recreated(name: str, earlier: dict[str, Any], now: dict[str, Any]) -> None:
+    """A branch made again on a fresh workdir must equal the earlier run's: the fine-tuned weights (sha256) and
+    every statistic blob (the digests `stats ls` lists). Anything else (other threads, versions or hardware) would
+    mix merges of different models into one table."""
+    if earlier["model_sha256"] != now["model_sha256"] or \
+            earlier.get("stats_values_sha256") != now["stats_values_sha256"]:
+        raise SystemExit(
+            f"--resume: {name}'s fine-tuned model or statistics came out different from the earlier run's "
+            f"(model {earlier['model_sha256'][:19]} then, {now['model_sha256'][:19]} now): the recorded merges "
+            "cannot be mixed with these. Run with the thread count (OMP_NUM_THREADS) and versions of the earlier "
+            "run, or start over without --resume.")
 
 
 def task_vector_geometry(g: Git, tasks: list[Task]) -> dict[str, Any]:
@@ -745,12 +791,12 @@ def merge_all(g: Git, tasks: list[Task], strategy: str, params: dict[str, Any]) 
 
 
 def choose_and_test(g: Git, tasks: list[Task], strategy: str, s: Settings, rows: dict[str, dict[str, list]],
-                    heads: dict[str, Path], workdir: Path, facts: dict[str, Any]
+                    heads: dict[str, Path], workdir: Path, state: Path, facts: dict[str, Any]
                     ) -> tuple[dict[str, Any], tuple[float, float]]:
     """Merge `tasks` with every grid point of `strategy`, choose the point with the best mean validation score,
     score it on the test split. Returns the result entry and (merge seconds, evaluation seconds); a result an
-    earlier, interrupted run finished (--resume) is read back from done/."""
-    done = workdir / "done" / f"{len(tasks)}-{strategy}.json"
+    earlier, interrupted run finished (--resume) is read back from the state directory."""
+    done = state / f"{len(tasks)}-{strategy}.json"
     if done.exists():
         entry = json.loads(done.read_text())
         log(f"{strategy} ({len(tasks)} tasks): done in an earlier run (test mean {entry['test_mean']:.3f})")
@@ -786,7 +832,10 @@ def choose_and_test(g: Git, tasks: list[Task], strategy: str, s: Settings, rows:
     return entry, (merge_s, eval_s)
 
 
-def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> dict[str, Any]:
+def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "", state: Path | None = None
+        ) -> dict[str, Any]:
+    """One seed's run. `state`: where each finished step's result is kept (default WORKDIR/done); kept in the
+    repository (--state), a run spanning several machines resumes from it with the workdir gone."""
     import transformers
 
     started = time.time()
@@ -794,20 +843,26 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     transformers.logging.disable_progress_bar()
     torch.use_deterministic_algorithms(True)
     g = Git(workdir / "repo")
-    resumed = s.resume and (workdir / "settings.json").exists()
+    state = state or workdir / "done"
+    resumed = s.resume and (state / "settings.json").exists()
+    have_repo = resumed and (g.root / ".git").exists()
     if resumed:
-        earlier = json.loads((workdir / "settings.json").read_text())
+        earlier = json.loads((state / "settings.json").read_text())
         if {k: v for k, v in earlier.items() if k != "resume"} != {k: v for k, v in vars(s).items() if k != "resume"}:
-            raise SystemExit(f"--resume: {workdir} was started with other settings ({workdir / 'settings.json'}); "
+            raise SystemExit(f"--resume: {state} was started with other settings ({state / 'settings.json'}); "
                              "run with the same arguments, or without --resume to start over")
-        log(f"resuming in {workdir}: finished steps are read from {workdir / 'done'}")
+        log(f"resuming: finished steps are read from {state}"
+            + ("" if have_repo else f"; {workdir} is new, so the task branches are made again and checked"))
+    if have_repo:
         for lock in (g.root / ".git").glob("*.lock"):  # a git command killed with the run
             lock.unlink()
         g("checkout", "-q", "-f", "main")
-    elif workdir.exists():
-        shutil.rmtree(workdir)
-    (workdir / "done").mkdir(parents=True, exist_ok=True)
-    (workdir / "settings.json").write_text(json.dumps(vars(s), indent=1))
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not resumed:
+        shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "settings.json").write_text(json.dumps(vars(s), indent=1))
     data_dir = workdir / "data"
     result: dict[str, Any] = {"command": command, "settings": vars(s), "tasks": {}, "strategies": {},
                               "git_merge_check": {}, "resumed": resumed}
@@ -815,14 +870,17 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     rows = {t.name: {split: tokenize(tok, getattr(t, split), s.max_length) for split in ("train", "val", "test")}
             for t in tasks}
-    if not resumed:
+    if not have_repo:
         setup_repo(g, s)
     data_dir.mkdir(parents=True, exist_ok=True)
     phases = result["phase_seconds"] = {"setup": round(time.time() - started, 1)}
     for task in tasks:
-        train_branch(g, task, rows[task.name], s, data_dir, result)
+        train_branch(g, task, rows[task.name], s, data_dir, state, result)
     phases["fine-tuning (incl. probe)"] = round(sum(result["tasks"][t.name]["train_seconds"] for t in tasks), 1)
     phases["statistics"] = round(sum(result["tasks"][t.name]["stats_seconds"] for t in tasks), 1)
+    if (state / "made-again.jsonl").exists():
+        again = [json.loads(line) for line in (state / "made-again.jsonl").read_text().splitlines()]
+        phases["task branches made again (resumed on new machines)"] = round(sum(x["seconds"] for x in again), 1)
     merge_s = eval_s = 0.0
     result["task_vectors"] = task_vector_geometry(g, tasks)
     log(f"task vectors: cosine {result['task_vectors']['cosine']}, norm / pretrained "
@@ -835,15 +893,19 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
         (heads[t.name] / "config.json").write_text(g("show", f"{t.name}:heads/{t.name}/config.json"))
 
     for strategy in s.strategies:
-        entry, secs = choose_and_test(g, tasks, strategy, s, rows, heads, workdir, result["tasks"])
+        entry, secs = choose_and_test(g, tasks, strategy, s, rows, heads, workdir, state, result["tasks"])
         merge_s, eval_s = merge_s + secs[0], eval_s + secs[1]
         result["strategies"][strategy] = entry
         if out_dir is not None:
-            (raw_dir(out_dir) / "reports").mkdir(parents=True, exist_ok=True)
-            shutil.copy(entry["grid_best_report"], raw_dir(out_dir) / "reports" / f"{strategy}.json")
+            kept = raw_dir(out_dir) / "reports" / f"{strategy}.json"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            if Path(entry["grid_best_report"]).exists():
+                shutil.copy(entry["grid_best_report"], kept)
+            elif not kept.exists():  # a strategy an earlier machine finished: its report was kept then
+                raise SystemExit(f"{strategy}: neither {entry['grid_best_report']} nor {kept} exists")
     if s.multitask:
         log("multi-task reference: one encoder trained on all tasks")
-        done = workdir / "done" / "multitask.json"
+        done = state / "multitask.json"
         if not done.exists():
             done.write_text(json.dumps(train_multitask(tasks, rows, s), indent=1))
         result["multitask"] = json.loads(done.read_text())
@@ -856,7 +918,7 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "") -> 
         log(f"{n} tasks: {', '.join(t.name for t in subset)}")
         point = result.setdefault("curve", {})[str(n)] = {"tasks": [t.name for t in subset], "strategies": {}}
         for strategy in s.curve_strategies:
-            entry, secs = choose_and_test(g, subset, strategy, s, rows, heads, workdir, result["tasks"])
+            entry, secs = choose_and_test(g, subset, strategy, s, rows, heads, workdir, state, result["tasks"])
             merge_s, eval_s = merge_s + secs[0], eval_s + secs[1]
             point["strategies"][strategy] = entry
 
@@ -1066,6 +1128,9 @@ def main() -> None:
                     "fisher", help="the strategies merged at the --curve counts")
     ap.add_argument("--resume", action="store_true", help="go on where an interrupted run in the same --workdir "
                     "(same arguments) stopped: finished fine-tunings, merges and references are read back")
+    ap.add_argument("--state", default=None, metavar="DIR", help="where finished steps are kept (default "
+                    "WORKDIR/done; one seed only): inside the repository, --resume goes on from them on a new machine, "
+                    "making the task branches again and checking they come out identical")
     ap.add_argument("--smoke", action="store_true", help="CI size: 2 tasks, few examples, 2 strategies, 1 point")
     ap.add_argument("--no-git-check", action="store_true", help="skip the plain `git merge` comparison")
     ap.add_argument("--combine", default=None, metavar="DIR,DIR…",
@@ -1073,6 +1138,8 @@ def main() -> None:
                     "that ran different strategies on the same fine-tuned models (checked by digest)")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
+    if a.state and len(seeds) > 1:
+        ap.error("--state keeps one seed's steps: run one seed per command")
     command = " ".join(["python benchmarks/quality.py", *[x for x in sys.argv[1:] if x != "--resume"]])
     out = Path(a.out)
     if a.combine:
@@ -1089,8 +1156,9 @@ def main() -> None:
                      curve_strategies=a.curve_strategies.split(","), resume=a.resume)
         if a.smoke:
             s = smoke_settings(seed=seed)
+            s.resume = a.resume
         if len(seeds) == 1:
-            runs.append(run(s, Path(a.workdir), out, command=command))
+            runs.append(run(s, Path(a.workdir), out, command=command, state=Path(a.state) if a.state else None))
         else:
             log(f"seed {seed}")
             runs.append(run(s, Path(a.workdir) / f"seed-{seed}", out / f"seed-{seed}", command=command))
