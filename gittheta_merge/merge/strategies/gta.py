@@ -4,8 +4,9 @@ DARE (Yu et al. 2024) and DELLA (Deep et al. 2024), each with and without TIES' 
 Per tensor, for each model's task vector tau_i = theta_i - theta_0 (n entries):
   sparsify (density >= 1 keeps everything; with rescale, the kept entries are scaled so their L1 norm equals
   tau_i's, unless either norm is below 1e-7 -- mergekit's rescale, not DARE's 1/p):
-    breadcrumbs: sort |tau_i| ascending; drop the n_top = int(gamma n) largest (outliers) and enough of the smallest to
-      keep target = int(density n): keep ranks [n_bot, n_bot + target), n_bot = max(0, n - target - n_top);
+    breadcrumbs: sort |tau_i| ascending (equal magnitudes in index order); drop the n_top = int(gamma n) largest
+      (outliers) and enough of the smallest to keep target = int(density n): keep ranks [n_bot, n_bot + target),
+      n_bot = max(0, n - target - n_top);
     dare: keep each entry with probability density;
     della: keep each entry with probability density - epsilon + 2 epsilon r, r its magnitude rank in its row
       (0 smallest .. 1 largest; a 1-D tensor is one row);
@@ -28,17 +29,47 @@ from gittheta_merge.errors import UsageError
 from gittheta_merge.merge.strategies.base import Chunk, Param, Strategy
 
 
+def order_statistics(values: Any, i: int, j: int) -> tuple[float, float]:
+    """The values at ascending ranks i and j (0-based) of a 1-D tensor: on the CPU one numpy introselect for both
+    (half the time of two torch.kthvalue), elsewhere (CUDA, half precision) torch.kthvalue."""
+    import torch
+
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        parted = np.partition(values.numpy(), [i, j])
+        return float(parted[i]), float(parted[j])
+    return float(torch.kthvalue(values, i + 1).values), float(torch.kthvalue(values, j + 1).values)
+
+
 def keep_middle(tau: Any, density: float, gamma: float) -> Any:
-    """Breadcrumbs' keep mask: 1 at the ranks [n_bot, n_bot + target) of |tau| (ascending), else 0."""
+    """Breadcrumbs' keep mask: 1 at the ranks [n_bot, n_bot + target) of |tau| in ascending order, else 0; equal
+    magnitudes rank in index order (a stable sort's order).
+
+    Found by selection rather than a sort: the magnitudes at the two boundary ranks (one introselect, linear time)
+    bound the kept band, and only entries equal to a boundary value need a rank: the count below that value plus
+    their place among the equal ones (such ties are common: a bf16 model's task vectors repeat magnitudes). On a
+    400M bf16 merge this took 0.6x the time and 0.7x the memory of the sort (docs/benchmarks.md)."""
     import torch
 
     n = tau.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    order = torch.sort(tau.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=tau.dtype)
-    mask[order[n_bot: n_bot + target]] = 1
-    return mask.reshape(tau.shape)
+    if target <= 0:
+        return torch.zeros_like(tau)
+    if target >= n:
+        return torch.ones_like(tau)
+    mags = tau.abs().reshape(-1)
+    low, high = order_statistics(mags, n_bot, n_bot + target - 1)
+    keep = (mags >= low) & (mags <= high)
+    if int(torch.count_nonzero(keep)) != target:  # equal magnitudes straddle a boundary rank: index order decides
+        for bound in {low, high}:
+            equal = (mags == bound).nonzero().reshape(-1)  # ascending indices: their order among the equal ones
+            below = int(torch.count_nonzero(mags < bound))
+            first, last = max(n_bot - below, 0), min(n_bot + target - below, len(equal))  # kept: [first, last)
+            keep[equal[:first]] = False
+            keep[equal[last:]] = False
+    return keep.to(tau.dtype).reshape(tau.shape)
 
 
 def l1_rescaled(tau: Any, kept: Any) -> Any:
@@ -185,7 +216,10 @@ class Della(_TaskVectorFamily):
         if density <= 0:
             return torch.zeros_like(tau)
         rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
-        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(tau.dtype) + 1
+        order = torch.argsort(rows.abs(), dim=1)
+        ranks = torch.empty_like(order)  # the inverse permutation: what a second argsort gives, without a sort
+        ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+        ranks = ranks.to(tau.dtype) + 1
         low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
         spread = (ranks - low) / (high - low)  # 0/0 (one entry per row) is NaN, and clamps to 0 as in mergekit
         probs = (density - eps) + torch.nan_to_num(spread, nan=0.0).clamp(0, 1) * 2 * eps
