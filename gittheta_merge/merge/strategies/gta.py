@@ -17,7 +17,9 @@ Per tensor, for each model's task vector tau_i = theta_i - theta_0 (n entries):
   normalize: mixed /= divisor; then theta_0 + lambda mixed.
 The random masks come from our own reproducible stream (dare.uniforms: seed, tensor name, model index), not from
 mergekit's global torch RNG, so equality with mergekit holds for the deterministic parts; the random parts match in
-their keep rates and expectation (tests/e2e/test_vs_mergekit.py, tests/unit/test_gta_random.py).
+their keep rates and expectation (tests/e2e/test_vs_mergekit.py, tests/unit/test_gta_random.py). One deterministic
+difference: where magnitudes tie at breadcrumbs' band edges, mergekit's unstable sort keeps whichever of the equal
+entries it happens to order first, ours the first in index order.
 Whole tensors (ranks and norms are per tensor): peak memory is the models' largest tensor in float32, times M + 2.
 """
 
