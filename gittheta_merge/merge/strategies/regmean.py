@@ -103,7 +103,9 @@ class _Solver:
 
 class RegMean(Strategy):
     """RegMean (Jin et al. 2023): per linear layer, (sum_i G_i)^-1 sum_i G_i W_i with each model's input Gram
-    G_i (statistic `gram`); blocks without a Gram are (weighted) averaged."""
+    G_i (statistic `gram`); blocks without a Gram are (weighted) averaged, as in the paper. On seven tasks, merging
+    those blocks by task arithmetic instead (`--rule REGEX=task_arithmetic:lambda=1` for the embeddings, norms and
+    biases) did better: docs/results/quality-multitask.md."""
 
     name = "regmean"
     params_spec = {
