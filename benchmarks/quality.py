@@ -859,8 +859,10 @@ def run(s: Settings, workdir: Path, out_dir: Path | None, command: str = "", sta
         g("checkout", "-q", "-f", "main")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    if not resumed:
-        shutil.rmtree(state, ignore_errors=True)
+    if not resumed:  # a fresh start forgets earlier steps: only the files a run writes there, never the folder
+        for name in ("task-*.json", "[0-9]*-*.json", "multitask.json", "made-again.jsonl", "settings.json"):
+            for old in state.glob(name):
+                old.unlink()
     state.mkdir(parents=True, exist_ok=True)
     (state / "settings.json").write_text(json.dumps(vars(s), indent=1))
     data_dir = workdir / "data"
