@@ -1173,10 +1173,18 @@ def combine_runs(paths: list[Path]) -> dict[str, Any]:
     """One seed's runs with different strategies as one run. They must have merged the same fine-tuned models (the
     same data, seed and training: equal model digests per task); a strategy in several runs must have scored the same
     (training and merges are deterministic), so its repeat is a check, not a second sample."""
-    paths = [p for p in paths if p.exists()]  # a seed may come from only some of the runs
-    if not paths:
+    runs, found = [], []
+    for path in paths:  # a seed may come from only some of the runs
+        if path.exists():
+            runs.append(json.loads(path.read_text()))
+        elif (path.parent / "state" / "settings.json").exists():  # still running: what it has finished so far
+            runs.append(run_from_state(path.parent / "state"))
+        else:
+            continue
+        found.append(path)
+    if not runs:
         raise SystemExit("--combine: no run has this seed")
-    runs = [json.loads(p.read_text()) for p in paths]
+    paths = found
     first = runs[0]
     for path, other in zip(paths[1:], runs[1:]):
         for task, facts in first["tasks"].items():
@@ -1199,9 +1207,43 @@ def combine_runs(paths: list[Path]) -> dict[str, Any]:
     return combined
 
 
+def run_from_state(state: Path) -> dict[str, Any]:
+    """A run still in progress (or cut off), from the steps its --state holds: the task facts, every finished
+    strategy, the multi-task reference and the curve where finished. Marked `in_progress` for the summary."""
+    s = json.loads((state / "settings.json").read_text())
+    tasks = {name: json.loads((state / f"task-{name}.json").read_text()) for name in s["tasks"]
+             if (state / f"task-{name}.json").exists()}
+    if len(tasks) < len(s["tasks"]):
+        raise SystemExit(f"{state}: not every task is fine-tuned yet")
+
+    def entry(n: int, strategy: str) -> dict[str, Any] | None:
+        done = state / f"{n}-{strategy}.json"
+        return {k: v for k, v in json.loads(done.read_text()).items() if k != "seconds"} if done.exists() else None
+
+    r: dict[str, Any] = {"command": "", "settings": s, "tasks": tasks, "git_merge_check": {}, "wall_seconds": 0.0,
+                         "in_progress": True,
+                         "strategies": {k: e for k in s["strategies"] if (e := entry(len(tasks), k)) is not None}}
+    if (state / "multitask.json").exists():
+        r["multitask"] = json.loads((state / "multitask.json").read_text())
+    order = list(s["tasks"])
+    random.Random(f"{s['seed']}:task-order").shuffle(order)  # as run() draws the curve's subsets
+    curve = {str(n): {"tasks": order[:n], "strategies": {k: entry(n, k) for k in s["curve_strategies"]}}
+             for n in sorted(c for c in s["curve"] if 2 <= c < len(order))}
+    if curve and all(e is not None for point in curve.values() for e in point["strategies"].values()):
+        r["curve"] = curve
+    return r
+
+
 def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
-    """Mean ± sample sd over seeds of every table entry, each seed's ranking, and links to the per-seed pages."""
+    """Mean ± sample sd over seeds of every table entry, each seed's ranking, and links to the per-seed pages.
+    Runs still in progress (from their --state) count with what they have finished: a row or section that some run
+    lacks is left out, and the page says which seeds are partial."""
     import statistics
+
+    if not all("multitask" in r for r in runs):
+        runs = [{k: v for k, v in r.items() if k != "multitask"} for r in runs]
+    common = [k for k in runs[0]["strategies"] if all(k in r["strategies"] for r in runs)]
+    runs = [{**r, "strategies": {k: r["strategies"][k] for k in common}} for r in runs]
 
     names = list(runs[0]["tasks"])
     tables = [table_rows(r) for r in runs]
@@ -1217,12 +1259,20 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
                         "mean": [t[i][2] for t in tables], "normalized_mean": [t[i][3] for t in tables],
                         "chosen": [r["strategies"].get(method, {}).get("chosen") for r in runs]})
     wall = sum(r["wall_seconds"] for r in runs)
+    partial = [s for s, r in zip(seeds, runs) if r.get("in_progress")]
+    done = [(s, r) for s, r in zip(seeds, runs) if not r.get("in_progress")]
     lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git (several seeds)", "",
-             f"Produced by `{command}` in {wall / 60:.1f} min ({len(runs)} full runs, "
-             + ", ".join(f"seed {s}: {r['wall_seconds'] / 60:.1f} min" for s, r in zip(seeds, runs))
+             f"Produced by `{command}` ("
+             + ", ".join([*(f"seed {s}: {r['wall_seconds'] / 60:.1f} min" for s, r in done),
+                          *(f"seed {s}: still running" for s in partial)])
              + "). Each seed draws its own data splits, head initialisation, shuffling and dropout; per-seed "
              "pages (tables, validation grids, git merge checks, setup, versions): "
-             + ", ".join(f"[seed {s}](seed-{s}/quality.md)" for s in seeds) + ".", "",
+             + ", ".join(f"[seed {s}](seed-{s}/quality.md)" for s, _ in done) + ".", ""]
+    if partial:
+        lines += [f"**Interim:** seed{'s' if len(partial) > 1 else ''} {', '.join(map(str, partial))} "
+                  "still running; this page counts the steps they have finished (their --state). A row or section "
+                  "that a seed has not reached yet is left out for every seed.", ""]
+    lines += [
              f"## Test accuracy, mean ± sd over {len(runs)} seeds (hyperparameters chosen on validation, per seed)",
              "", "| method | " + " | ".join(names) + " | mean | normalised mean |",
              "|---|" + "---|" * (len(names) + 2)]
@@ -1254,9 +1304,10 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
         for strategy, cells in curves.items():
             lines.append(f"| {strategy} | " + " | ".join(ms(c) if len(c) > 1 else "—" for c in cells) + " |")
         plot_curve(curves, counts, out / "quality-curve.png")
-    checks = [all(v["same_names"] and v["max_abs_diff"] == 0 for v in r["git_merge_check"].values()) for r in runs]
+    checks = ["not run" if not r["git_merge_check"] else "yes" if all(
+        v["same_names"] and v["max_abs_diff"] == 0 for v in r["git_merge_check"].values()) else "NO" for r in runs]
     lines += ["", "Plain `git merge` equal to `git theta merge` (every strategy, bit for bit): "
-              + ", ".join(f"seed {s}: {'yes' if c else 'NO'}" for s, c in zip(seeds, checks)) + ".", ""]
+              + ", ".join(f"seed {s}: {c}" for s, c in zip(seeds, checks)) + ".", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text("\n".join(lines))
     raw_dir(out).mkdir(parents=True, exist_ok=True)
