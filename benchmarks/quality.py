@@ -749,8 +749,8 @@ def stats_values_digest(g: Git) -> dict[str, str]:
 
 def check_recreated(name: str, earlier: dict[str, Any], now: dict[str, Any]) -> None:
     """A branch made again on a fresh workdir must equal the earlier run's: the fine-tuned weights (sha256) and
-    every statistic blob (the digests `stats ls` lists). Anything else (other threads, versions or hardware) would
-    mix merges of different models into one table."""
+    every statistic's values (stats_values_digest). Anything else (other threads, versions or hardware) would mix
+    merges of different models into one table."""
     if earlier["model_sha256"] != now["model_sha256"] or \
             earlier.get("stats_values_sha256") != now["stats_values_sha256"]:
         raise SystemExit(
