@@ -1207,6 +1207,13 @@ def combine_runs(paths: list[Path]) -> dict[str, Any]:
     return combined
 
 
+def seed_minutes(r: dict[str, Any]) -> str:
+    """A seed's time: its wall time, or for a run resumed several times the sum of its phases (every run's steps)."""
+    if r.get("resumed"):
+        return f"{sum(r.get('phase_seconds', {}).values()) / 60:.1f} min of phases over several runs"
+    return f"{r['wall_seconds'] / 60:.1f} min"
+
+
 def run_from_state(state: Path) -> dict[str, Any]:
     """A run still in progress (or cut off), from the steps its --state holds: the task facts, every finished
     strategy, the multi-task reference and the curve where finished. Marked `in_progress` for the summary."""
@@ -1263,7 +1270,7 @@ def write_summary(runs: list[dict[str, Any]], out: Path, command: str) -> None:
     done = [(s, r) for s, r in zip(seeds, runs) if not r.get("in_progress")]
     lines = ["# Merge quality: all-MiniLM-L6-v2 fine-tuned on real tasks, merged through git (several seeds)", "",
              f"Produced by `{command}` ("
-             + ", ".join([*(f"seed {s}: {r['wall_seconds'] / 60:.1f} min" for s, r in done),
+             + ", ".join([*(f"seed {s}: {seed_minutes(r)}" for s, r in done),
                           *(f"seed {s}: still running" for s in partial)])
              + "). Each seed draws its own data splits, head initialisation, shuffling and dropout; per-seed "
              "pages (tables, validation grids, git merge checks, setup, versions): "
