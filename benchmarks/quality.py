@@ -664,7 +664,7 @@ def train_branch(g: Git, task: Task, rows: dict[str, list], s: Settings, data_di
     if earlier is not None and g("branch", "--list", task.name).strip():
         from safetensors.torch import load
 
-        out["tasks"][task.name] = json.loads(done.read_text())
+        out["tasks"][task.name] = earlier
         state = load(g.raw("cat-file", "--filters", f"{task.name}:model/model.safetensors"))
         task.head = {k: v for k, v in state.items() if k.startswith(HEAD)}
         log(f"{task.name}: done in an earlier run (fine-tuned {out['tasks'][task.name]['finetuned_test']:.3f})")
@@ -736,10 +736,12 @@ def stats_values_digest(g: Git) -> dict[str, str]:
     from gittheta_merge.storage.store import ObjectStore
 
     store = ObjectStore(g.root / ".git" / "lfs")
-    out = {}
-    for line in g("theta", "stats", "ls", "model/model.safetensors").splitlines():
+    out: dict[str, str] = {}
+    listing = g("theta", "stats", "ls", "model/model.safetensors").splitlines()
+    oids = list(store.iter_oids()) if listing else []  # one scan of the store for every kind
+    for line in listing:
         kind, prefix = line.split()[1], line.split()[5]
-        oid = next(o for o in store.iter_oids() if o.startswith(prefix))
+        oid = next(o for o in oids if o.startswith(prefix))
         h = hashlib.sha256()
         for name, tensor in sorted(load_file(str(store.path(oid))).items()):
             h.update(name.encode() + b"\0" + tensor.contiguous().view(torch.uint8).numpy().tobytes())
